@@ -1,0 +1,40 @@
+"""gdscope: does gradient descent reach a global minimum on my network, how fast, and why?
+
+Measure the certificates of global-convergence theory (NTK conditioning, sharpness against the
+optimizer's stability threshold, ...) on your own PyTorch model and data, predict the run from
+them, and compare with the measured run.
+"""
+
+from gdscope.curvature import (
+    GDMapReport,
+    curvature_operator,
+    dense_hessian,
+    gd_map,
+    hessian_density,
+    hessian_eigs,
+    hessian_trace,
+)
+from gdscope.errors import GdscopeError
+from gdscope.linalg import Density, EigResult, Estimate
+from gdscope.problem import Problem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # problem
+    "Problem",
+    # curvature
+    "GDMapReport",
+    "curvature_operator",
+    "dense_hessian",
+    "gd_map",
+    "hessian_density",
+    "hessian_eigs",
+    "hessian_trace",
+    # results
+    "Density",
+    "EigResult",
+    "Estimate",
+    # errors
+    "GdscopeError",
+]

@@ -1,0 +1,184 @@
+"""Hessian- and GGN-vector products of a :class:`~gdscope.problem.Problem`, as operators.
+
+Hessian: ``H v = ∇²L(θ) v`` by reverse-over-reverse differentiation. The gradient graph
+``∇L_b(θ)`` of each batch is built once (``create_graph=True``) and every product is one more
+backward pass through it; on a 85k-parameter MLP this measured 3.6x faster than
+``torch.func``'s forward-over-reverse ``jvp(grad(L))`` and 1.9x faster than rebuilding the graph
+per product as PyHessian does (``bench/``). For a ``DataLoader`` with several batches the graphs
+are rebuilt per product unless ``cache_graph=True`` (memory: one graph per batch).
+
+GGN: ``G v = Jᵀ Q J v`` (THEORY §0) with ``J v`` by forward mode (``torch.func.jvp``), ``Q`` the
+loss's output Hessian (``q·I`` for MSE, a Hessian-vector product in output space otherwise) and
+``Jᵀ u`` by a backward pass through the cached outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from gdscope.errors import InvalidArgumentError, NonFiniteError
+from gdscope.linalg.operator import CallableOperator
+from gdscope.problem import Params, Problem
+
+__all__ = ["CURVATURES", "curvature_operator"]
+
+CURVATURES = ("hessian", "ggn")
+
+
+def _snapshot(prob: Problem, params: Params | None) -> Params:
+    src = prob.params if params is None else params
+    return {n: src[n].detach().clone().to(prob.device, prob.dtype) for n in prob.names}
+
+
+def _check_finite(value: Tensor, what: str) -> None:
+    if not math.isfinite(value.item()):
+        raise NonFiniteError(
+            f"the loss is {value.item()} at the parameters where the {what} is requested: "
+            "curvature is only defined at finite points (lower the learning rate or restore "
+            "an earlier checkpoint)."
+        )
+
+
+class _HessianVP:
+    """``v ↦ Σ_b w_b ∇²L_b(θ) v`` through cached gradient graphs."""
+
+    def __init__(self, prob: Problem, params: Params, cache_graph: bool) -> None:
+        self.prob = prob
+        self.params = {n: p.requires_grad_(True) for n, p in params.items()}
+        self.leaves = list(self.params.values())
+        self.cache_graph = cache_graph
+        self.graphs: list[tuple[Tensor, ...]] | None = None
+        if cache_graph:
+            self.graphs = []
+            loss = 0.0
+            for x, y, w in prob.batches():
+                lb = w * prob.batch_loss(self.params, x, y)
+                loss = loss + lb.detach()
+                self.graphs.append(self._grad(lb))
+            _check_finite(torch.as_tensor(loss), "Hessian")
+
+    def _grad(self, loss: Tensor) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        return tuple(
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.leaves, strict=True)
+        )
+
+    def _graphs(self):
+        if self.graphs is not None:
+            yield from self.graphs
+            return
+        for x, y, w in self.prob.batches():
+            with torch.enable_grad():
+                yield self._grad(w * self.prob.batch_loss(self.params, x, y))
+
+    def __call__(self, v: Tensor) -> Tensor:
+        vs = self.prob.unflatten(v)
+        total = torch.zeros_like(v)
+        for g in self._graphs():
+            pairs = [
+                (gi, vs[n], i)
+                for i, (gi, n) in enumerate(zip(g, self.prob.names, strict=True))
+                if gi.requires_grad
+            ]
+            if not pairs:
+                continue
+            with torch.enable_grad():
+                hv = torch.autograd.grad(
+                    [p[0] for p in pairs],
+                    self.leaves,
+                    grad_outputs=[p[1] for p in pairs],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            total += torch.cat(
+                [
+                    (torch.zeros_like(p) if h is None else h).reshape(-1)
+                    for h, p in zip(hv, self.leaves, strict=True)
+                ]
+            )
+        return total
+
+
+class _GGNVP:
+    """``v ↦ Σ_b Jᵀ_b Q_b J_b v`` (generalized Gauss–Newton)."""
+
+    def __init__(self, prob: Problem, params: Params) -> None:
+        self.prob = prob
+        self.params = params
+        self.batches = list(prob.batches())
+        self.is_mse = prob.loss_name == "mse"
+        self.cached: list[tuple[Tensor, dict[str, Tensor]]] = []
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        self.leaves = leaves
+        loss = 0.0
+        for x, y, w in self.batches:
+            with torch.enable_grad():
+                out = prob.forward(leaves, x)
+            loss = loss + w * prob.loss_fn(out.detach(), y)
+            self.cached.append(out)
+        _check_finite(torch.as_tensor(loss), "GGN")
+
+    def _q_times(self, out: Tensor, y: Tensor, w: float, u: Tensor) -> Tensor:
+        if self.is_mse:
+            nb = out.shape[0]
+            q_batch = 2.0 / out[0].numel() / nb if self.prob.reduction == "mean" else 2.0
+            return (w * q_batch) * u
+        out = out.detach()
+
+        def grad_f(o: Tensor) -> Tensor:
+            return torch.func.grad(lambda oo: self.prob.loss_fn(oo, y))(o)
+
+        return w * jvp(grad_f, (out,), (u,))[1]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        vs = self.prob.unflatten(v)
+        total = torch.zeros_like(v)
+        leaves = list(self.leaves.values())
+        for (x, y, w), out in zip(self.batches, self.cached, strict=True):
+            _, jv = jvp(lambda p, x=x: self.prob.forward(p, x), (self.params,), (vs,))
+            u = self._q_times(out, y, w, jv)
+            with torch.enable_grad():
+                jtu = torch.autograd.grad(
+                    out, leaves, grad_outputs=u, retain_graph=True, allow_unused=True
+                )
+            total += torch.cat(
+                [
+                    (torch.zeros_like(p) if h is None else h).reshape(-1)
+                    for h, p in zip(jtu, leaves, strict=True)
+                ]
+            )
+        return total
+
+
+def curvature_operator(
+    prob: Problem,
+    curvature: str = "hessian",
+    *,
+    params: Params | None = None,
+    cache_graph: bool | None = None,
+    check: bool = True,
+) -> CallableOperator:
+    """The ``P × P`` Hessian or GGN of ``prob`` at ``params`` (default: current) as an operator.
+
+    The parameters are snapshotted: training the model afterwards does not change the operator.
+    ``check`` runs :meth:`Problem.check` first (determinism, train-mode BatchNorm).
+    """
+    if curvature not in CURVATURES:
+        raise InvalidArgumentError(
+            f"curvature={curvature!r} is not supported: use one of {CURVATURES}."
+        )
+    if check:
+        prob.check()
+    snap = _snapshot(prob, params)
+    if curvature == "hessian":
+        if cache_graph is None:
+            cache_graph = prob.full_batch is not None
+        fn = _HessianVP(prob, snap, cache_graph)
+    else:
+        fn = _GGNVP(prob, snap)
+    return CallableOperator(fn, prob.num_params, prob.dtype, prob.device)

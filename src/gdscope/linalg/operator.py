@@ -1,0 +1,123 @@
+"""Matrix-free symmetric linear operators on flat torch vectors.
+
+An operator has a ``shape`` ``(P, P)``, a ``dtype`` and a ``device`` and applies itself to flat
+vectors (``matvec``) or to the columns of a ``(P, b)`` block (``matmat``). Every application is
+counted in ``matvecs`` so that solvers can report their cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse.linalg as spla
+import torch
+from torch import Tensor
+
+from gdscope.errors import InvalidArgumentError, ShapeMismatchError
+
+__all__ = ["CallableOperator", "DenseOperator", "LinearOperator"]
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """What every solver in :mod:`gdscope.linalg` needs from an operator ``A``."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    matvecs: int
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a flat vector ``v`` of length ``shape[1]``."""
+        ...
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for a ``(shape[1], b)`` block."""
+        ...
+
+    def to_scipy(self) -> spla.LinearOperator:
+        """The same operator as a ``scipy.sparse.linalg.LinearOperator`` (float64 numpy I/O)."""
+        ...
+
+
+class _Base:
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if size < 1:
+            raise InvalidArgumentError(f"operator size must be positive, got {size}.")
+        self.shape = (int(size), int(size))
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.matvecs = 0
+
+    def _apply(self, V: Tensor) -> Tensor:  # (P, b) -> (P, b)
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        if v.ndim != 1 or v.shape[0] != self.shape[1]:
+            raise ShapeMismatchError(
+                f"matvec expects a flat vector of length {self.shape[1]}, got {tuple(v.shape)}."
+            )
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        if V.ndim != 2 or V.shape[0] != self.shape[1]:
+            raise ShapeMismatchError(
+                f"matmat expects a ({self.shape[1]}, b) block, got {tuple(V.shape)}."
+            )
+        self.matvecs += V.shape[1]
+        return self._apply(V.to(self.device, self.dtype))
+
+    def to_scipy(self) -> spla.LinearOperator:
+        def mv(x: np.ndarray) -> np.ndarray:
+            v = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), device=self.device)
+            return self.matvec(v.to(self.dtype)).double().cpu().numpy()
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.ascontiguousarray(X), device=self.device).to(self.dtype)
+            return self.matmat(V).double().cpu().numpy()
+
+        return spla.LinearOperator(self.shape, matvec=mv, matmat=mm, rmatvec=mv, dtype=np.float64)
+
+
+class DenseOperator(_Base):
+    """A dense symmetric matrix as an operator (tests, small problems)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ShapeMismatchError(f"matrix must be square, got shape {tuple(matrix.shape)}.")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _apply(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
+
+
+class CallableOperator(_Base):
+    """An operator from a function on flat vectors; ``matmat`` maps it over columns.
+
+    ``block_fn`` (optional) applies the operator to a whole ``(P, b)`` block at once, e.g. a
+    ``vmap``-ed Hessian-vector product.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        block_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(size, dtype, device)
+        self.fn = fn
+        self.block_fn = block_fn
+
+    def _apply(self, V: Tensor) -> Tensor:
+        if self.block_fn is not None and V.shape[1] > 1:
+            return self.block_fn(V)
+        return torch.stack([self.fn(V[:, j]) for j in range(V.shape[1])], dim=1)
