@@ -26,7 +26,7 @@ __all__ = ["Estimate", "hutchinson", "hutchpp", "rademacher"]
 
 @dataclass(frozen=True)
 class Estimate:
-    """A stochastic estimate: ``value ± stderr`` from ``samples`` probes and ``matvecs`` products."""
+    """A stochastic estimate ``value ± stderr`` from ``samples`` probes and ``matvecs`` products."""
 
     value: float
     stderr: float
