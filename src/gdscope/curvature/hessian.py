@@ -95,7 +95,7 @@ def hessian_density(
     params: Params | None = None,
     seed: int = 0,
 ) -> Density:
-    """Spectral density of ``∇²L`` by stochastic Lanczos quadrature (:func:`~gdscope.linalg.slq`)."""
+    """Spectral density of ``∇²L`` by stochastic Lanczos quadrature (see ``linalg.slq``)."""
     op = curvature_operator(prob, curvature, params=params)
     return slq(op, num_vectors, steps, seed=seed)
 
