@@ -101,6 +101,7 @@ class Problem:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
         self._convert = self.device != first.device or self.dtype != first.dtype
+        self._loss_arg = loss
         self.loss_name, self._criterion = _resolve_loss(loss, reduction)
         if data is None:
             raise InvalidArgumentError(
@@ -115,6 +116,23 @@ class Problem:
             self._n = int(self._full_batch[0].shape[0])
             if self._n == 0:
                 raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Evaluate the loss on the first two samples: shapes and dtypes fail here, early."""
+        try:
+            x, y = next(iter(self._raw_batches()))
+        except StopIteration:
+            raise InvalidArgumentError(
+                "data is empty (no batches): pass at least one sample."
+            ) from None
+        if x.shape[0] == 0:
+            raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
+        x, y = self._to_device(x[:2]), self._to_device(y[:2], targets=True)
+        with torch.no_grad():
+            out = self.forward(self.params, x)
+            self.loss_fn(out, y)
+        self._k = int(out[0].numel())
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -189,6 +207,25 @@ class Problem:
         x, y = self._full_batch
         return self._to_device(x), self._to_device(y, targets=True)
 
+    def subset(self, indices: Tensor) -> Problem:
+        """The same model, loss and reduction on samples ``indices`` of tensor data."""
+        if self._full_batch is None:
+            raise InvalidArgumentError(
+                "subset needs the problem's data as (X, Y) tensors; with a DataLoader, build a "
+                "Problem on the subset's loader instead."
+            )
+        x, y = self._full_batch
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.ndim != 1 or idx.numel() == 0 or idx.min() < 0 or idx.max() >= x.shape[0]:
+            raise InvalidArgumentError(
+                f"subset indices must be a non-empty 1-D set of sample indices in "
+                f"[0, {x.shape[0]})."
+            )
+        return Problem(
+            self.model, self._loss_arg, (x[idx], y[idx]), reduction=self.reduction,
+            device=self.device, dtype=self.dtype, allow_stateful=self.allow_stateful,
+        )
+
     def batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
         """Yield ``(x, y, w)`` with ``L = Σ w·L_batch`` (see the module docstring)."""
         n = self.n
@@ -221,10 +258,15 @@ class Problem:
         try:
             return functional_call(self.model, (params, buffers), (x,))
         except RuntimeError as e:
-            if "shape" in str(e) or "size" in str(e):
+            if any(w in str(e) for w in ("shape", "size", "dimension")):
                 raise ShapeMismatchError(
-                    f"the model cannot take inputs of shape {tuple(x.shape)}: {e}. "
+                    f"the model cannot take inputs of per-sample shape {tuple(x.shape[1:])}: {e}. "
                     "Check that data's inputs match the model's first layer."
+                ) from e
+            if "dtype" in str(e) or "type" in str(e):
+                raise InvalidArgumentError(
+                    f"the model cannot take inputs of dtype {x.dtype}: {e}. Pass floating "
+                    "inputs (or integer indices for embeddings) matching the model."
                 ) from e
             raise
 

@@ -1,0 +1,34 @@
+"""Probes: measured quantities that declare what they need, which iterate and when they run."""
+
+from gdscope.probes.base import At, Every, Iterate, LogSpaced, Probe, ProbeState, Schedule
+from gdscope.probes.builtin import (
+    AccuracyProbe,
+    DistanceProbe,
+    GradNormProbe,
+    HessianTraceProbe,
+    LossProbe,
+    SharpnessProbe,
+    ThresholdProbe,
+    default_probes,
+)
+
+__all__ = [
+    # API
+    "Iterate",
+    "Probe",
+    "ProbeState",
+    # schedules
+    "At",
+    "Every",
+    "LogSpaced",
+    "Schedule",
+    # built-in probes
+    "AccuracyProbe",
+    "DistanceProbe",
+    "GradNormProbe",
+    "HessianTraceProbe",
+    "LossProbe",
+    "SharpnessProbe",
+    "ThresholdProbe",
+    "default_probes",
+]

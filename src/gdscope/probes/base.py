@@ -1,0 +1,122 @@
+"""The probe plugin API: what a measured quantity declares and when it runs.
+
+A :class:`Probe` has a ``name``, a :class:`Schedule` (the tracker calls it only on scheduled
+steps), the inputs it ``needs`` and the iterate it measures: ``"before"`` the step's optimizer
+update (``θ_t``: it reuses the loss or outputs of the step) or ``"after"`` it (``θ_{t+1}``: it
+evaluates the parameters the model now holds). ``compute(state)`` returns named floats.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gdscope.errors import InvalidArgumentError
+from gdscope.problem import Params, Problem
+
+__all__ = ["At", "Every", "Iterate", "LogSpaced", "Probe", "ProbeState", "Schedule"]
+
+Iterate = Literal["before", "after"]
+
+
+class Schedule(ABC):
+    """Decides on which steps a probe runs."""
+
+    @abstractmethod
+    def __call__(self, step: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Every(Schedule):
+    """Every ``n`` steps starting at ``start`` (``Every(1)``: every step)."""
+
+    n: int = 1
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise InvalidArgumentError(f"Every(n={self.n!r}): n must be a positive integer.")
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.n == 0
+
+
+@dataclass(frozen=True)
+class LogSpaced(Schedule):
+    """Steps ``0`` and ``⌈10^(j/per_decade)⌉`` for ``j = 0, 1, …``: about ``per_decade`` a decade."""
+
+    per_decade: int = 10
+
+    def __post_init__(self) -> None:
+        if self.per_decade < 1:
+            raise InvalidArgumentError(f"LogSpaced(per_decade={self.per_decade!r}) must be >= 1.")
+
+    def __call__(self, step: int) -> bool:
+        # run at s iff some integer j has 10^(j/per_decade) in (s − 1, s]
+        if step <= 1:
+            return step >= 0
+        hi = math.floor(self.per_decade * math.log10(step) + 1e-9)
+        return hi > self.per_decade * math.log10(step - 1) + 1e-9
+
+
+@dataclass(frozen=True)
+class At(Schedule):
+    """At an explicit set of steps."""
+
+    steps: frozenset[int]
+
+    def __init__(self, steps: Iterable[int]) -> None:
+        object.__setattr__(self, "steps", frozenset(int(s) for s in steps))
+
+    def __call__(self, step: int) -> bool:
+        return step in self.steps
+
+
+@dataclass
+class ProbeState:
+    """What a probe may read at one tracked step.
+
+    ``loss``, ``outputs`` and ``targets`` are the training step's own (before the update; any may
+    be ``None``). ``problem`` evaluates the current parameters (after the update) on the full
+    data; ``subset`` on the tracker's fixed subset (the full problem when none was set).
+    """
+
+    step: int
+    problem: Problem
+    subset: Problem
+    optimizer: torch.optim.Optimizer | None
+    initial_params: Params
+    loss: Tensor | None = None
+    outputs: Tensor | None = None
+    targets: Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class Probe(ABC):
+    """A measured quantity. Subclasses set ``name``, ``iterate`` and implement ``compute``."""
+
+    name: str = "probe"
+    iterate: Iterate = "after"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, schedule: Schedule | int | None = None) -> None:
+        if isinstance(schedule, int):
+            schedule = Every(schedule)
+        self.schedule: Schedule = schedule or Every(1)
+
+    def measures(self, state: ProbeState) -> Iterate:
+        """The iterate this call measures (probes that reuse the step's data may fall back)."""
+        return self.iterate
+
+    @abstractmethod
+    def compute(self, state: ProbeState) -> dict[str, float]:
+        """Named values at ``state.step``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(schedule={self.schedule})"
