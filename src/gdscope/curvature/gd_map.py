@@ -69,7 +69,7 @@ def gd_map(
     Larger ones count eigenvalues above ``1/lr`` with Lanczos (up to ``max_count`` of them,
     beyond which the sign is undetermined) and estimate ``log|det|`` by SLQ.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InvalidArgumentError(f"lr={lr!r} must be a positive finite step size.")
     t0 = time.perf_counter()
     if prob.num_params <= dense_limit:
@@ -123,19 +123,26 @@ def _lanczos(
     t0: float,
 ) -> GDMapReport:
     thr = 1 / lr
-    k, matvecs = min(8, prob.num_params), 0
+    P = prob.num_params
+    eps = torch.finfo(prob.dtype).eps
+    tol = max(tol, 10 * math.sqrt(P) * eps)  # no tighter than the dtype can resolve
+    k, matvecs = min(8, P), 0
     count = None
     note = ""
     while True:
         res = hessian_eigs(prob, k, "largest", tol, params=params, block_size=2, seed=seed)
         matvecs += res.matvecs
-        vals, r = res.values, res.residuals
-        resolved = bool(((vals - thr).abs() > r).all()) and res.converged
-        if resolved and (vals[-1] < thr or k >= prob.num_params):
-            count = int((vals > thr).sum())
+        vals = res.values
+        # each eigenvalue must clear 1/lr by its residual, and by round-off at least
+        margin = res.residuals.clamp_min(10 * P * eps * res.norm_estimate)
+        if not res.converged:
+            note = f"Lanczos did not converge to tol={tol:g} in {res.matvecs} products"
             break
-        if not resolved:
+        if not bool(((vals - thr).abs() > margin).all()):
             note = "an eigenvalue near 1/lr is not separated from it by more than its residual"
+            break
+        if vals[-1] < thr or k >= P:
+            count = int((vals > thr).sum())
             break
         if k >= max_count:
             note = f"more than {k} eigenvalues exceed 1/lr; raise max_count to count them"

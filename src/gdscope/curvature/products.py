@@ -128,12 +128,12 @@ class _GGNVP:
             nb = out.shape[0]
             q_batch = 2.0 / out[0].numel() / nb if self.prob.reduction == "mean" else 2.0
             return (w * q_batch) * u
-        out = out.detach()
-
-        def grad_f(o: Tensor) -> Tensor:
-            return torch.func.grad(lambda oo: self.prob.loss_fn(oo, y))(o)
-
-        return w * jvp(grad_f, (out,), (u,))[1]
+        # reverse-over-reverse in output space (torch.func's jvp(grad) fails on mse_loss)
+        with torch.enable_grad():
+            o = out.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.prob.loss_fn(o, y), o, create_graph=True)
+            (qu,) = torch.autograd.grad(g, o, grad_outputs=u)
+        return w * qu
 
     def __call__(self, v: Tensor) -> Tensor:
         vs = self.prob.unflatten(v)

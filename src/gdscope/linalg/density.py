@@ -49,8 +49,9 @@ class Density:
         grid = grid.double()
         out = torch.zeros_like(grid)
         for th, w in zip(self.nodes, self.weights, strict=True):
-            z = (grid[:, None] - th[None, :].double()) / sigma
-            out += (w[None, :].double() * torch.exp(-0.5 * z**2)).sum(dim=1)
+            th, w = th.to(grid.device, torch.float64), w.to(grid.device, torch.float64)
+            z = (grid[:, None] - th[None, :]) / sigma
+            out += (w[None, :] * torch.exp(-0.5 * z**2)).sum(dim=1)
         return out / (len(self.nodes) * sigma * math.sqrt(2 * math.pi))
 
     def mass(self, lo: float, hi: float) -> float:

@@ -28,6 +28,8 @@ from gdscope.linalg.operator import LinearOperator
 __all__ = ["EigResult", "lanczos", "lanczos_tridiag"]
 
 WHICH = ("largest", "smallest", "both")
+WARM_START_NOISE = 1e-3  # relative size of the random part mixed into a warm start
+MIN_EXTRA = 2  # basis vectors beyond the wanted count before convergence may be declared
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,9 @@ def lanczos(
             f"max_basis={max_basis} is too small for {wanted} eigenpairs with block size {b}: "
             f"use at least {wanted + b}."
         )
-    budget = max_matvecs or max(500, 60 * wanted)
+    if max_matvecs is not None and max_matvecs < 1:
+        raise InvalidArgumentError(f"max_matvecs={max_matvecs!r} must be >= 1 (or None).")
+    budget = max_matvecs if max_matvecs is not None else max(500, 60 * wanted)
     dtype, device = op.dtype, op.device
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -164,8 +168,14 @@ def lanczos(
     AV = torch.zeros_like(V)
     start = torch.randn(P, b, generator=gen, dtype=torch.float64).to(device, dtype)
     if v0 is not None:
+        # A warm start that is (nearly) an eigenvector of a non-wanted eigenvalue would be
+        # accepted at once; a random admixture keeps every direction in the Krylov space.
         v0 = v0.reshape(P, -1).to(device, dtype)
-        start = torch.cat([v0, start], dim=1)[:, : max(b, v0.shape[1])]
+        v0 = v0 / torch.linalg.vector_norm(v0, dim=0).clamp_min(torch.finfo(dtype).tiny)
+        noise = start[:, : v0.shape[1]]
+        noise = noise / torch.linalg.vector_norm(noise, dim=0)
+        start = torch.cat([v0 + WARM_START_NOISE * noise, start], dim=1)
+        start = start[:, : max(b, v0.shape[1])]
     X = _orthonormalize(start, V, gen, 1.0)
     anorm = 0.0
     done = False
@@ -187,7 +197,8 @@ def lanczos(
             conv = res <= tol * max(anorm, torch.finfo(dtype).tiny)
             used = op.matvecs - start_matvecs
             full = V.shape[1] >= P
-            if (len(idx) >= wanted and bool(conv.all())) or full or used >= budget:
+            enough = V.shape[1] >= wanted + MIN_EXTRA
+            if (len(idx) >= wanted and ((enough and bool(conv.all())) or used >= budget)) or full:
                 done = True
                 break
             X = _orthonormalize(W, V, gen, anorm)
@@ -240,6 +251,7 @@ def lanczos_tridiag(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor,
     Q = [q]
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
+    scale = 0.0
     for j in range(steps):
         w = op.matvec(Q[j])
         alpha = torch.dot(Q[j], w)
@@ -248,7 +260,8 @@ def lanczos_tridiag(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor,
         for _ in range(2):
             w = w - Qm @ (Qm.T @ w)
         beta = torch.linalg.vector_norm(w)
-        if j == steps - 1 or beta <= 1e3 * torch.finfo(op.dtype).eps * alpha.abs().clamp_min(1):
+        scale = max(scale, abs(alpha.item()), beta.item())  # running ‖A‖: a relative test
+        if j == steps - 1 or beta.item() <= 1e3 * torch.finfo(op.dtype).eps * scale:
             break
         betas.append(beta)
         Q.append(w / beta)
@@ -258,4 +271,4 @@ def lanczos_tridiag(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor,
         bb = torch.stack(betas).double()
         T = T + torch.diag(bb, 1) + torch.diag(bb, -1)
     theta, S = torch.linalg.eigh(T)
-    return theta, S[0] ** 2
+    return theta.cpu(), (S[0] ** 2).cpu()
