@@ -17,6 +17,8 @@ from gdscope.curvature import (
 from gdscope.errors import GdscopeError
 from gdscope.linalg import Density, EigResult, Estimate
 from gdscope.problem import Problem
+from gdscope.tracker import Tracker
+from gdscope.train import GD, FitResult, HeavyBall, Nesterov, fit, stability_threshold
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,14 @@ __all__ = [
     "hessian_density",
     "hessian_eigs",
     "hessian_trace",
+    # training and tracking
+    "FitResult",
+    "GD",
+    "HeavyBall",
+    "Nesterov",
+    "Tracker",
+    "fit",
+    "stability_threshold",
     # results
     "Density",
     "EigResult",

@@ -1,0 +1,232 @@
+"""One self-contained HTML report of stored runs: runs, verdicts, figures, timings, other metrics.
+
+The file needs nothing else (inline CSS, figures as ``data:`` URIs, no external resources).
+Every string that comes from the store (run names, config, metric names, details) is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gdscope import __version__
+from gdscope.errors import InvalidArgumentError
+from gdscope.report import plots
+from gdscope.report.summary import Verdict, probe_timings, summarize_run
+from gdscope.store import RunInfo, Store
+
+__all__ = ["write_report"]
+
+_MARK = {
+    True: ("holds", "✔ holds"),
+    False: ("fails", "✘ fails"),
+    None: ("unknown", "? undetermined"),
+}
+_ENVIRONMENT_KEYS = ("python", "torch", "numpy", "device", "threads", "hostname", "gdscope")
+
+_CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
+       max-width: 1200px; margin: 0 auto; padding: 1em 2em 3em; }
+h1 { margin-bottom: 0.1em; } .generated { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px;
+          margin-right: 0.4em; vertical-align: -0.1em; }
+dl.kv { display: grid; grid-template-columns: auto 1fr; gap: 0 0.8em; margin: 0;
+        font-size: 0.9em; }
+dl.kv dt { color: #555; } dl.kv dd { margin: 0; word-break: break-word; }
+td.env dd { white-space: nowrap; }
+.holds { color: #1a7f37; font-weight: 600; } .fails { color: #c62828; font-weight: 600; }
+.unknown { color: #9a6700; font-weight: 600; }
+.holds, .fails, .unknown { white-space: nowrap; } .details { color: #666; font-size: 0.88em; }
+figure.plot { margin: 0 0 1.5em; } figure.plot img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+.small-multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
+                   gap: 0.5em 1.5em; }
+.note { color: #666; }
+"""
+
+# Sets <body data-figures-ok="loaded/total"> once images have loaded (read by the browser test).
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var figures = document.querySelectorAll("figure.plot"), ok = 0;
+  figures.forEach(function (f) {
+    var img = f.querySelector("img");
+    if (img && img.complete && img.naturalWidth > 0) { ok++; }
+  });
+  document.body.dataset.figuresOk = ok + "/" + figures.length;
+});
+"""
+
+
+def write_report(
+    store: Store,
+    runs: Sequence[int | str],
+    path: str | os.PathLike[str],
+    title: str = "gdscope report",
+) -> Path:
+    """Write one self-contained HTML report of ``runs`` (ids or names) to ``path``."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(
+            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
+            "Create it first or pass another path."
+        )
+    infos = list({info.id: info for info in (store.run(r) for r in runs)}.values())
+    if not infos:
+        raise InvalidArgumentError("runs is empty: pass at least one run id or name.")
+    labels = _labels(infos)
+    colors = plots.run_colors(labels)
+    data = {
+        label: {name: store.series(info.id, name) for name in store.metric_names(info.id)}
+        for label, info in zip(labels, infos, strict=True)
+    }
+    generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    sections = [
+        f"<header><h1>{_e(title)}</h1><p class='generated'>Generated {_e(generated)} by "
+        f"gdscope {_e(__version__)}</p></header>",
+        _runs_section(infos, labels, colors),
+        _verdicts_section(store, infos, labels, colors),
+        _figures_section(
+            "figures",
+            "Figures",
+            "The x axis counts the optimizer updates applied to the parameters measured.",
+            plots.standard_figures(data, colors),
+        ),
+        _timing_section(store, infos, labels, colors),
+        _figures_section(
+            "other",
+            "Other metrics",
+            "Metrics no figure above shows.",
+            plots.other_figures(data, colors),
+            small=True,
+        ),
+    ]
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(sections)
+        + f"\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+    )
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"cannot write the report to {out}: {e}. Pass a path in an existing, writable "
+            "directory."
+        ) from e
+    return out
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _labels(infos: Sequence[RunInfo]) -> list[str]:
+    """Run names, with the id appended where names repeat."""
+    names = [i.name for i in infos]
+    return [i.name if names.count(i.name) == 1 else f"{i.name} #{i.id}" for i in infos]
+
+
+def _swatch(label: str, colors: Mapping[str, str]) -> str:
+    return f"<span class='swatch' style='background:{colors[label]}'></span>{_e(label)}"
+
+
+def _kv(items: Mapping[str, Any]) -> str:
+    rows = "".join(
+        f"<dt>{_e(k)}</dt><dd>{_e(v if isinstance(v, str) else json.dumps(v))}</dd>"
+        for k, v in items.items()
+    )
+    return f"<dl class='kv'>{rows}</dl>"
+
+
+def _table(header: Sequence[str], rows: Sequence[str]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _runs_section(
+    infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
+) -> str:
+    rows = []
+    for info, label in zip(infos, labels, strict=True):
+        env = _environment_summary(info.environment)
+        steps = "" if info.last_step is None else info.last_step + 1
+        rows.append(
+            f"<tr><td>{_swatch(label, colors)}</td><td class='num'>{info.id}</td>"
+            f"<td>{_e(info.status_label)}</td><td class='num'>{steps}</td>"
+            f"<td>{_kv(info.config)}</td><td class='env'>{_kv(env)}</td></tr>"
+        )
+    header = ("run", "id", "status", "steps", "config", "environment")
+    return f"<section id='runs'><h2>Runs</h2>{_table(header, rows)}</section>"
+
+
+def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
+    """Versions, ``device`` (the CUDA device name, or ``cpu``), threads, host."""
+    if "cuda_available" in env:
+        env = {**env, "device": env.get("cuda_device") or "cpu"}
+    return {k: env[k] for k in _ENVIRONMENT_KEYS if k in env}
+
+
+def _verdict_row(v: Verdict) -> str:
+    css, mark = _MARK[v.holds]
+    details = f"<div class='details'>{_e(v.details)}</div>" if v.details else ""
+    return (
+        f"<tr><td>{_e(v.claim)}</td><td>{_e(v.predicted)}</td><td>{_e(v.measured)}{details}</td>"
+        f"<td class='{css}'>{mark}</td></tr>"
+    )
+
+
+def _verdicts_section(
+    store: Store, infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
+) -> str:
+    parts = ["<section id='verdicts'><h2>Verdicts</h2>"]
+    for info, label in zip(infos, labels, strict=True):
+        rows = [_verdict_row(v) for v in summarize_run(store, info.id)]
+        parts.append(f"<h3>{_swatch(label, colors)}</h3>")
+        parts.append(_table(("claim", "predicted", "measured", "verdict"), rows))
+    return "".join(parts) + "</section>"
+
+
+def _figures_section(
+    section_id: str, heading: str, intro: str, figures: Sequence[plots.Plot], small: bool = False
+) -> str:
+    body = "".join(
+        f"<figure class='plot' data-name='{_e(p.name)}'><img src='{p.uri}' alt='{_e(p.caption)}'>"
+        f"<figcaption>{_e(p.caption)}</figcaption></figure>"
+        for p in figures
+    )
+    if small:
+        body = f"<div class='small-multiples'>{body}</div>"
+    note = _e(intro) if figures else "No run recorded these metrics."
+    return (
+        f"<section id='{section_id}'><h2>{heading}</h2><p class='note'>{note}</p>{body}</section>"
+    )
+
+
+def _timing_section(
+    store: Store, infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
+) -> str:
+    rows = []
+    for info, label in zip(infos, labels, strict=True):
+        for t in probe_timings(store, info.id):
+            share = "" if t.share is None else f"{100 * t.share:.1f}%"
+            rows.append(
+                f"<tr><td>{_swatch(label, colors)}</td><td>{_e(t.probe)}</td>"
+                f"<td class='num'>{t.calls}</td><td class='num'>{t.seconds:.3f}</td>"
+                f"<td class='num'>{share}</td></tr>"
+            )
+    header = ("run", "probe", "calls", "total seconds", "vs. training loop time")
+    body = _table(header, rows) if rows else "<p class='note'>No probe timings recorded.</p>"
+    intro = (
+        "<p class='note'>Wall time spent in each probe, and as a share of the training loop's "
+        "own time (<code>step_time</code>, which excludes the probes).</p>"
+    )
+    return f"<section id='timing'><h2>Probe timing</h2>{intro}{body}</section>"

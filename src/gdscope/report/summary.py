@@ -1,0 +1,191 @@
+"""Verdicts on a stored run: what theory predicts, what was measured, and whether it holds.
+
+Steps in verdicts are iterate indices (see :meth:`gdscope.store.Store.series`): the number of
+optimizer updates applied to the parameters a value describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from gdscope.store import Store
+
+__all__ = ["ProbeTiming", "Verdict", "probe_timings", "summarize_run"]
+
+#: Training accuracy that counts as zero training error.
+ZERO_ERROR_ACCURACY = 1.0
+#: Final/initial loss ratio at or below which the loss counts as near zero.
+NEAR_ZERO_LOSS_RATIO = 1e-2
+#: Sharpness at this fraction of the stability threshold marks the edge-of-stability onset.
+EOS_ONSET_FRACTION = 0.95
+
+Series = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim about a run: prediction, measurement, and whether it holds (None: unknown)."""
+
+    claim: str
+    predicted: str
+    measured: str
+    holds: bool | None
+    details: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The verdict as a plain dict (JSON-ready)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeTiming:
+    """Total wall time of one probe in a run; ``share`` is relative to the loop's ``step_time``."""
+
+    probe: str
+    seconds: float
+    calls: int
+    share: float | None
+
+
+def summarize_run(store: Store, run_id: int) -> list[Verdict]:
+    """The verdicts on zero training error, loss decrease, edge of stability and finiteness."""
+    run = store.run(run_id)
+    names = set(store.metric_names(run.id))
+    series = {
+        n: store.series(run.id, n)
+        for n in ("accuracy", "loss", "sharpness", "threshold")
+        if n in names
+    }
+    return [
+        _zero_error(series.get("accuracy")),
+        _loss_decrease(series.get("loss")),
+        _edge_of_stability(series.get("sharpness"), series.get("threshold")),
+        _finite_loss(series.get("loss"), run.status),
+    ]
+
+
+def probe_timings(store: Store, run_id: int) -> list[ProbeTiming]:
+    """Seconds spent in each probe (``time/<probe>`` metrics), most expensive first."""
+    names = store.metric_names(run_id)
+    loop = np.nansum(store.series(run_id, "step_time")[1]) if "step_time" in names else 0.0
+    out = []
+    for name in names:
+        if name.startswith("time/"):
+            values = store.series(run_id, name)[1]
+            total = float(np.nansum(values))
+            out.append(
+                ProbeTiming(name[5:], total, values.size, total / loop if loop > 0 else None)
+            )
+    return sorted(out, key=lambda t: -t.seconds)
+
+
+def _zero_error(acc: Series | None) -> Verdict:
+    claim, predicted = "training reaches zero training error", "training accuracy reaches 100%"
+    if acc is None:
+        return Verdict(
+            claim,
+            predicted,
+            "no accuracy metric",
+            None,
+            "accuracy needs classification targets (AccuracyProbe)",
+        )
+    x, v = acc
+    hits = x[v >= ZERO_ERROR_ACCURACY]
+    first = f"first 100% at step {hits[0]}" if hits.size else "never 100%"
+    return Verdict(
+        claim,
+        predicted,
+        f"final accuracy {v[-1]:.4g}; {first}",
+        bool(v[-1] >= ZERO_ERROR_ACCURACY),
+        f"{v.size} measurements up to step {x[-1]}",
+    )
+
+
+def _loss_decrease(loss: Series | None) -> Verdict:
+    claim = "loss decreases to near zero"
+    predicted = f"final/initial loss ≤ {NEAR_ZERO_LOSS_RATIO:g}"
+    if loss is None or loss[1].size < 2:
+        return Verdict(claim, predicted, "fewer than two loss values", None)
+    x, v = loss
+    span = f"{v[0]:.4g} at step {x[0]} → {v[-1]:.4g} at step {x[-1]}"
+    if not np.isfinite([v[0], v[-1]]).all():
+        return Verdict(claim, predicted, f"non-finite loss ({span})", False)
+    if v[0] <= 0:
+        return Verdict(
+            claim,
+            predicted,
+            f"initial loss {v[0]:.4g} ≤ 0",
+            None,
+            "the ratio is undefined for a non-positive initial loss",
+        )
+    ratio = v[-1] / v[0]
+    return Verdict(
+        claim, predicted, f"final/initial = {ratio:.3g}", bool(ratio <= NEAR_ZERO_LOSS_RATIO), span
+    )
+
+
+def _edge_of_stability(sharp: Series | None, thr: Series | None) -> Verdict:
+    claim = "sharpness reaches the stability threshold (edge of stability)"
+    predicted = "sharpness rises to threshold (2/η for GD)"
+    if sharp is None:
+        return Verdict(claim, predicted, "no sharpness metric", None, "record SharpnessProbe")
+    if thr is None:
+        return Verdict(
+            claim,
+            predicted,
+            "no threshold metric",
+            None,
+            "the optimizer has no known stability threshold (or ThresholdProbe is off)",
+        )
+    x, ratio = sharp[0], sharp[1] / _hold(thr, sharp[0])
+    keep = np.isfinite(ratio)
+    x, ratio = x[keep], ratio[keep]
+    if not ratio.size:
+        return Verdict(claim, predicted, "no finite sharpness/threshold value", None)
+    lo, hi = np.nanmin(thr[1]), np.nanmax(thr[1])
+    details = (f"threshold {lo:.4g}" if lo == hi else f"threshold from {lo:.4g} to {hi:.4g}") + (
+        f"; sharpness measured at {ratio.size} steps"
+    )
+    measured = f"max sharpness/threshold {ratio.max():.3g}"
+    hits = np.flatnonzero(ratio >= EOS_ONSET_FRACTION)
+    if not hits.size:
+        return Verdict(
+            claim,
+            predicted,
+            f"{measured}; never ≥ {EOS_ONSET_FRACTION:g}·threshold",
+            False,
+            details,
+        )
+    onset = hits[0]
+    measured += (
+        f"; onset (≥ {EOS_ONSET_FRACTION:g}·threshold) at step {x[onset]}; "
+        f"median after onset {np.median(ratio[onset:]):.3g}"
+    )
+    return Verdict(claim, predicted, measured, True, details)
+
+
+def _hold(series: Series, x: np.ndarray) -> np.ndarray:
+    """``series`` at ``x``, holding its last value (its first before it starts)."""
+    sx, sv = series
+    return sv[np.clip(np.searchsorted(sx, x, side="right") - 1, 0, None)]
+
+
+def _finite_loss(loss: Series | None, status: str) -> Verdict:
+    claim, predicted = "loss stays finite", "finite loss at every step"
+    if loss is not None:
+        bad = np.flatnonzero(~np.isfinite(loss[1]))
+        if bad.size:
+            x, v = loss[0][bad[0]], loss[1][bad[0]]
+            return Verdict(
+                claim, predicted, f"loss {v} at step {x}", False, f"run status: {status}"
+            )
+    if status == "diverged":
+        return Verdict(claim, predicted, "the run diverged", False, "run status: diverged")
+    if loss is None:
+        return Verdict(claim, predicted, "no loss metric", None)
+    return Verdict(
+        claim, predicted, f"all {loss[1].size} values finite", True, f"max {loss[1].max():.4g}"
+    )

@@ -1,0 +1,479 @@
+"""SQLite results store: runs, per-step metrics and artifacts in plain tables.
+
+    with Store("runs.db") as store:
+        run = store.create_run("my-run", config={"lr": 0.1})
+        store.log_step(run, 0, [MetricRow("loss", 2.3, probe="loss")])
+        store.finish_run(run, "completed")
+        steps, loss = store.series(run, "loss")
+
+The schema is readable with the ``sqlite3`` command line, without gdscope:
+
+- ``runs(id, name, status, config, environment, summary, created_at, finished_at, last_step)``;
+  ``config``, ``environment`` and ``summary`` hold JSON, times are Unix seconds.
+- ``metrics(run_id, step, name, value, probe, iterate)``: ``iterate`` is ``'before'`` when the
+  value describes the parameters before that step's optimizer update (θ_t) and ``'after'`` when
+  it describes θ_{t+1}. A NULL ``value`` is NaN (SQLite cannot store NaN); ±inf are stored as is.
+- ``artifacts(run_id, name, mime, data, created_at)`` and ``meta(key, value)``.
+
+The database runs in WAL mode with ``synchronous=NORMAL``: every :meth:`Store.log_step` is one
+transaction, so a process that dies mid-run loses at most the step it was writing. Such a run
+stays ``running`` with no ``finished_at`` and is shown as *incomplete*.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+
+from gdscope.errors import GdscopeError, InvalidArgumentError, StoreError
+
+__all__ = ["MetricRow", "RunInfo", "Store", "environment_info"]
+
+SCHEMA_VERSION = 1
+RUN_STATUSES = ("running", "completed", "failed", "diverged")
+ITERATES = ("before", "after")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+CSV_COLUMNS = ("run_id", "run_name", "step", "iterate_index", "name", "value", "probe", "iterate")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT,
+    environment TEXT,
+    summary TEXT,
+    created_at REAL,
+    finished_at REAL,
+    last_step INTEGER
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    probe TEXT,
+    iterate TEXT,
+    PRIMARY KEY (run_id, step, name)
+);
+CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    mime TEXT,
+    data BLOB,
+    created_at REAL,
+    PRIMARY KEY (run_id, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One value of one step: ``iterate`` is ``"before"`` (θ_t) or ``"after"`` (θ_{t+1})."""
+
+    name: str
+    value: float
+    probe: str = ""
+    iterate: str = "before"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as stored. ``complete`` is False for a run still running or whose process died."""
+
+    id: int
+    name: str
+    status: str
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    summary: dict[str, Any]
+    created_at: float
+    finished_at: float | None
+    last_step: int | None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run was finished (completed, failed or diverged)."""
+        return self.status != "running" and self.finished_at is not None
+
+    @property
+    def status_label(self) -> str:
+        """The status, or ``"incomplete"`` for a run that was never finished."""
+        return self.status if self.complete else "incomplete"
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions, device and threads of this process, recorded with each run."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    try:
+        version = metadata.version("gdscope")
+    except metadata.PackageNotFoundError:
+        version = "dev"
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda_available": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "gdscope": version,
+    }
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy/torch scalars and arrays, paths and sets; anything else by its ``repr``."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    return repr(obj)
+
+
+def _dumps(obj: dict[str, Any] | None) -> str:
+    return json.dumps(obj or {}, default=_json_default)
+
+
+def _as_float(row: MetricRow) -> float:
+    try:
+        if isinstance(row.value, (str, bytes)):
+            raise TypeError("a string")
+        return float(row.value)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"metric {row.name!r}: value {row.value!r} is not a number ({e}); pass a float."
+        ) from e
+
+
+def _value(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+class Store:
+    """A results store in one SQLite file (or ``":memory:"``); safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path) if str(path) == ":memory:" else Path(path)
+        if isinstance(self.path, Path):
+            _check_path(self.path)
+        self._lock = threading.RLock()
+        try:
+            self._con: sqlite3.Connection | None = _connect(self.path)
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"cannot open the store {self.path}: {e}. Pass the path of a gdscope SQLite "
+                "store, or of a new file in a writable directory."
+            ) from e
+
+    # ------------------------------------------------------------------ plumbing
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            raise StoreError(f"the store {self.path} is closed; open a new Store.")
+        return self._con
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            con = self._connection()
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"writing to the store {self.path} failed: {e}") from e
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"reading the store {self.path} failed: {e}") from e
+
+    # ------------------------------------------------------------------ writing
+    def create_run(
+        self,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        environment: dict[str, Any] | None = None,
+    ) -> int:
+        """Start a run (status ``running``); return its id. Default name ``run-<id>``."""
+        env = environment_info() if environment is None else environment
+        with self._transaction() as con:
+            cur = con.execute(
+                "INSERT INTO runs (name, status, config, environment, summary, created_at) "
+                "VALUES (?, 'running', ?, ?, '{}', ?)",
+                (name or "", _dumps(config), _dumps(env), time.time()),
+            )
+            run_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            if not name:
+                con.execute("UPDATE runs SET name = ? WHERE id = ?", (f"run-{run_id}", run_id))
+        return run_id
+
+    def log_step(self, run_id: int, step: int, rows: Iterable[MetricRow]) -> None:
+        """Store one step's values in one transaction: all of them or, on any error, none."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise InvalidArgumentError(f"step={step!r} must be a non-negative integer.")
+        with self._transaction() as con:
+            cur = con.execute(
+                "UPDATE runs SET last_step = MAX(COALESCE(last_step, -1), ?) WHERE id = ?",
+                (int(step), run_id),
+            )
+            if cur.rowcount == 0:
+                raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
+            for row in rows:
+                if row.iterate not in ITERATES:
+                    raise InvalidArgumentError(
+                        f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
+                    )
+                try:
+                    con.execute(
+                        "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, int(step), row.name, _as_float(row), row.probe, row.iterate),
+                    )
+                except sqlite3.IntegrityError as e:
+                    raise InvalidArgumentError(
+                        f"metric {row.name!r} was already logged at step {step} of run {run_id}."
+                    ) from e
+
+    def finish_run(
+        self, run_id: int, status: str = "completed", summary: dict[str, Any] | None = None
+    ) -> None:
+        """Mark a run finished with ``status`` (completed, failed or diverged)."""
+        if status not in RUN_STATUSES[1:]:
+            raise InvalidArgumentError(f"status={status!r} must be one of {RUN_STATUSES[1:]}.")
+        with self._transaction() as con:
+            cur = con.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, summary = COALESCE(?, summary) "
+                "WHERE id = ?",
+                (status, time.time(), None if summary is None else _dumps(summary), run_id),
+            )
+            if cur.rowcount == 0:
+                raise InvalidArgumentError(f"run_id={run_id!r}: no such run.")
+
+    def add_artifact(
+        self,
+        run_id: int,
+        name: str,
+        data: bytes | str,
+        mime: str = "application/octet-stream",
+    ) -> None:
+        """Store (or replace) a named blob with a run; ``str`` data is stored as UTF-8."""
+        self.run(run_id)
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        with self._transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                (run_id, name, mime, blob, time.time()),
+            )
+
+    # ------------------------------------------------------------------ reading
+    def artifact(self, run_id: int, name: str) -> bytes:
+        """The bytes of a stored artifact."""
+        rows = self._query(
+            "SELECT data FROM artifacts WHERE run_id = ? AND name = ?", (run_id, name)
+        )
+        if not rows:
+            names = [
+                r[0]
+                for r in self._query(
+                    "SELECT name FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,)
+                )
+            ]
+            raise InvalidArgumentError(
+                f"run {run_id} has no artifact {name!r}; it has {names or 'none'}."
+            )
+        return bytes(rows[0][0])
+
+    def runs(self) -> list[RunInfo]:
+        """All runs, oldest first."""
+        return [_run_info(r) for r in self._query("SELECT * FROM runs ORDER BY id")]
+
+    def run(self, run: int | str) -> RunInfo:
+        """A run by id, or by name (the latest of several runs sharing it)."""
+        if isinstance(run, str):
+            rows = self._query("SELECT * FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", (run,))
+        else:
+            rows = self._query("SELECT * FROM runs WHERE id = ?", (int(run),))
+        if not rows:
+            available = ", ".join(f"{r.id} ({r.name})" for r in self.runs()) or "none"
+            raise InvalidArgumentError(
+                f"no run {run!r} in {self.path}. Available runs (id, name): {available}."
+            )
+        return _run_info(rows[0])
+
+    def metric_names(self, run_id: int) -> list[str]:
+        """Names of the metrics a run has, sorted."""
+        self.run(run_id)
+        rows = self._query(
+            "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", (run_id,)
+        )
+        return [r[0] for r in rows]
+
+    def series(self, run_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, values)`` of one metric, sorted by ``x``.
+
+        ``x`` is the index of the iterate the value describes: the step for ``'before'`` values,
+        step + 1 for ``'after'`` values (the number of updates applied).
+        """
+        rows = self._query(
+            "SELECT step + (iterate = 'after'), value FROM metrics "
+            "WHERE run_id = ? AND name = ? ORDER BY 1",
+            (run_id, name),
+        )
+        if not rows:
+            names = self.metric_names(run_id)
+            raise InvalidArgumentError(
+                f"run {run_id} has no metric {name!r}; it has {names or 'none'}."
+            )
+        x = np.array([r[0] for r in rows], dtype=np.int64)
+        return x, np.array([_value(r[1]) for r in rows], dtype=np.float64)
+
+    def metrics(self, run_id: int) -> list[tuple[int, str, float, str, str]]:
+        """Raw rows ``(step, name, value, probe, iterate)`` ordered by step and name."""
+        rows = self._query(
+            "SELECT step, name, value, probe, iterate FROM metrics WHERE run_id = ? "
+            "ORDER BY step, name",
+            (run_id,),
+        )
+        return [(s, n, _value(v), p, it) for s, n, v, p, it in rows]
+
+    def _long_rows(self, run_id: int | None) -> list[tuple[Any, ...]]:
+        where, params = ("WHERE m.run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        if run_id is not None:
+            self.run(run_id)
+        rows = self._query(
+            "SELECT m.run_id, r.name, m.step, m.step + (m.iterate = 'after'), m.name, m.value, "
+            f"m.probe, m.iterate FROM metrics m JOIN runs r ON r.id = m.run_id {where} "
+            "ORDER BY m.run_id, m.step, m.name",
+            params,
+        )
+        return [(*r[:5], _value(r[5]), *r[6:]) for r in rows]
+
+    def to_pandas(self, run_id: int | None = None) -> Any:
+        """Metrics in long format as a ``pandas.DataFrame`` (columns: :data:`CSV_COLUMNS`)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise GdscopeError(
+                "Store.to_pandas needs pandas, which is not installed: `pip install pandas`, "
+                "or use Store.to_csv."
+            ) from e
+        return pd.DataFrame(self._long_rows(run_id), columns=list(CSV_COLUMNS))
+
+    def to_csv(self, path: str | os.PathLike[str], run_id: int | None = None) -> Path:
+        """Write metrics in long format (columns: :data:`CSV_COLUMNS`) to ``path``."""
+        path = Path(path)
+        rows = self._long_rows(run_id)
+        try:
+            with path.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(CSV_COLUMNS)
+                writer.writerows(rows)
+        except OSError as e:
+            raise StoreError(
+                f"cannot write {path}: {e}. Pass a path in a writable directory."
+            ) from e
+        return path
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+
+def _connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating the schema if needed) with WAL and one transaction per explicit BEGIN."""
+    con = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.executescript(_SCHEMA)
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        (version,) = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if int(version) > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store {path} has schema version {version}, newer than this gdscope "
+                f"understands ({SCHEMA_VERSION}): upgrade gdscope."
+            )
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _check_path(path: Path) -> None:
+    """Refuse, naming the fix, a path SQLite would fail on late or silently overwrite."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise StoreError(
+            f"cannot create the store {path}: the directory {parent} does not exist. "
+            f"Create it first (mkdir -p {parent}) or pass another path."
+        )
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise StoreError(
+                    f"{path} exists and is not an SQLite database: pass the path of a gdscope "
+                    "store, or of a new file."
+                )
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise StoreError(
+            f"cannot write the store {path}: {target} is not writable. Fix its permissions "
+            "or pass a path in a writable directory."
+        )
+
+
+def _run_info(row: tuple[Any, ...]) -> RunInfo:
+    rid, name, status, config, env, summary, created, finished, last = row
+    return RunInfo(
+        id=rid,
+        name=name,
+        status=status,
+        config=json.loads(config or "{}"),
+        environment=json.loads(env or "{}"),
+        summary=json.loads(summary or "{}"),
+        created_at=created,
+        finished_at=finished,
+        last_step=last,
+    )
