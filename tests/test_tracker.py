@@ -75,7 +75,8 @@ def test_cheap_probes_match_recomputation():
         assert vals["grad_norm"] == pytest.approx(grad_before, rel=1e-10)
         assert vals["dist_init"] == pytest.approx((after - theta0).norm().item(), rel=1e-12)
         assert vals["dist_init_rel"] == pytest.approx(
-            ((after - theta0).norm() / theta0.norm()).item(), rel=1e-12)
+            ((after - theta0).norm() / theta0.norm()).item(), rel=1e-12
+        )
         assert not torch.equal(before, after)
         assert "dist_init/0" in vals and "dist_init_rel/2" in vals
         acc = (out.argmax(1) == Y.argmax(1)).double().mean().item()
@@ -132,7 +133,8 @@ def test_threshold_moves_with_scheduler_and_is_absent_for_adam():
     assert gs.Tracker(prob, [ThresholdProbe()]).step(0, hb)["threshold"] == pytest.approx(30)
     nag = Nesterov(prob.model.parameters(), lr=0.1, beta=0.5)
     assert gs.Tracker(prob, [ThresholdProbe()]).step(0, nag)["threshold"] == pytest.approx(
-        2 * 1.5 / (2 * 0.1))
+        2 * 1.5 / (2 * 0.1)
+    )
 
 
 class CountingProbe(Probe):
@@ -172,15 +174,22 @@ def test_store_rows_iterates_timing_and_status(tmp_path):
     prob, X, Y = _problem()
     path = tmp_path / "runs.db"
     opt = GD(prob.model.parameters(), lr=0.1)
-    with gs.Tracker(prob, [LossProbe(), DistanceProbe(per_layer=False)], store=path,
-                    run_name="t", config={"lr": 0.1}) as tracker:
+    with gs.Tracker(
+        prob,
+        [LossProbe(), DistanceProbe(per_layer=False)],
+        store=path,
+        run_name="t",
+        config={"lr": 0.1},
+    ) as tracker:
         _loop(prob, X, Y, opt, tracker, 3)
     con = sqlite3.connect(path)
     rows = con.execute(
         "SELECT step, name, iterate FROM metrics WHERE name IN ('loss', 'dist_init') "
-        "ORDER BY step, name").fetchall()
-    assert rows == [(s, n, it) for s in range(3)
-                    for n, it in (("dist_init", "after"), ("loss", "before"))]
+        "ORDER BY step, name"
+    ).fetchall()
+    assert rows == [
+        (s, n, it) for s in range(3) for n, it in (("dist_init", "after"), ("loss", "before"))
+    ]
     names = {r[0] for r in con.execute("SELECT DISTINCT name FROM metrics")}
     assert {"time/loss", "time/dist_init", "step_time"} <= names
     status, config = con.execute("SELECT status, config FROM runs").fetchone()
@@ -216,8 +225,7 @@ def test_non_finite_parameters_in_curvature_probe_name_step_and_probe():
 
 def test_subset_probe_uses_fixed_subset():
     prob, X, Y = _problem(n=40)
-    tracker = gs.Tracker(prob, [SharpnessProbe(1, tol=1e-10, max_matvecs=2000)], subset=10,
-                         seed=3)
+    tracker = gs.Tracker(prob, [SharpnessProbe(1, tol=1e-10, max_matvecs=2000)], subset=10, seed=3)
     sub = tracker.subset
     assert sub.n == 10
     vals = tracker.step(0)

@@ -39,8 +39,9 @@ def demo(
     config = DemoConfig(steps=300 if quick else steps)
     t0 = time.perf_counter()
     try:
-        result = run_demo(out, config, progress=True,
-                          on_run=lambda name: console.rule(f"[bold]{name}"))
+        result = run_demo(
+            out, config, progress=True, on_run=lambda name: console.rule(f"[bold]{name}")
+        )
     except GdscopeError as e:
         _fail(e)
         return
@@ -70,7 +71,9 @@ def runs(store: Path = typer.Option(Path("runs.db"), help="The SQLite store.")) 
                 table.add_column(col)
             for r in s.runs():
                 table.add_row(
-                    str(r.id), r.name, r.status_label,
+                    str(r.id),
+                    r.name,
+                    r.status_label,
                     "" if r.last_step is None else str(r.last_step),
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
                 )
@@ -99,4 +102,3 @@ def report(
         _fail(e)
         return
     console.print(f"report: {path}")
-

@@ -76,21 +76,38 @@ def run_demo(
             model = mlp(sizes, "tanh", seed=config.seed)
             prob = Problem(model, "mse", (X, Y))
             probes = [
-                LossProbe(), AccuracyProbe(), GradNormProbe(), DistanceProbe(), ThresholdProbe(),
-                SharpnessProbe(config.sharpness_every), HessianTraceProbe(config.trace_every),
+                LossProbe(),
+                AccuracyProbe(),
+                GradNormProbe(),
+                DistanceProbe(),
+                ThresholdProbe(),
+                SharpnessProbe(config.sharpness_every),
+                HessianTraceProbe(config.trace_every),
             ]
             run_config = {
-                "experiment": "demo", "model": f"mlp {sizes} tanh", "loss": "mse (mean)",
-                "data": f"digits n={config.samples}", "lr": lr, "steps": config.steps,
+                "experiment": "demo",
+                "model": f"mlp {sizes} tanh",
+                "loss": "mse (mean)",
+                "data": f"digits n={config.samples}",
+                "lr": lr,
+                "steps": config.steps,
             }
             tracker = Tracker(prob, probes, store=store, run_name=name, config=run_config)
-            result = fit(prob, GD(model.parameters(), lr=lr), config.steps, tracker,
-                         on_nonfinite="stop", progress=progress, description=name)
+            result = fit(
+                prob,
+                GD(model.parameters(), lr=lr),
+                config.steps,
+                tracker,
+                on_nonfinite="stop",
+                progress=progress,
+                description=name,
+            )
             if not result.diverged:
                 tracker.close("completed")
             assert tracker.run_id is not None
             run_ids.append(tracker.run_id)
             verdicts[name] = summarize_run(store, tracker.run_id)
-        report_path = write_report(store, run_ids, out / "report.html",
-                                   title="gdscope demo: full-batch GD on digits")
+        report_path = write_report(
+            store, run_ids, out / "report.html", title="gdscope demo: full-batch GD on digits"
+        )
     return DemoResult(store_path, Path(report_path), verdicts)

@@ -222,8 +222,13 @@ class Problem:
                 f"[0, {x.shape[0]})."
             )
         return Problem(
-            self.model, self._loss_arg, (x[idx], y[idx]), reduction=self.reduction,
-            device=self.device, dtype=self.dtype, allow_stateful=self.allow_stateful,
+            self.model,
+            self._loss_arg,
+            (x[idx], y[idx]),
+            reduction=self.reduction,
+            device=self.device,
+            dtype=self.dtype,
+            allow_stateful=self.allow_stateful,
         )
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:

@@ -182,8 +182,15 @@ class SharpnessProbe(Probe):
         self._v: Tensor | None = None
 
     def compute(self, state: ProbeState) -> dict[str, float]:
-        res = hessian_eigs(state.subset, 1, "largest", self.tol, v0=self._v,
-                           return_vectors=True, max_matvecs=self.max_matvecs)
+        res = hessian_eigs(
+            state.subset,
+            1,
+            "largest",
+            self.tol,
+            v0=self._v,
+            return_vectors=True,
+            max_matvecs=self.max_matvecs,
+        )
         assert res.vectors is not None
         self._v = res.vectors[:, 0]
         return {
