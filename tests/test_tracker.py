@@ -84,7 +84,7 @@ def test_cheap_probes_match_recomputation():
 
 
 def test_probe_without_step_data_measures_current_parameters():
-    prob, X, Y = _problem()
+    prob, X, _Y = _problem()
     opt = GD(prob.model.parameters(), lr=0.1)
     tracker = gs.Tracker(prob, [LossProbe(), AccuracyProbe(), GradNormProbe()], store=":memory:")
     opt.zero_grad()
@@ -116,7 +116,7 @@ def test_sharpness_probe_matches_dense_and_warm_start_is_cheaper():
 
 
 def test_threshold_moves_with_scheduler_and_is_absent_for_adam():
-    prob, X, Y = _problem()
+    prob, _X, _Y = _problem()
     opt = torch.optim.SGD(prob.model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     tracker = gs.Tracker(prob, [ThresholdProbe()])
@@ -200,13 +200,12 @@ def test_store_rows_iterates_timing_and_status(tmp_path):
 
 
 def test_non_finite_loss_names_step_and_keeps_run(tmp_path):
-    prob, X, Y = _problem()
+    prob, _X, _Y = _problem()
     path = tmp_path / "runs.db"
     tracker = gs.Tracker(prob, [LossProbe()], store=path)
     tracker.step(0, loss=torch.tensor(1.0))
-    with pytest.raises(NonFiniteError, match=r"step 1, probe 'loss'"):
-        with tracker:
-            tracker.step(1, loss=torch.tensor(math.nan))
+    with pytest.raises(NonFiniteError, match=r"step 1, probe 'loss'"), tracker:
+        tracker.step(1, loss=torch.tensor(math.nan))
     with Store(path) as s:
         run = s.runs()[0]
         assert run.status == "diverged"
@@ -224,7 +223,7 @@ def test_non_finite_parameters_in_curvature_probe_name_step_and_probe():
 
 
 def test_subset_probe_uses_fixed_subset():
-    prob, X, Y = _problem(n=40)
+    prob, _X, _Y = _problem(n=40)
     tracker = gs.Tracker(prob, [SharpnessProbe(1, tol=1e-10, max_matvecs=2000)], subset=10, seed=3)
     sub = tracker.subset
     assert sub.n == 10

@@ -32,8 +32,11 @@ class ModelFunction:
             raise InvalidArgumentError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
-        coupled = [n or type(model).__name__ for n, m in model.named_modules()
-                   if isinstance(m, _COUPLING) and m.training]
+        coupled = [
+            n or type(model).__name__
+            for n, m in model.named_modules()
+            if isinstance(m, _COUPLING) and m.training
+        ]
         if coupled:
             raise StatefulModuleError(
                 f"modules {coupled} are in train mode: batch statistics couple the samples, so "
@@ -42,9 +45,7 @@ class ModelFunction:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.names:
-            raise InvalidArgumentError(
-                f"model {type(model).__name__} has no trainable parameters."
-            )
+            raise InvalidArgumentError(f"model {type(model).__name__} has no trainable parameters.")
         named = dict(model.named_parameters())
         self.params = {n: named[n].detach() for n in self.names}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}

@@ -49,7 +49,7 @@ class Every(Schedule):
 
 @dataclass(frozen=True)
 class LogSpaced(Schedule):
-    """Steps ``0`` and ``⌈10^(j/per_decade)⌉`` for ``j = 0, 1, …``: about ``per_decade`` a decade."""
+    """Steps ``0`` and ``⌈10^(j/per_decade)⌉``, ``j = 0, 1, …``: about ``per_decade`` a decade."""
 
     per_decade: int = 10
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,7 @@ def mlp(
         if seed is not None:
             torch.manual_seed(seed)
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(int(a), int(b), bias=bias))
             if i < len(sizes) - 2:
                 layers.append(ACTIVATIONS[activation]())
