@@ -8,7 +8,7 @@
 
 The schema is readable with the ``sqlite3`` command line, without gdscope:
 
-- ``runs(id, name, status, config, environment, summary, created_at, finished_at, last_step)``;
+- ``runs(id, name, status, config, environment, summary, created_at, finished_at)``;
   ``config``, ``environment`` and ``summary`` hold JSON, times are Unix seconds.
 - ``metrics(run_id, step, name, value, probe, iterate)``: ``iterate`` is ``'before'`` when the
   value describes the parameters before that step's optimizer update (θ_t) and ``'after'`` when
@@ -61,8 +61,7 @@ CREATE TABLE IF NOT EXISTS runs (
     environment TEXT,
     summary TEXT,
     created_at REAL,
-    finished_at REAL,
-    last_step INTEGER
+    finished_at REAL
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL,
@@ -180,6 +179,7 @@ class Store:
         if isinstance(self.path, Path):
             _check_path(self.path)
         self._lock = threading.RLock()
+        self._known_runs: set[int] = set()
         try:
             self._con: sqlite3.Connection | None = _connect(self.path)
         except sqlite3.Error as e:
@@ -242,26 +242,23 @@ class Store:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise InvalidArgumentError(f"step={step!r} must be a non-negative integer.")
         with self._transaction() as con:
-            cur = con.execute(
-                "UPDATE runs SET last_step = MAX(COALESCE(last_step, -1), ?) WHERE id = ?",
-                (int(step), run_id),
-            )
-            if cur.rowcount == 0:
-                raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
+            if run_id not in self._known_runs:  # one look-up per run, not per step
+                if not con.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                    raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
+                self._known_runs.add(run_id)
+            values = []
             for row in rows:
                 if row.iterate not in ITERATES:
                     raise InvalidArgumentError(
                         f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
                     )
-                try:
-                    con.execute(
-                        "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
-                        (run_id, int(step), row.name, _as_float(row), row.probe, row.iterate),
-                    )
-                except sqlite3.IntegrityError as e:
-                    raise InvalidArgumentError(
-                        f"metric {row.name!r} was already logged at step {step} of run {run_id}."
-                    ) from e
+                values.append((run_id, int(step), row.name, _as_float(row), row.probe, row.iterate))
+            try:
+                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", values)
+            except sqlite3.IntegrityError as e:
+                raise InvalidArgumentError(
+                    f"a metric was already logged at step {step} of run {run_id}: {e}."
+                ) from e
 
     def finish_run(
         self, run_id: int, status: str = "completed", summary: dict[str, Any] | None = None
@@ -314,14 +311,14 @@ class Store:
 
     def runs(self) -> list[RunInfo]:
         """All runs, oldest first."""
-        return [_run_info(r) for r in self._query("SELECT * FROM runs ORDER BY id")]
+        return [_run_info(r) for r in self._query(f"{_RUNS} ORDER BY id")]
 
     def run(self, run: int | str) -> RunInfo:
         """A run by id, or by name (the latest of several runs sharing it)."""
         if isinstance(run, str):
-            rows = self._query("SELECT * FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", (run,))
+            rows = self._query(f"{_RUNS} WHERE name = ? ORDER BY id DESC LIMIT 1", (run,))
         else:
-            rows = self._query("SELECT * FROM runs WHERE id = ?", (int(run),))
+            rows = self._query(f"{_RUNS} WHERE id = ?", (int(run),))
         if not rows:
             available = ", ".join(f"{r.id} ({r.name})" for r in self.runs()) or "none"
             raise InvalidArgumentError(
@@ -462,6 +459,13 @@ def _check_path(path: Path) -> None:
             f"cannot write the store {path}: {target} is not writable. Fix its permissions "
             "or pass a path in a writable directory."
         )
+
+
+# the last step is derived from the metrics (primary-key prefix look-up), not stored per step
+_RUNS = (
+    "SELECT id, name, status, config, environment, summary, created_at, finished_at, "
+    "(SELECT MAX(step) FROM metrics m WHERE m.run_id = runs.id) FROM runs"
+)
 
 
 def _run_info(row: tuple[Any, ...]) -> RunInfo:

@@ -100,8 +100,7 @@ class GradNormProbe(Probe):
     def compute(self, state: ProbeState) -> dict[str, float]:
         grads = self._grads(state)
         if grads is not None:
-            sq = sum(g.detach().double().pow(2).sum() for g in grads)
-            return {"grad_norm": math.sqrt(float(sq))}
+            return {"grad_norm": torch.nn.utils.get_total_norm(grads).item()}
         return {"grad_norm": torch.linalg.vector_norm(state.problem.gradient()).item()}
 
 
@@ -122,22 +121,37 @@ class DistanceProbe(Probe):
     def __init__(self, schedule: Schedule | int | None = None, per_layer: bool = True) -> None:
         super().__init__(schedule)
         self.per_layer = per_layer
+        self._init: tuple[int, Tensor, Tensor, list[str], list[float]] | None = None
+
+    def _setup(self, state: ProbeState) -> tuple[Tensor, Tensor, list[str], list[float]]:
+        """θ₀ flattened, each entry's layer index, layer names and ‖θ₀‖² per layer (cached)."""
+        key = id(state.initial_params)
+        if self._init is None or self._init[0] != key:
+            prob = state.problem
+            layers = list(dict.fromkeys(_layer(n) for n in prob.names))
+            theta0 = prob.flatten(state.initial_params).double()
+            index = torch.cat(
+                [
+                    torch.full((state.initial_params[n].numel(),), layers.index(_layer(n)))
+                    for n in prob.names
+                ]
+            ).to(theta0.device)
+            base = torch.zeros(len(layers), dtype=torch.float64, device=theta0.device)
+            base = base.index_add(0, index, theta0.pow(2)).tolist()
+            self._init = (key, theta0, index, layers, base)
+        return self._init[1:]
 
     def compute(self, state: ProbeState) -> dict[str, float]:
-        params = state.problem.params
-        diff: dict[str, float] = {}
-        base: dict[str, float] = {}
-        for n in state.problem.names:
-            layer = _layer(n)
-            p0 = state.initial_params[n].double()
-            diff[layer] = diff.get(layer, 0.0) + (params[n].double() - p0).pow(2).sum().item()
-            base[layer] = base.get(layer, 0.0) + p0.pow(2).sum().item()
-        tot, tot0 = sum(diff.values()), sum(base.values())
+        theta0, index, layers, base = self._setup(state)
+        sq = (state.problem.flatten(state.problem.params).double() - theta0).pow(2)
+        diff = torch.zeros(len(layers), dtype=torch.float64, device=sq.device)
+        diff = diff.index_add(0, index, sq).tolist()
+        tot, tot0 = sum(diff), sum(base)
         out = {"dist_init": math.sqrt(tot), "dist_init_rel": _ratio(tot, tot0)}
-        if self.per_layer and len(diff) > 1:
-            for layer in diff:
-                out[f"dist_init/{layer}"] = math.sqrt(diff[layer])
-                out[f"dist_init_rel/{layer}"] = _ratio(diff[layer], base[layer])
+        if self.per_layer and len(layers) > 1:
+            for layer, d, b in zip(layers, diff, base, strict=True):
+                out[f"dist_init/{layer}"] = math.sqrt(d)
+                out[f"dist_init_rel/{layer}"] = _ratio(d, b)
         return out
 
 
