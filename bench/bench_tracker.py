@@ -79,7 +79,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = 200 if args.quick else 1000
-    configs = [("demo MLP 64-128-128-10, n=512", 128, 512), ("MLP 64-512-512-10, n=1797", 512, 1797)]
+    configs = [
+        ("demo MLP 64-128-128-10, n=512", 128, 512),
+        ("MLP 64-512-512-10, n=1797", 512, 1797),
+    ]
     results = []
     for label, width, n in configs:
         train(width, n, 20, None, None, 0.5)  # warm up
@@ -87,8 +90,12 @@ def main() -> None:
             base = train(width, n, steps, None, None, 0.5)
             cheap = train(width, n, steps, cheap_probes(), f"{tmp}/a.db", 0.5)
             sharp = train(
-                width, n, steps, [*cheap_probes(), SharpnessProbe(100, tol=1e-3)],
-                f"{tmp}/b.db", 0.5,
+                width,
+                n,
+                steps,
+                [*cheap_probes(), SharpnessProbe(100, tol=1e-3)],
+                f"{tmp}/b.db",
+                0.5,
             )
         row = {
             "config": label,
@@ -114,8 +121,12 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     stamp = dt.date.today().isoformat() + ("_quick" if args.quick else "")
     path = out / f"tracker_{stamp}.json"
-    path.write_text(json.dumps({"environment": environment_info(), "threads": args.threads,
-                                "results": results}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"environment": environment_info(), "threads": args.threads, "results": results},
+            indent=2,
+        )
+    )
     print(f"wrote {path}")
 
 

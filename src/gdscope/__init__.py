@@ -15,6 +15,16 @@ from gdscope.curvature import (
     hessian_trace,
 )
 from gdscope.errors import GdscopeError
+from gdscope.kernels import (
+    DisparityReport,
+    NTKEigResult,
+    disparity,
+    function_space_disparity,
+    infinite_ntk,
+    ntk,
+    ntk_blocks,
+    ntk_eigs,
+)
 from gdscope.linalg import Density, EigResult, Estimate
 from gdscope.problem import Problem
 from gdscope.tracker import Tracker
@@ -33,6 +43,15 @@ __all__ = [
     "hessian_density",
     "hessian_eigs",
     "hessian_trace",
+    # kernels
+    "DisparityReport",
+    "NTKEigResult",
+    "disparity",
+    "function_space_disparity",
+    "infinite_ntk",
+    "ntk",
+    "ntk_blocks",
+    "ntk_eigs",
     # training and tracking
     "FitResult",
     "GD",
