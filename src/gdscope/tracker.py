@@ -73,6 +73,8 @@ class Tracker:
         self.config.setdefault("probes", [repr(p) for p in self.probes])
         self.subset = _subset(prob, subset, seed)
         self.initial_params = {n: p.detach().clone() for n, p in prob.params.items()}
+        for probe in self.probes:
+            probe.start(prob)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.run_id: int | None = None
         self.status: str | None = None

@@ -11,6 +11,14 @@ from gdscope.probes.builtin import (
     ThresholdProbe,
     default_probes,
 )
+from gdscope.probes.kernel import (
+    DisparityProbe,
+    KernelAlignmentProbe,
+    KernelDriftProbe,
+    KernelProbe,
+    NTKSpectrumProbe,
+    PLProbe,
+)
 
 __all__ = [
     # API
@@ -31,4 +39,11 @@ __all__ = [
     "SharpnessProbe",
     "ThresholdProbe",
     "default_probes",
+    # kernel probes
+    "DisparityProbe",
+    "KernelAlignmentProbe",
+    "KernelDriftProbe",
+    "KernelProbe",
+    "NTKSpectrumProbe",
+    "PLProbe",
 ]

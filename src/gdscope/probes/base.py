@@ -110,6 +110,9 @@ class Probe(ABC):
             schedule = Every(schedule)
         self.schedule: Schedule = schedule or Every(1)
 
+    def start(self, problem: Problem) -> None:
+        """Called once when the tracker is created, at the initial parameters ``θ₀``."""
+
     def measures(self, state: ProbeState) -> Iterate:
         """The iterate this call measures (probes that reuse the step's data may fall back)."""
         return self.iterate
