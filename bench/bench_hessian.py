@@ -213,8 +213,8 @@ def build_model(X: Tensor, Y: Tensor, width: int, steps: int, seed: int) -> tupl
         "num_params": sum(p.numel() for p in model.parameters()),
         "train_steps": steps,
         "train_lr": 0.5,
-        "initial_loss": loss0,
-        "loss": final,
+        "initial_train_loss": loss0,
+        "final_train_loss": final,
         "param_norm": float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()),
     }
     return model, info
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     print(
         f"model {model_info['architecture']}, P={model_info['num_params']}, n={X.shape[0]}, "
-        f"loss {model_info['loss']:.4g}",
+        f"loss {model_info['final_train_loss']:.4g}",
         flush=True,
     )
 

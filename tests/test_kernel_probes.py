@@ -42,8 +42,9 @@ def _jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _step(prob: gs.Problem, lr: float = 0.5) -> None:
     with torch.no_grad():
-        for p, g in zip(prob.model.parameters(), prob.unflatten(prob.gradient()).values(),
-                        strict=True):
+        for p, g in zip(
+            prob.model.parameters(), prob.unflatten(prob.gradient()).values(), strict=True
+        ):
             p -= lr * g
 
 

@@ -27,6 +27,7 @@ from gdscope.kernels import (
 )
 from gdscope.linalg import Density, EigResult, Estimate
 from gdscope.problem import Problem
+from gdscope.theory import fit_rates, linearize, predict, stability
 from gdscope.tracker import Tracker
 from gdscope.train import GD, FitResult, HeavyBall, Nesterov, fit, stability_threshold
 
@@ -52,6 +53,11 @@ __all__ = [
     "ntk",
     "ntk_blocks",
     "ntk_eigs",
+    # theory
+    "fit_rates",
+    "linearize",
+    "predict",
+    "stability",
     # training and tracking
     "FitResult",
     "GD",

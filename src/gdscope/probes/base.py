@@ -111,7 +111,7 @@ class Probe(ABC):
         self.schedule: Schedule = schedule or Every(1)
 
     def start(self, problem: Problem) -> None:
-        """Called once when the tracker is created, at the initial parameters ``θ₀``."""
+        """Called once when the tracker is created, at the initial parameters ``θ₀``."""  # noqa: B027
 
     def measures(self, state: ProbeState) -> Iterate:
         """The iterate this call measures (probes that reuse the step's data may fall back)."""

@@ -1,0 +1,33 @@
+"""Theory: predicted dynamics, rate fits, ODE limits, stability of minima, orbits, GD-map stats."""
+
+from gdscope.theory.dynamics import Prediction, optimizer_spec, predict
+from gdscope.theory.gd_map_stats import (
+    MinFactorReport,
+    SingularStepTrace,
+    min_factor_distribution,
+    singular_step_sizes,
+)
+from gdscope.theory.linearize import LinearizedModel, linearize
+from gdscope.theory.orbits import OrbitReport, detect_orbit, gd_orbit, orbit_from_store
+from gdscope.theory.ratefit import RateFit, fit_rates
+from gdscope.theory.stability import StabilityReport, stability
+
+__all__ = [
+    "LinearizedModel",
+    "MinFactorReport",
+    "OrbitReport",
+    "Prediction",
+    "RateFit",
+    "SingularStepTrace",
+    "StabilityReport",
+    "detect_orbit",
+    "fit_rates",
+    "gd_orbit",
+    "linearize",
+    "min_factor_distribution",
+    "optimizer_spec",
+    "orbit_from_store",
+    "predict",
+    "singular_step_sizes",
+    "stability",
+]
