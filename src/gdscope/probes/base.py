@@ -110,8 +110,8 @@ class Probe(ABC):
             schedule = Every(schedule)
         self.schedule: Schedule = schedule or Every(1)
 
-    def start(self, problem: Problem) -> None:
-        """Called once when the tracker is created, at the initial parameters ``θ₀``."""  # noqa: B027
+    def start(self, problem: Problem) -> None:  # noqa: B027  (optional hook, no-op by default)
+        """Called once when the tracker is created, at the initial parameters ``θ₀``."""
 
     def measures(self, state: ProbeState) -> Iterate:
         """The iterate this call measures (probes that reuse the step's data may fall back)."""
