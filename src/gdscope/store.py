@@ -14,6 +14,10 @@ The schema is readable with the ``sqlite3`` command line, without gdscope:
   value describes the parameters before that step's optimizer update (θ_t) and ``'after'`` when
   it describes θ_{t+1}. A NULL ``value`` is NaN (SQLite cannot store NaN); ±inf are stored as is.
 - ``artifacts(run_id, name, mime, data, created_at)`` and ``meta(key, value)``.
+- ``experiments(id, name, sweep, config_hash, config, status, verdicts, results, figures,
+  run_ids, seconds, created_at)``: one row per experiment run (JSON columns), written together
+  with its runs in one transaction. ``(sweep, config_hash)`` is UNIQUE, so a sweep point is
+  stored once however often it is retried.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: every :meth:`Store.log_step` is one
 transaction, so a process that dies mid-run loses at most the step it was writing. Such a run
@@ -43,7 +47,7 @@ import numpy as np
 
 from gdscope.errors import GdscopeError, InvalidArgumentError, StoreError
 
-__all__ = ["MetricRow", "RunInfo", "Store", "environment_info"]
+__all__ = ["ExperimentInfo", "MetricRow", "RunInfo", "RunPayload", "Store", "environment_info"]
 
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "completed", "failed", "diverged")
@@ -81,6 +85,21 @@ CREATE TABLE IF NOT EXISTS artifacts (
     created_at REAL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    sweep TEXT,
+    config_hash TEXT NOT NULL,
+    config TEXT,
+    status TEXT NOT NULL,
+    verdicts TEXT,
+    results TEXT,
+    figures TEXT,
+    run_ids TEXT,
+    seconds REAL,
+    created_at REAL,
+    UNIQUE (sweep, config_hash)
+);
 """
 
 
@@ -117,6 +136,28 @@ class RunInfo:
     def status_label(self) -> str:
         """The status, or ``"incomplete"`` for a run that was never finished."""
         return self.status if self.complete else "incomplete"
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """An experiment run as stored: its config, verdicts (dicts), results and run ids."""
+
+    id: int
+    name: str
+    sweep: str | None
+    config_hash: str
+    config: dict[str, Any]
+    status: str
+    verdicts: list[dict[str, Any]]
+    results: Any
+    figures: list[dict[str, Any]]
+    run_ids: list[int]
+    seconds: float | None
+    created_at: float
+
+
+#: A run detached from its store (:meth:`Store.export_run`), to move it between processes.
+RunPayload = dict[str, Any]
 
 
 def environment_info() -> dict[str, Any]:
@@ -290,6 +331,99 @@ class Store:
                 "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
                 (run_id, name, mime, blob, time.time()),
             )
+
+    def export_run(self, run_id: int) -> RunPayload:
+        """A run with all its metrics and artifacts as plain data (picklable, for other stores)."""
+        info = self.run(run_id)
+        rows = self._query(
+            "SELECT step, name, value, probe, iterate FROM metrics WHERE run_id = ?", (run_id,)
+        )
+        arts = self._query(
+            "SELECT name, mime, data, created_at FROM artifacts WHERE run_id = ?", (run_id,)
+        )
+        return {
+            "name": info.name,
+            "status": info.status,
+            "config": info.config,
+            "environment": info.environment,
+            "summary": info.summary,
+            "created_at": info.created_at,
+            "finished_at": info.finished_at,
+            "metrics": rows,
+            "artifacts": [(n, m, bytes(d), c) for n, m, d, c in arts],
+        }
+
+    def add_experiment(
+        self,
+        name: str,
+        config: dict[str, Any],
+        config_hash: str,
+        *,
+        status: str,
+        verdicts: list[dict[str, Any]],
+        results: Any,
+        figures: list[dict[str, Any]],
+        runs: Iterable[RunPayload] = (),
+        sweep: str | None = None,
+        seconds: float | None = None,
+    ) -> int | None:
+        """Store an experiment run and its runs in one transaction; return its id.
+
+        Returns ``None``, writing nothing, when ``sweep`` already holds a point with this
+        ``config_hash``: a retried sweep point is never stored twice.
+        """
+        with self._transaction() as con:
+            try:
+                cur = con.execute(
+                    "INSERT INTO experiments (name, sweep, config_hash, config, status, verdicts, "
+                    "results, figures, run_ids, seconds, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', ?, ?)",
+                    (
+                        name,
+                        sweep,
+                        config_hash,
+                        _dumps(config),
+                        status,
+                        json.dumps(verdicts, default=_json_default),
+                        json.dumps(results, default=_json_default),
+                        json.dumps(figures, default=_json_default),
+                        seconds,
+                        time.time(),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                if sweep is None:
+                    raise
+                return None
+            exp_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            run_ids = [_import_run(con, run) for run in runs]
+            con.execute(
+                "UPDATE experiments SET run_ids = ? WHERE id = ?", (json.dumps(run_ids), exp_id)
+            )
+        return exp_id
+
+    def experiments(self, sweep: str | None = None) -> list[ExperimentInfo]:
+        """Experiment runs, oldest first; only those of ``sweep`` when given."""
+        if sweep is None:
+            rows = self._query(f"{_EXPERIMENTS} ORDER BY id")
+        else:
+            rows = self._query(f"{_EXPERIMENTS} WHERE sweep = ? ORDER BY id", (sweep,))
+        return [_experiment_info(r) for r in rows]
+
+    def experiment(self, experiment_id: int) -> ExperimentInfo:
+        """One experiment run by id."""
+        rows = self._query(f"{_EXPERIMENTS} WHERE id = ?", (int(experiment_id),))
+        if not rows:
+            known = ", ".join(str(e.id) for e in self.experiments()) or "none"
+            raise InvalidArgumentError(
+                f"no experiment {experiment_id!r} in {self.path}; stored experiments: {known}."
+            )
+        return _experiment_info(rows[0])
+
+    def sweep_hashes(self, sweep: str) -> set[str]:
+        """Config hashes of the points of ``sweep`` already stored."""
+        rows = self._query("SELECT config_hash FROM experiments WHERE sweep = ?", (sweep,))
+        return {r[0] for r in rows}
 
     # ------------------------------------------------------------------ reading
     def artifact(self, run_id: int, name: str) -> bytes:
@@ -466,6 +600,57 @@ _RUNS = (
     "SELECT id, name, status, config, environment, summary, created_at, finished_at, "
     "(SELECT MAX(step) FROM metrics m WHERE m.run_id = runs.id) FROM runs"
 )
+
+
+_EXPERIMENTS = (
+    "SELECT id, name, sweep, config_hash, config, status, verdicts, results, figures, run_ids, "
+    "seconds, created_at FROM experiments"
+)
+
+
+def _experiment_info(row: tuple[Any, ...]) -> ExperimentInfo:
+    eid, name, sweep, chash, config, status, verdicts, results, figures, run_ids, secs, at = row
+    return ExperimentInfo(
+        id=eid,
+        name=name,
+        sweep=sweep,
+        config_hash=chash,
+        config=json.loads(config or "{}"),
+        status=status,
+        verdicts=json.loads(verdicts or "[]"),
+        results=json.loads(results or "null"),
+        figures=json.loads(figures or "[]"),
+        run_ids=json.loads(run_ids or "[]"),
+        seconds=secs,
+        created_at=at,
+    )
+
+
+def _import_run(con: sqlite3.Connection, run: RunPayload) -> int:
+    """Insert an exported run (inside the caller's transaction); return its new id."""
+    cur = con.execute(
+        "INSERT INTO runs (name, status, config, environment, summary, created_at, finished_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            run["name"],
+            run["status"],
+            _dumps(run["config"]),
+            _dumps(run["environment"]),
+            _dumps(run["summary"]),
+            run["created_at"],
+            run["finished_at"],
+        ),
+    )
+    run_id = int(cur.lastrowid)  # type: ignore[arg-type]
+    con.executemany(
+        "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+        [(run_id, *row) for row in run["metrics"]],
+    )
+    con.executemany(
+        "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
+        [(run_id, *art) for art in run["artifacts"]],
+    )
+    return run_id
 
 
 def _run_info(row: tuple[Any, ...]) -> RunInfo:

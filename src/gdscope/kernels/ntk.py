@@ -75,7 +75,7 @@ __all__ = ["NtkMethod", "ntk", "ntk_blocks"]
 log = logging.getLogger(__name__)
 
 
-class NtkMethod(str, enum.Enum):
+class NtkMethod(enum.StrEnum):
     """How :func:`ntk` computes the kernel (costs in the module docstring)."""
 
     AUTO = "auto"

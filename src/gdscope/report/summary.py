@@ -6,12 +6,12 @@ optimizer updates applied to the parameters a value describes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from gdscope.store import Store
+from gdscope.verdict import Verdict
 
 __all__ = ["ProbeTiming", "Verdict", "probe_timings", "summarize_run"]
 
@@ -23,21 +23,6 @@ NEAR_ZERO_LOSS_RATIO = 1e-2
 EOS_ONSET_FRACTION = 0.95
 
 Series = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One claim about a run: prediction, measurement, and whether it holds (None: unknown)."""
-
-    claim: str
-    predicted: str
-    measured: str
-    holds: bool | None
-    details: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The verdict as a plain dict (JSON-ready)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)

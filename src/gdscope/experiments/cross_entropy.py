@@ -1,0 +1,1 @@
+"""Placeholder: the cross_entropy experiment is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the disparity experiment is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the optimizers experiment is being written."""

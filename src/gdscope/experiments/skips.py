@@ -1,0 +1,1 @@
+"""Placeholder: the skips experiment is being written."""

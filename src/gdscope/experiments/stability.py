@@ -1,0 +1,1 @@
+"""Placeholder: the stability experiment is being written."""

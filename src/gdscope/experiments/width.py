@@ -1,0 +1,1 @@
+"""Placeholder: the width experiment is being written."""
