@@ -15,12 +15,14 @@ is visible. All of a step's values commit together.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,8 +31,12 @@ from gdscope.probes.base import Probe, ProbeState
 from gdscope.probes.builtin import default_probes
 from gdscope.problem import Problem
 from gdscope.store import MetricRow, Store
+from gdscope.theory import Prediction
 
-__all__ = ["Tracker"]
+__all__ = ["PREDICTION_POINTS", "Tracker"]
+
+#: Points of a recorded prediction's loss curve (log-spaced steps, plus step 0).
+PREDICTION_POINTS = 400
 
 
 class Tracker:
@@ -86,6 +92,35 @@ class Tracker:
         if self.run_id is not None:
             raise GdscopeError("record_config must be called before the first tracked step.")
         self.config.update(values)
+
+    def record_prediction(self, prediction: Prediction, label: str = "linearized model") -> None:
+        """Store a :class:`~gdscope.theory.Prediction` of this run (artifact ``prediction``).
+
+        The report overlays its loss curve (at most :data:`PREDICTION_POINTS` log-spaced steps)
+        on the measured one and sets its asymptotic rate beside the fitted rate.
+        """
+        if self.store is None:
+            raise GdscopeError("record_prediction needs a store: pass store= to the Tracker.")
+        self._ensure_run()
+        assert self.run_id is not None
+        loss = np.asarray(prediction.loss, dtype=np.float64)
+        steps = np.unique(np.geomspace(1, max(loss.size, 1), PREDICTION_POINTS).astype(int) - 1)
+        record = {
+            "label": label,
+            "steps": [int(s) for s in np.union1d([0], steps)],
+            "loss": [float(loss[s]) for s in np.union1d([0], steps)],
+            "loss_rate": prediction.loss_rate,
+            "asymptotic_rate": prediction.asymptotic_rate,
+            "stable": prediction.stable,
+            "optimizer": prediction.optimizer,
+            "min_eigenvalue": float(np.min(prediction.eigenvalues)),
+            "max_eigenvalue": float(np.max(prediction.eigenvalues)),
+            "q": prediction.q,
+            "notes": list(prediction.notes),
+        }
+        self.store.add_artifact(
+            self.run_id, "prediction", json.dumps(record, default=str), "application/json"
+        )
 
     def _ensure_run(self) -> None:
         if self.run_id is None and self.store is not None:

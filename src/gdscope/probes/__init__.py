@@ -11,6 +11,18 @@ from gdscope.probes.builtin import (
     ThresholdProbe,
     default_probes,
 )
+from gdscope.probes.certificates import (
+    BlockJacobianProbe,
+    DataSeparationProbe,
+    GradRatioProbe,
+    LocalSmoothnessProbe,
+    MarginProbe,
+    ReluPatternProbe,
+    SemiSmoothnessProbe,
+    block_jacobian,
+    data_separation,
+    homogeneity_degree,
+)
 from gdscope.probes.kernel import (
     DisparityProbe,
     KernelAlignmentProbe,
@@ -46,4 +58,15 @@ __all__ = [
     "KernelProbe",
     "NTKSpectrumProbe",
     "PLProbe",
+    # certificate probes (THEORY §1, §4)
+    "BlockJacobianProbe",
+    "DataSeparationProbe",
+    "GradRatioProbe",
+    "LocalSmoothnessProbe",
+    "MarginProbe",
+    "ReluPatternProbe",
+    "SemiSmoothnessProbe",
+    "block_jacobian",
+    "data_separation",
+    "homogeneity_degree",
 ]

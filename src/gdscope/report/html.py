@@ -14,11 +14,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gdscope import __version__
-from gdscope.errors import InvalidArgumentError
+from gdscope.errors import GdscopeError, InvalidArgumentError
 from gdscope.report import plots
-from gdscope.report.summary import Verdict, probe_timings, summarize_run
+from gdscope.report.summary import (
+    Verdict,
+    probe_timings,
+    rate_row,
+    stored_prediction,
+    summarize_run,
+)
 from gdscope.store import RunInfo, Store
+from gdscope.theory import orbit_from_store
 
 __all__ = ["write_report"]
 
@@ -87,6 +96,17 @@ def write_report(
         label: {name: store.series(info.id, name) for name in store.metric_names(info.id)}
         for label, info in zip(labels, infos, strict=True)
     }
+    predictions = {
+        label: pred
+        for label, info in zip(labels, infos, strict=True)
+        if (pred := stored_prediction(store, info.id)) is not None
+    }
+    orbits = {
+        label: rep
+        for label, info in zip(labels, infos, strict=True)
+        if (rep := _loss_orbit(store, info.id, data[label])) is not None
+    }
+    cycles = {label: (r.period, r.onset) for label, r in orbits.items() if r.is_cycle}
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     sections = [
         f"<header><h1>{_e(title)}</h1><p class='generated'>Generated {_e(generated)} by "
@@ -97,8 +117,10 @@ def write_report(
             "figures",
             "Figures",
             "The x axis counts the optimizer updates applied to the parameters measured.",
-            plots.standard_figures(data, colors),
+            plots.standard_figures(data, colors, cycles),
         ),
+        _prediction_section(store, infos, labels, colors, data, predictions),
+        _stability_section(infos, labels, colors, orbits),
         _timing_section(store, infos, labels, colors),
         _figures_section(
             "other",
@@ -177,10 +199,18 @@ def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
 
 def _verdict_row(v: Verdict) -> str:
     css, mark = _MARK[v.holds]
-    details = f"<div class='details'>{_e(v.details)}</div>" if v.details else ""
+    text = v.details if isinstance(v.details, str) else _details_text(v.details)
+    details = f"<div class='details'>{_e(text)}</div>" if text else ""
     return (
         f"<tr><td>{_e(v.claim)}</td><td>{_e(v.predicted)}</td><td>{_e(v.measured)}{details}</td>"
         f"<td class='{css}'>{mark}</td></tr>"
+    )
+
+
+def _details_text(details: Mapping[str, Any]) -> str:
+    """A verdict's dict of details as ``key: value; …`` (floats to 4 significant digits)."""
+    return "; ".join(
+        f"{k}: {f'{v:.4g}' if isinstance(v, float) else v}" for k, v in details.items()
     )
 
 
@@ -209,6 +239,133 @@ def _figures_section(
     return (
         f"<section id='{section_id}'><h2>{heading}</h2><p class='note'>{note}</p>{body}</section>"
     )
+
+
+def _prediction_section(
+    store: Store,
+    infos: Sequence[RunInfo],
+    labels: Sequence[str],
+    colors: Mapping[str, str],
+    data: plots.Runs,
+    predictions: Mapping[str, Mapping[str, Any]],
+) -> str:
+    rows = []
+    for info, label in zip(infos, labels, strict=True):
+        row = rate_row(store, info.id)
+        predicted = "" if row.predicted_loss_rate is None else f"{row.predicted_loss_rate:.6g}"
+        if row.fit is None:
+            rows.append(
+                f"<tr><td>{_swatch(label, colors)}</td><td colspan='4' class='note'>"
+                f"{_e(row.note)}</td><td class='num'>{predicted}</td></tr>"
+            )
+            continue
+        f = row.fit
+        lo, hi = f.exponential_rate_ci
+        plo, phi = f.power_exponent_ci
+        rows.append(
+            f"<tr><td>{_swatch(label, colors)}</td><td class='num'>{f.window[0]:g}–{f.window[1]:g}"
+            f"</td><td class='num'>{f.exponential_rate:.6g} [{lo:.6g}, {hi:.6g}]</td>"
+            f"<td class='num'>{f.power_exponent:.3g} [{plo:.3g}, {phi:.3g}]</td>"
+            f"<td>{_e(f.preferred)} (ΔAIC {f.delta_aic:.3g}"
+            f"{', decisive' if f.decisive else ''})</td><td class='num'>{predicted}</td></tr>"
+        )
+    header = (
+        "run",
+        "fit window (steps)",
+        "loss factor per step ρ [95% CI]",
+        "power-law exponent p [95% CI]",
+        "preferred",
+        "predicted ρ",
+    )
+    intro = (
+        "<p class='note'>Rates fitted to the last half of each loss curve: L ≈ Cρ<sup>t</sup> "
+        "and L ≈ Ct<sup>−p</sup> (THEORY §2). The predicted ρ is the recorded prediction's "
+        "asymptotic loss factor per step (the square of its slowest mode's residual rate).</p>"
+    )
+    figure = plots.prediction_figure(data, predictions, colors)
+    body = _figures_section("prediction", "Predicted vs measured", "", [figure] if figure else [])
+    return body.replace("</section>", intro + _table(header, rows) + "</section>")
+
+
+def _loss_orbit(store: Store, run_id: int, series: Mapping[str, plots.Series]) -> Any:
+    """A periodic-orbit report on the loss, when it was recorded at every step (else None)."""
+    if "loss" not in series:
+        return None
+    x, v = series["loss"]
+    if x.size < 16 or np.any(np.diff(x) != 1) or not np.all(np.isfinite(v)):
+        return None
+    try:  # a float32 loss carries ~1e-7 relative noise: do not call that a cycle's mismatch
+        return orbit_from_store(store, run_id, "loss", atol=1e-6 * float(np.abs(v[-64:]).max()))
+    except GdscopeError:
+        return None
+
+
+def _stability_section(
+    infos: Sequence[RunInfo],
+    labels: Sequence[str],
+    colors: Mapping[str, str],
+    orbits: Mapping[str, Any],
+) -> str:
+    rows = []
+    for info, label in zip(infos, labels, strict=True):
+        rep = info.summary.get("stability")
+        if rep:
+            cells = (
+                rep.get("lr"),
+                rep.get("sharpness"),
+                rep.get("threshold"),
+                rep.get("count_above"),
+                rep.get("smallest"),
+            )
+            nums = "".join(
+                f"<td class='num'>{'' if c is None else _e(f'{c:.4g}')}</td>" for c in cells
+            )
+            rows.append(
+                f"<tr><td>{_swatch(label, colors)}</td>{nums}"
+                f"<td class='{_MARK[rep.get('gd_stable')][0]}'>{_MARK[rep.get('gd_stable')][1]}"
+                f"</td><td>{_e(_yes_no(rep.get('is_saddle')))}</td></tr>"
+            )
+    stability = (
+        _table(
+            (
+                "run",
+                "η",
+                "sharpness",
+                "threshold",
+                "# eigenvalues above",
+                "λ_min",
+                "GD-stable",
+                "saddle",
+            ),
+            rows,
+        )
+        if rows
+        else "<p class='note'>No run recorded a stability analysis (gs.stability).</p>"
+    )
+    orbit_rows = []
+    for label, rep in orbits.items():
+        found = f"period {rep.period} from step {rep.onset}" if rep.is_cycle else _e(rep.kind)
+        orbit_rows.append(
+            f"<tr><td>{_swatch(label, colors)}</td><td>{found}</td>"
+            f"<td class='num'>{rep.window[0]}–{rep.window[1]}</td>"
+            f"<td class='num'>{'' if rep.amplitude is None else f'{rep.amplitude:.3g}'}</td></tr>"
+        )
+    orbit_table = (
+        _table(("run", "loss orbit", "window", "amplitude"), orbit_rows) if orbit_rows else ""
+    )
+    intro = (
+        "<p class='note'>Stability of the point each run ended at (gs.stability, THEORY §3) and "
+        "periodic orbits of the loss over the last steps (THEORY §3): a cycle is marked on the "
+        "sharpness figure.</p>"
+    )
+    return (
+        f"<section id='stability'><h2>Stability and orbits</h2>{intro}{stability}{orbit_table}"
+        "</section>"
+    )
+
+
+def _yes_no(value: bool | None) -> str:
+    return "undetermined" if value is None else ("yes" if value else "no")
 
 
 def _timing_section(

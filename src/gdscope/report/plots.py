@@ -13,6 +13,7 @@ import base64
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -30,6 +31,7 @@ __all__ = [
     "loss_figure",
     "other_figures",
     "other_metric_names",
+    "prediction_figure",
     "run_colors",
     "sharpness_figure",
     "standard_figures",
@@ -171,8 +173,14 @@ def grad_norm_figure(runs: Runs, colors: Colors) -> Plot | None:
     )
 
 
-def sharpness_figure(runs: Runs, colors: Colors) -> Plot | None:
-    """Sharpness per run, with its stability threshold dashed in the same colour."""
+def sharpness_figure(
+    runs: Runs, colors: Colors, orbits: Mapping[str, tuple[int, int]] | None = None
+) -> Plot | None:
+    """Sharpness per run, with its stability threshold dashed in the same colour.
+
+    ``orbits`` maps a run label to ``(period, onset step)`` of a detected cycle: a dotted
+    vertical line in the run's colour marks the onset, labelled with the period.
+    """
     have = [label for label, s in runs.items() if "sharpness" in s]
     if not have:
         return None
@@ -182,6 +190,18 @@ def sharpness_figure(runs: Runs, colors: Colors) -> Plot | None:
         if "threshold" in runs[label]:
             x, thr = runs[label]["threshold"]
             ax.plot(x, _finite(thr), "--", color=colors[label], lw=1.1, drawstyle="steps-post")
+    for label, (period, onset) in (orbits or {}).items():
+        if label in colors:
+            ax.axvline(onset, color=colors[label], ls=":", lw=1.2)
+            ax.annotate(
+                f"period {period}",
+                (onset, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                color=colors[label],
+                fontsize="small",
+            )
     ax.set_title("sharpness λ_max(∇²L)")
     threshold = Line2D([], [], color="0.35", ls="--", label="threshold (2/η for GD)")
     _legend(ax, [threshold] if any("threshold" in runs[label] for label in have) else [])
@@ -191,6 +211,36 @@ def sharpness_figure(runs: Runs, colors: Colors) -> Plot | None:
         "where they meet."
     )
     return _render(fig, "sharpness", caption)
+
+
+def prediction_figure(
+    runs: Runs, predictions: Mapping[str, Mapping[str, Any]], colors: Colors
+) -> Plot | None:
+    """Measured loss (solid) against each run's recorded prediction (dashed), log scale."""
+    have = [label for label in runs if label in predictions and "loss" in runs[label]]
+    if not have:
+        return None
+    fig, (ax,) = _figure()
+    for label in have:
+        x, v = runs[label]["loss"]
+        ax.plot(x, _finite(v), color=colors[label], lw=1.3, label=_text(label))
+        pred = predictions[label]
+        ax.plot(
+            pred["steps"],
+            _finite(np.asarray(pred["loss"], float)),
+            "--",
+            color=colors[label],
+            lw=1.3,
+        )
+    ax.set_yscale("log")
+    ax.set_title("loss: measured vs predicted")
+    labels = sorted({str(predictions[label].get("label", "prediction")) for label in have})
+    _legend(ax, [Line2D([], [], color="0.35", ls="--", label=f"predicted ({', '.join(labels)})")])
+    caption = (
+        "Training loss as measured (solid) and as predicted before training (dashed, same colour) "
+        "by " + ", ".join(labels) + ", against the step (updates applied)."
+    )
+    return _render(fig, "prediction", caption)
 
 
 def distance_figure(runs: Runs, colors: Colors) -> Plot | None:
@@ -246,9 +296,16 @@ FIGURES = (
 )
 
 
-def standard_figures(runs: Runs, colors: Colors) -> list[Plot]:
-    """The standard figures some run has metrics for, in report order."""
-    return [p for p in (f(runs, colors) for f in FIGURES) if p is not None]
+def standard_figures(
+    runs: Runs, colors: Colors, orbits: Mapping[str, tuple[int, int]] | None = None
+) -> list[Plot]:
+    """The standard figures some run has metrics for, in report order (``orbits``: see
+    :func:`sharpness_figure`)."""
+    figures = (
+        sharpness_figure(runs, colors, orbits) if f is sharpness_figure else f(runs, colors)
+        for f in FIGURES
+    )
+    return [p for p in figures if p is not None]
 
 
 def other_metric_names(runs: Runs) -> list[str]:

@@ -6,14 +6,26 @@ optimizer updates applied to the parameters a value describes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from gdscope.errors import GdscopeError, InvalidArgumentError
 from gdscope.store import Store
+from gdscope.theory import RateFit, fit_rates
 from gdscope.verdict import Verdict
 
-__all__ = ["ProbeTiming", "Verdict", "probe_timings", "summarize_run"]
+__all__ = [
+    "ProbeTiming",
+    "RateRow",
+    "Verdict",
+    "probe_timings",
+    "rate_row",
+    "stored_prediction",
+    "summarize_run",
+]
 
 #: Training accuracy that counts as zero training error.
 ZERO_ERROR_ACCURACY = 1.0
@@ -44,12 +56,49 @@ def summarize_run(store: Store, run_id: int) -> list[Verdict]:
         for n in ("accuracy", "loss", "sharpness", "threshold")
         if n in names
     }
+    stored = [Verdict.from_dict(v) for v in run.summary.get("verdicts", [])]
     return [
         _zero_error(series.get("accuracy")),
         _loss_decrease(series.get("loss")),
         _edge_of_stability(series.get("sharpness"), series.get("threshold")),
         _finite_loss(series.get("loss"), run.status),
+        *stored,
     ]
+
+
+def stored_prediction(store: Store, run_id: int) -> dict[str, Any] | None:
+    """The prediction recorded with a run (:meth:`gdscope.Tracker.record_prediction`), if any."""
+    try:
+        return json.loads(store.artifact(run_id, "prediction"))
+    except InvalidArgumentError:
+        return None
+
+
+@dataclass(frozen=True)
+class RateRow:
+    """A run's fitted loss rates (:func:`gdscope.theory.fit_rates` on the last half of its loss
+    curve) beside the predicted asymptotic loss factor per step, when a prediction is stored."""
+
+    fit: RateFit | None
+    predicted_loss_rate: float | None
+    note: str = ""
+
+
+def rate_row(store: Store, run_id: int) -> RateRow:
+    """Fit the measured loss curve of a run and set the stored prediction's rate beside it."""
+    pred = stored_prediction(store, run_id)
+    predicted = None if pred is None else pred.get("loss_rate")
+    if "loss" not in store.metric_names(run_id):
+        return RateRow(None, predicted, "no loss metric")
+    x, v = store.series(run_id, "loss")
+    keep = np.isfinite(v) & (v > 0)
+    if not keep.all():  # fit up to the first non-finite or zero value
+        first = int(np.flatnonzero(~keep)[0])
+        x, v = x[:first], v[:first]
+    try:
+        return RateRow(fit_rates(v, x, tail=0.5), predicted)
+    except GdscopeError as e:
+        return RateRow(None, predicted, str(e))
 
 
 def probe_timings(store: Store, run_id: int) -> list[ProbeTiming]:

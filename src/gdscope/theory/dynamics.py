@@ -54,6 +54,7 @@ refused (one attached after :func:`predict` cannot be seen: do not attach one).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -437,6 +438,33 @@ def _check_kernel(K: np.ndarray, eps: float) -> np.ndarray:
     return 0.5 * (K + K.T)
 
 
+_EIGH_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray | None]] = {}
+
+
+def _eigh(K: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``eigh`` (or ``eigvalsh``) of ``K``, remembering the last kernel's (read-only) result.
+
+    Predicting several optimizers or learning rates from one kernel pays for one ``O((nk)³)``
+    decomposition; the key is a hash of ``K``'s bytes, so a changed kernel is never confused.
+    """
+    data = np.ascontiguousarray(K)
+    key = (
+        data.shape,
+        data.dtype.str,
+        hashlib.blake2b(data.view(np.uint8), digest_size=16).digest(),
+    )
+    hit = _EIGH_CACHE.get(key)
+    if hit is not None and (hit[1] is not None or not vectors):
+        return hit
+    lam, V = np.linalg.eigh(data) if vectors else (np.linalg.eigvalsh(data), None)
+    for a in (lam, V):
+        if a is not None:
+            a.setflags(write=False)
+    _EIGH_CACHE.clear()
+    _EIGH_CACHE[key] = (lam, V)
+    return lam, V
+
+
 def _spectrum(
     K: np.ndarray, eps: float, rtol: float | None, vectors: bool
 ) -> tuple[np.ndarray, np.ndarray | None, list[str], bool]:
@@ -447,10 +475,7 @@ def _spectrum(
     warning; more negative ones are refused (``K = JJᵀ`` is positive semi-definite).
     """
     nk = K.shape[0]
-    if vectors:
-        lam, V = np.linalg.eigh(K)
-    else:
-        lam, V = np.linalg.eigvalsh(K), None
+    lam, V = _eigh(K, vectors)
     notes: list[str] = []
     scale = float(np.max(np.abs(lam))) if nk else 0.0
     zero_tol = max(nk, 10) * eps * scale
