@@ -222,7 +222,12 @@ def optimizer_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False
 
     >>> optimizer_threshold(0.1), optimizer_threshold(0.1, 0.5), optimizer_threshold(0.1, 0.5, True)
     (20.0, 30.0, 15.0)
+
+    ``η = 0`` gives ``inf`` (nothing moves). :func:`gdscope.train.stability_threshold` maps any
+    optimizer's settings (PyTorch SGD's dampening and weight decay too) onto this formula.
     """
+    if lr == 0:
+        return math.inf
     if momentum == 0:
         return 2.0 / lr
     if nesterov:

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gdscope.errors import InvalidArgumentError
+from gdscope.theory.stability import optimizer_threshold
 
 __all__ = ["GD", "HeavyBall", "Nesterov", "describe_optimizer", "stability_threshold"]
 
@@ -276,35 +277,27 @@ def stability_threshold(optimizer: Optimizer) -> float | None:
     return min(thresholds) if thresholds else None
 
 
-def _momentum_threshold(lr: float, beta: float, nesterov: bool) -> float:
-    if lr == 0:
-        return math.inf
-    if nesterov:
-        return 2 * (1 + beta) / ((1 + 2 * beta) * lr)
-    return 2 * (1 + beta) / lr
-
-
 def _group_threshold(optimizer: Optimizer, group: dict[str, Any]) -> float | None:
     lr = float(group["lr"])
     if isinstance(optimizer, Nesterov):
         steps = [optimizer.state[p].get("step", 0) for p in group["params"]]
         k = max(steps, default=0)
-        return _momentum_threshold(lr, Nesterov.momentum_at(group, k + 1), nesterov=True)
+        return optimizer_threshold(lr, Nesterov.momentum_at(group, k + 1), nesterov=True)
     if isinstance(optimizer, HeavyBall):
-        return _momentum_threshold(lr, group["beta"], nesterov=False)
+        return optimizer_threshold(lr, group["beta"], nesterov=False)
     if isinstance(optimizer, GD):
-        return _momentum_threshold(lr, 0.0, nesterov=False)
+        return optimizer_threshold(lr, 0.0, nesterov=False)
     if isinstance(optimizer, torch.optim.SGD):
         if group.get("maximize", False):
             return None
         mu = float(group.get("momentum", 0.0))
         wd = float(group.get("weight_decay", 0.0))
         if mu == 0:
-            return _momentum_threshold(lr, 0.0, nesterov=False) - wd
+            return optimizer_threshold(lr, 0.0, nesterov=False) - wd
         if group.get("nesterov", False):
-            return _momentum_threshold(lr, mu, nesterov=True) - wd
+            return optimizer_threshold(lr, mu, nesterov=True) - wd
         step = lr * (1 - float(group.get("dampening", 0.0)))
-        return _momentum_threshold(step, mu, nesterov=False) - wd
+        return optimizer_threshold(step, mu, nesterov=False) - wd
     return None
 
 
