@@ -262,18 +262,9 @@ def _num_params(model_name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _mem_available() -> float:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8e9
-
-
 def main() -> None:
+    from gdscope.kernels.ntk import default_memory
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     ap.add_argument("--threads", type=int, default=2)
@@ -351,7 +342,8 @@ def main() -> None:
                     est = jac_flops * (0.6 if method == "jacobian" else 1.0) / (gemm * 1e9)
                     mem = (2 if method == "tutorial" else 0.5) * n * K_OUT * P * 4
                     row["estimated_s"] = est
-                    if est > args.max_seconds or mem > 0.7 * _mem_available():
+                    free_ram = 4 * default_memory("cpu")  # the default budget is 1/4 of it
+                    if est > args.max_seconds or mem > 0.7 * free_ram:
                         row["skipped"] = (
                             f"estimated {est:.0f} s (> {args.max_seconds:.0f}) "
                             f"or {mem / 1e9:.1f} GB of Jacobians"
