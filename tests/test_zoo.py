@@ -449,7 +449,7 @@ def test_mnist_torchvision_layout(tmp_path):
 
 
 def test_mnist_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(InvalidArgumentError) as err:
+    with pytest.raises(FileNotFoundError) as err:  # DataNotFoundError
         mnist(tmp_path)
     msg = str(err.value)
     assert str(tmp_path / "train-images-idx3-ubyte") in msg and "t10k-labels-idx1-ubyte" in msg
@@ -530,7 +530,7 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
 
 
 def test_cifar_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(InvalidArgumentError) as err:
+    with pytest.raises(FileNotFoundError) as err:  # DataNotFoundError
         cifar10(tmp_path)
     msg = str(err.value)
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg and "python" in msg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DataNotFoundError",
     "GdscopeError",
     "InvalidArgumentError",
     "NonDeterministicError",
@@ -49,3 +50,7 @@ class StoreError(GdscopeError, OSError):
 
 class ConfigError(InvalidArgumentError):
     """A configuration field is missing, unknown or of the wrong type."""
+
+
+class DataNotFoundError(InvalidArgumentError, FileNotFoundError):
+    """A data set's local files are missing (gdscope never downloads): put them where it says."""

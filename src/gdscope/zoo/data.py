@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gdscope.errors import InvalidArgumentError, ShapeMismatchError
+from gdscope.errors import DataNotFoundError, InvalidArgumentError, ShapeMismatchError
 from gdscope.zoo.models import _check_dtype, _positive_int, mlp
 
 __all__ = [
@@ -83,7 +83,7 @@ def _root(root: str | os.PathLike[str] | None, name: str, what: str) -> Path:
         )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise InvalidArgumentError(
+        raise DataNotFoundError(
             f"root={str(root)!r} is not a directory: create it and place {what} there."
         )
     return path
@@ -343,7 +343,7 @@ def mnist(
         name = _MNIST_FILES[(train, kind)]
         path = _find(dirs, [name, name.replace("-idx", ".idx")])
         if path is None:
-            raise InvalidArgumentError(
+            raise DataNotFoundError(
                 f"MNIST file missing: expected {base / name}(.gz). Download the four IDX files "
                 f"(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                 f"t10k-labels-idx1-ubyte; gzipped or not) from {MNIST_URL} or a mirror and "
@@ -424,7 +424,7 @@ def _cifar(
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise InvalidArgumentError(
+            raise DataNotFoundError(
                 f"{title} file missing: expected {base / subdir / name}. Download the "
                 f"'{title} python version' archive from {CIFAR_URL}, extract it, and place "
                 f"its {subdir}/ folder in {base} (it holds {', '.join(files)})."
