@@ -13,13 +13,15 @@ runner = CliRunner(env={"COLUMNS": "200"})
 
 def test_demo_runs_writes_store_and_report_and_explains(tmp_path):
     out = tmp_path / "demo"
-    res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "120"])
+    res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "120", "--samples", "64"])
     assert res.exit_code == 0, res.output
     assert (out / "runs.db").exists() and (out / "report.html").exists()
     for name in ("demo-gd-lr0.25", "demo-gd-lr1", "demo-gd-lr2"):
         assert name in res.output
     assert "training reaches zero training error" in res.output
     assert "stability threshold" in res.output
+    assert "NTK certificate" in res.output and "λ_min(K₀)" in res.output
+    assert "linearized (NTK) model predicts the loss curve" in res.output
     con = sqlite3.connect(out / "runs.db")
     statuses = [r[0] for r in con.execute("SELECT status FROM runs ORDER BY id")]
     assert statuses == ["completed"] * 3
@@ -46,6 +48,7 @@ def test_missing_store_and_unknown_run_are_clear_errors(tmp_path):
     res = runner.invoke(app, ["runs", "--store", str(tmp_path / "nope.db")])
     assert res.exit_code == 2 and "no store" in res.output
     out = tmp_path / "d"
-    assert runner.invoke(app, ["demo", "--out", str(out), "--steps", "2"]).exit_code == 0
+    res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--samples", "32"])
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["report", "no-such-run", "--store", str(out / "runs.db")])
     assert res.exit_code == 2 and "no-such-run" in res.output

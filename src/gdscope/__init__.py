@@ -27,6 +27,7 @@ from gdscope.kernels import (
 )
 from gdscope.linalg import Density, EigResult, Estimate
 from gdscope.problem import Problem
+from gdscope.runner import ExperimentResult, run_experiment, run_sweep
 from gdscope.theory import fit_rates, linearize, predict, stability
 from gdscope.tracker import Tracker
 from gdscope.train import GD, FitResult, HeavyBall, Nesterov, fit, stability_threshold
@@ -66,6 +67,10 @@ __all__ = [
     "Tracker",
     "fit",
     "stability_threshold",
+    # experiments
+    "ExperimentResult",
+    "run_experiment",
+    "run_sweep",
     # results
     "Density",
     "EigResult",

@@ -1,12 +1,15 @@
-"""The ``gdscope`` command line (Typer + rich)."""
+"""The ``gdscope`` command line (Typer + rich): demo, run, sweep, runs, report."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gdscope.errors import GdscopeError
@@ -20,10 +23,11 @@ app = typer.Typer(
 console = Console()
 
 _MARK = {True: "[green]✔ holds[/]", False: "[red]✘ fails[/]", None: "[yellow]? undetermined[/]"}
+_SHORT_MARK = {True: "[green]✔[/]", False: "[red]✘[/]", None: "[yellow]?[/]"}
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/] {e}")
+    console.print(f"[red]error:[/] {escape(str(e))}")
     raise typer.Exit(code=2)
 
 
@@ -32,11 +36,12 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), help="Folder for runs.db and report.html."),
     steps: int = typer.Option(2000, min=1, help="GD steps per learning rate."),
     quick: bool = typer.Option(False, help="A short run (300 steps) to try things out."),
+    samples: int = typer.Option(256, min=8, max=1797, help="Digits samples trained on."),
 ) -> None:
     """Train an MLP on digits with full-batch GD at three learning rates and explain the runs."""
     from gdscope.demo import DemoConfig, run_demo
 
-    config = DemoConfig(steps=300 if quick else steps)
+    config = DemoConfig(steps=300 if quick else steps, samples=samples)
     t0 = time.perf_counter()
     try:
         result = run_demo(
@@ -87,18 +92,186 @@ def report(
     run: list[str] = typer.Argument(..., help="Run ids or names (several overlay in one page)."),
     store: Path = typer.Option(Path("runs.db"), help="The SQLite store."),
     out: Path = typer.Option(Path("report.html"), help="HTML file to write."),
+    experiment: bool = typer.Option(
+        False, "--experiment", help="RUN is the id of a stored experiment: write its page."
+    ),
 ) -> None:
-    """Write a self-contained HTML report for one or more runs."""
-    from gdscope.report import write_report
+    """Write a self-contained HTML report for one or more runs (or one experiment)."""
+    from gdscope.report import write_experiment_report, write_report
     from gdscope.store import Store
 
     if not store.exists():
         _fail(FileNotFoundError(f"no store at {store}: pass --store PATH"))
+    if experiment and (len(run) != 1 or not run[0].isdigit()):
+        _fail(ValueError(f"--experiment takes one experiment id, got {' '.join(run)!r}"))
     try:
         with Store(store) as s:
-            ids = [s.run(int(r) if r.isdigit() else r).id for r in run]
-            path = write_report(s, ids, out)
+            if experiment:
+                path = write_experiment_report(s, int(run[0]), out)
+            else:
+                ids = [s.run(int(r) if r.isdigit() else r).id for r in run]
+                path = write_report(s, ids, out)
     except GdscopeError as e:
         _fail(e)
         return
     console.print(f"report: {path}")
+
+
+_SET_HELP = "Override a config field, e.g. --set data.n=64 --set 'widths=[32, 64]' (repeatable)."
+_EXECUTOR_HELP = "Where the work runs: serial (this process), local (a process pool) or ray."
+_ADDRESS_HELP = "Ray cluster address (with --executor ray); default: start a private local Ray."
+_WORKERS_HELP = "Worker processes (local) or CPUs of the local Ray (default: all CPUs)."
+
+
+def _executor(name: str, address: str | None, workers: int | None) -> Any:
+    from gdscope.executors import get_executor
+
+    return get_executor(name, address, workers)
+
+
+def _close(executor: Any) -> None:
+    close = getattr(executor, "close", None)
+    if close is not None:
+        close()
+
+
+def _verdict_table(title: str, verdicts: list[Any]) -> Table:
+    table = Table(title=title)
+    for col in ("claim", "predicted", "measured", "verdict"):
+        table.add_column(col, overflow="fold")
+    for v in verdicts:
+        table.add_row(escape(v.claim), escape(v.predicted), escape(v.measured), _MARK[v.holds])
+    return table
+
+
+def _values(values: dict[str, Any]) -> str:
+    """A sweep point's fields: ``lr=0.1, data.n=64``."""
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def _list_experiments() -> None:
+    from gdscope.experiments import experiment_names, get_experiment
+
+    table = Table(title="experiments (gdscope run NAME)")
+    table.add_column("name")
+    table.add_column("summary", overflow="fold")
+    table.add_column("paper scale (--set)", overflow="fold")
+    for name in experiment_names():
+        exp = get_experiment(name)
+        scale = " ".join(
+            f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in exp.paper_scale.items()
+        )
+        table.add_row(escape(name), escape(exp.summary), escape(scale))
+    console.print(table)
+
+
+@app.command("run")
+def run_command(
+    experiment: str | None = typer.Argument(
+        None, help="A built-in experiment (see --list) or a TOML config file.", show_default=False
+    ),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    out: Path = typer.Option(
+        Path("gdscope_out"), help="Folder for runs.db, verdict.json and report.html."
+    ),
+    device: str | None = typer.Option(
+        None, help="cpu or cuda (cuda:N): where models and data live.", show_default=False
+    ),
+    executor: str = typer.Option("serial", help=_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, help=_ADDRESS_HELP, show_default=False),
+    workers: int | None = typer.Option(None, min=1, help=_WORKERS_HELP, show_default=False),
+    list_: bool = typer.Option(False, "--list", help="List the built-in experiments and exit."),
+) -> None:
+    """Run one experiment: its verdicts, the store, verdict.json and report.html."""
+    from gdscope.runner import run_experiment
+
+    if list_:
+        _list_experiments()
+        return
+    if experiment is None:
+        _fail(ValueError("missing EXPERIMENT: name one (gdscope run --list) or a TOML config"))
+    overrides = list(set_)
+    if device is not None:
+        if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+            _fail(ValueError(f"--device {device!r}: use cpu, cuda or cuda:N"))
+        overrides.append(f"device={device}")
+    t0 = time.perf_counter()
+    ex = None
+    try:
+        ex = _executor(executor, address, workers)
+        result = run_experiment(
+            experiment,
+            overrides,
+            out=out,
+            executor=ex,
+            on_task=lambda o: console.print(
+                f"task {escape(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
+            ),
+        )
+    except GdscopeError as e:
+        _fail(e)
+        return
+    finally:
+        _close(ex)
+    console.print(
+        _verdict_table(f"{result.name} (experiment {result.experiment_id})", result.verdicts)
+    )
+    for key, path in result.paths.items():
+        console.print(f"{key + ':':8} {path}")
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="A TOML experiment config with a [sweep] table."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    out: Path = typer.Option(
+        Path("gdscope_out"), help="Folder for runs.db, sweep.json and sweep.html."
+    ),
+    executor: str = typer.Option("local", help=_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, help=_ADDRESS_HELP, show_default=False),
+    workers: int | None = typer.Option(None, min=1, help=_WORKERS_HELP, show_default=False),
+    name: str | None = typer.Option(
+        None, help="The sweep's name in the store (default: from its points).", show_default=False
+    ),
+) -> None:
+    """Run every point of a sweep (skipping those already stored) and compare them."""
+    from gdscope.runner import SweepPoint, run_sweep
+
+    def progress(p: SweepPoint) -> None:
+        what = escape(_values(p.values))
+        if p.status == "failed":
+            console.print(f"[red]✘ point {p.index} failed[/] ({what})", highlight=False)
+        else:
+            marks = " ".join(_SHORT_MARK[v["holds"]] for v in p.verdicts)
+            console.print(f"point {p.index} ({what}): {marks}", highlight=False)
+
+    t0 = time.perf_counter()
+    ex = None
+    try:
+        ex = _executor(executor, address, workers)
+        result = run_sweep(config, set_, out=out, executor=ex, name=name, on_point=progress)
+    except GdscopeError as e:
+        _fail(e)
+        return
+    finally:
+        _close(ex)
+    table = Table(title=f"sweep {result.name} ({result.experiment})")
+    for col in ("point", "values", "status", "verdicts"):
+        table.add_column(col, overflow="fold")
+    for p in result.points:
+        holds = [v["holds"] for v in p.verdicts]
+        summary = (
+            f"{holds.count(True)} ✔ {holds.count(False)} ✘ {holds.count(None)} ?"
+            if p.status != "failed"
+            else ""
+        )
+        table.add_row(str(p.index), escape(_values(p.values)), p.status, summary)
+    console.print(table)
+    for p in result.failed:
+        console.print(f"[red]point {p.index} failed:[/] {escape(p.error or '')}", highlight=False)
+    for key, path in result.paths.items():
+        console.print(f"{key + ':':8} {path}")
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+    if result.failed:
+        raise typer.Exit(code=1)

@@ -1,0 +1,328 @@
+"""HTML pages of stored experiments and sweeps, self-contained like the run report.
+
+- :func:`write_experiment_report`: one experiment run: verdicts (claim, prediction, measurement,
+  verdict), its figures, config, runs and the standard figures of those runs.
+- :func:`write_sweep_report`: every point of a sweep in one table (the config values that vary
+  × one column per claim), then each point's verdicts and figures under an anchor
+  ``#point-<experiment id>``.
+
+Both reuse the run report's style, escaping and figure check (``data-figures-ok``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gdscope import __version__
+from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.report import plots
+from gdscope.report.html import (
+    _CSS,
+    _MARK,
+    _SCRIPT,
+    _e,
+    _figures_section,
+    _kv,
+    _labels,
+    _swatch,
+    _table,
+)
+from gdscope.store import ExperimentInfo, Store
+
+__all__ = ["write_experiment_report", "write_sweep_report"]
+
+#: The standard run figures are drawn for experiments with at most this many runs.
+RUN_FIGURES_MAX_RUNS = 20
+
+_EXTRA_CSS = """
+.matrix td.holds, .matrix td.fails, .matrix td.unknown { text-align: center; }
+.matrix th.claim { max-width: 14em; font-weight: 500; font-size: 0.85em; }
+section.point { border-top: 1px solid #ddd; margin-top: 1.5em; }
+pre.error { background: #fbeaea; padding: 0.5em; white-space: pre-wrap; font-size: 0.85em; }
+"""
+
+
+def write_experiment_report(
+    store: Store, experiment_id: int, path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Write the page of stored experiment ``experiment_id`` to ``path``."""
+    out = _check_out(path)
+    info = store.experiment(experiment_id)
+    summary = _summary(info.name)
+    head = f"{info.name}: {summary}" if summary else info.name
+    sections = [
+        _header(title or f"gdscope · {info.name} (experiment {info.id})", head),
+        _verdicts_section(info),
+        _figures_section(
+            "figures", "Figures", "The figures the experiment drew.", _plots(info.figures)
+        ),
+        _config_section(info),
+        *_runs_sections(store, info.run_ids),
+    ]
+    return _write(out, title or f"gdscope · {info.name}", sections)
+
+
+def write_sweep_report(
+    store: Store,
+    sweep: str,
+    path: str | os.PathLike[str],
+    failures: Sequence[Mapping[str, Any]] = (),
+    title: str | None = None,
+) -> Path:
+    """Write the page of sweep ``sweep`` to ``path``: every stored point, compared.
+
+    A sweep with no stored point yet gets a page that says so.
+    ``failures`` are points that failed (not stored), as mappings with ``values`` (the dotted
+    fields the sweep set), ``error`` and, optionally, the full ``config``; they are listed with
+    their errors.
+    """
+    out = _check_out(path)
+    infos = store.experiments(sweep)
+    names = sorted({i.name for i in infos})
+    configs = {i.id: _flatten(i.config) for i in infos}
+    failed = [_flatten(f.get("config") or f.get("values", {})) for f in failures]
+    varied = _varied([*configs.values(), *failed])
+    claims: list[str] = []
+    for info in infos:
+        claims += [v["claim"] for v in info.verdicts if v["claim"] not in claims]
+    complete = sum(all(v["holds"] is True for v in i.verdicts) for i in infos)
+    intro = (
+        f"{len(infos)} point(s) stored, {len(failures)} failed in the last run; "
+        f"every claim holds at {complete} of them."
+    )
+    sections = [
+        _header(title or f"gdscope · sweep {sweep}", f"{', '.join(names) or '?'}: {intro}"),
+        _matrix_section(infos, configs, varied, claims),
+    ]
+    if failures:
+        sections.append(_failures_section(failures))
+    sections += [_point_section(info, configs[info.id], varied) for info in infos]
+    return _write(out, title or f"gdscope · sweep {sweep}", sections)
+
+
+# ---------------------------------------------------------------------------------- pieces
+def _check_out(path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(
+            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
+            "Create it first or pass another path."
+        )
+    return out
+
+
+def _write(out: Path, title: str, sections: Sequence[str]) -> Path:
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
+        f"<title>{_e(title)}</title>\n<style>{_CSS}{_EXTRA_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(sections)
+        + f"\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+    )
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"cannot write the report to {out}: {e}. Pass a path in an existing, writable "
+            "directory."
+        ) from e
+    return out
+
+
+def _header(title: str, subtitle: str) -> str:
+    generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (
+        f"<header><h1>{_e(title)}</h1><p class='generated'>{_e(subtitle)}<br>Generated "
+        f"{_e(generated)} by gdscope {_e(__version__)}</p></header>"
+    )
+
+
+def _summary(name: str) -> str:
+    """The experiment's one-line summary, if it is registered in this process."""
+    from gdscope.experiments import get_experiment
+
+    try:
+        return get_experiment(name).summary
+    except (ConfigError, AttributeError):
+        return ""
+
+
+def _plots(figures: Sequence[Mapping[str, str]]) -> list[plots.Plot]:
+    return [plots.Plot(f["name"], f["caption"], f["uri"]) for f in figures]
+
+
+def _details(details: Any) -> str:
+    if not details:
+        return ""
+    body = _kv(details) if isinstance(details, Mapping) else _e(details)
+    return f"<div class='details'>{body}</div>"
+
+
+def _verdict_rows(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
+    rows = []
+    for v in verdicts:
+        css, mark = _MARK[v.get("holds")]
+        rows.append(
+            f"<tr><td>{_e(v['claim'])}</td><td>{_e(v['predicted'])}</td>"
+            f"<td>{_e(v['measured'])}{_details(v.get('details'))}</td>"
+            f"<td class='{css}'>{mark}</td></tr>"
+        )
+    return rows
+
+
+def _verdicts_table(verdicts: Sequence[Mapping[str, Any]]) -> str:
+    if not verdicts:
+        return "<p class='note'>The experiment gave no verdicts.</p>"
+    return _table(("claim", "predicted", "measured", "verdict"), _verdict_rows(verdicts))
+
+
+def _verdicts_section(info: ExperimentInfo) -> str:
+    return f"<section id='verdicts'><h2>Verdicts</h2>{_verdicts_table(info.verdicts)}</section>"
+
+
+def _flatten(table: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _config_section(info: ExperimentInfo) -> str:
+    seconds = "" if info.seconds is None else f"{info.seconds:.1f} s"
+    created = datetime.fromtimestamp(info.created_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    meta = {
+        "experiment id": str(info.id),
+        "config hash": info.config_hash,
+        "sweep": info.sweep or "",
+        "wall time": seconds,
+        "stored": created,
+    }
+    return (
+        f"<section id='config'><h2>Config</h2>{_kv(_flatten(info.config))}"
+        f"<h3>Run</h3>{_kv({k: v for k, v in meta.items() if v})}</section>"
+    )
+
+
+def _runs_sections(store: Store, run_ids: Sequence[int]) -> list[str]:
+    infos = [store.run(r) for r in run_ids]
+    if not infos:
+        return ["<section id='runs'><h2>Runs</h2><p class='note'>No runs recorded.</p></section>"]
+    labels = _labels(infos)
+    colors = plots.run_colors(labels)
+    rows = [
+        f"<tr><td>{_swatch(label, colors)}</td><td class='num'>{info.id}</td>"
+        f"<td>{_e(info.status_label)}</td>"
+        f"<td class='num'>{'' if info.last_step is None else info.last_step + 1}</td></tr>"
+        for info, label in zip(infos, labels, strict=True)
+    ]
+    runs = (
+        "<section id='runs'><h2>Runs</h2><p class='note'>Each run's metrics are in the store: "
+        "<code>gdscope report ID</code> draws all of them.</p>"
+        f"{_table(('run', 'id', 'status', 'steps'), rows)}</section>"
+    )
+    if len(infos) > RUN_FIGURES_MAX_RUNS:
+        figures: list[plots.Plot] = []
+        intro = f"More than {RUN_FIGURES_MAX_RUNS} runs: see gdscope report for their figures."
+    else:
+        data = {
+            label: {name: store.series(info.id, name) for name in store.metric_names(info.id)}
+            for label, info in zip(labels, infos, strict=True)
+        }
+        figures = plots.standard_figures(data, colors)
+        intro = "The x axis counts the optimizer updates applied to the parameters measured."
+    return [runs, _figures_section("run-figures", "Run figures", intro, figures)]
+
+
+def _varied(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Dotted fields whose values differ between the configs, in first-seen order."""
+    keys: list[str] = []
+    for config in configs:
+        keys += [k for k in config if k not in keys]
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def _value(config: Mapping[str, Any], key: str) -> str:
+    value = config.get(key)
+    return _e(value if isinstance(value, str) else json.dumps(value))
+
+
+def _matrix_section(
+    infos: Sequence[ExperimentInfo],
+    configs: Mapping[int, Mapping[str, Any]],
+    varied: Sequence[str],
+    claims: Sequence[str],
+) -> str:
+    rows = []
+    for info in infos:
+        by_claim = {v["claim"]: v for v in info.verdicts}
+        cells = []
+        for claim in claims:
+            v = by_claim.get(claim)
+            if v is None:
+                cells.append("<td></td>")
+                continue
+            css, mark = _MARK[v.get("holds")]
+            cells.append(f"<td class='{css}' title='{_e(v['measured'])}'>{mark[0]}</td>")
+        seconds = "" if info.seconds is None else f"{info.seconds:.1f}"
+        rows.append(
+            f"<tr id='row-{info.id}'><td><a href='#point-{info.id}'>{info.id}</a></td>"
+            + "".join(f"<td>{_value(configs[info.id], k)}</td>" for k in varied)
+            + "".join(cells)
+            + f"<td class='num'>{seconds}</td></tr>"
+        )
+    header = (
+        "<th>point</th>"
+        + "".join(f"<th>{_e(k)}</th>" for k in varied)
+        + "".join(f"<th class='claim'>{_e(c)}</th>" for c in claims)
+        + "<th>seconds</th>"
+    )
+    if not infos:
+        return (
+            "<section id='points'><h2>Points</h2><p class='note'>No point of this sweep is "
+            "stored yet.</p></section>"
+        )
+    note = (
+        "<p class='note'>One row per stored point (its experiment id links to its verdicts); "
+        "the columns after the config values that vary are the claims: ✔ holds, ✘ fails, "
+        "? undetermined (hover for the measurement).</p>"
+    )
+    table = (
+        f"<table class='matrix'><thead><tr>{header}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    return f"<section id='points'><h2>Points</h2>{note}{table}</section>"
+
+
+def _failures_section(failures: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        f"<tr><td>{_kv(dict(f.get('values', {})))}</td>"
+        f"<td><pre class='error'>{_e(f.get('error', ''))}</pre></td></tr>"
+        for f in failures
+    ]
+    return (
+        "<section id='failures'><h2>Failed points</h2><p class='note'>Nothing of these is "
+        "stored; run the sweep again to retry them.</p>"
+        f"{_table(('point', 'error'), rows)}</section>"
+    )
+
+
+def _point_section(info: ExperimentInfo, config: Mapping[str, Any], varied: Sequence[str]) -> str:
+    label = ", ".join(f"{_e(k)}={_value(config, k)}" for k in varied)
+    figures = "".join(
+        f"<figure class='plot' data-name='{_e(p.name)}'><img src='{p.uri}' alt='{_e(p.caption)}'>"
+        f"<figcaption>{_e(p.caption)}</figcaption></figure>"
+        for p in _plots(info.figures)
+    )
+    return (
+        f"<section class='point' id='point-{info.id}'><h3>Point {info.id}"
+        f"{': ' + label if label else ''}</h3>{_verdicts_table(info.verdicts)}{figures}</section>"
+    )
