@@ -12,7 +12,7 @@ A sweep config is an experiment config plus a ``[sweep]`` table::
     experiment = "width"
     widths = [64]
     [sweep]
-    grid = { lr = [0.1, 0.2], "data.n" = [64, 128] }   # the cartesian product: 4 points
+    grid = { lr_scale = [0.25, 0.5], "data.n" = [64, 128] }  # the product: 4 points
     points = [ { seed = 0 }, { seed = 1 } ]            # each combined with every grid point
 
 ``grid`` alone gives its product, ``points`` alone the listed points, both the listed points ×
