@@ -71,6 +71,25 @@ class DataConfig:
     n: int | None = 256
     root: str | None = None
 
+    def load(
+        self, *, seed: int, dtype: torch.dtype, one_hot: bool, flatten: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X, Y)`` from :func:`gdscope.zoo.load_dataset`; a bad data set is a ConfigError."""
+        from gdscope.zoo import load_dataset
+
+        try:
+            return load_dataset(
+                self.name,
+                n=self.n,
+                seed=seed,
+                one_hot=one_hot,
+                root=self.root,
+                dtype=dtype,
+                flatten=flatten,
+            )
+        except InvalidArgumentError as e:
+            raise ConfigError(f"data (name={self.name!r}, n={self.n!r}): {e}") from e
+
 
 @dataclass(frozen=True)
 class Figure:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.errors import ConfigError
 from gdscope.experiments.base import (
     DataConfig,
     Experiment,
@@ -51,7 +51,7 @@ from gdscope.theory import RateFit, fit_rates
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
 from gdscope.verdict import Verdict
-from gdscope.zoo import load_dataset, mlp
+from gdscope.zoo import mlp
 
 __all__ = ["CrossEntropyConfig", "CrossEntropyExperiment"]
 
@@ -134,18 +134,7 @@ class CrossEntropyExperiment(Experiment):
         self, cfg: CrossEntropyConfig, task: dict[str, Any], ctx: TaskContext
     ) -> dict[str, Any]:
         seed, lr = int(task["seed"]), float(task["lr"])
-        try:
-            X, y = load_dataset(
-                cfg.data.name,
-                n=cfg.data.n,
-                seed=cfg.seed,
-                one_hot=False,
-                root=cfg.data.root,
-                dtype=ctx.dtype,
-                flatten=True,
-            )
-        except InvalidArgumentError as e:
-            raise ConfigError(f"data (name={cfg.data.name!r}, n={cfg.data.n!r}): {e}") from e
+        X, y = cfg.data.load(seed=cfg.seed, dtype=ctx.dtype, one_hot=False, flatten=True)
         if y.is_floating_point() or y.ndim != 1:
             raise ConfigError(
                 f"data.name={cfg.data.name!r} has no class labels: cross-entropy needs a "

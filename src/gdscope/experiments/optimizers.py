@@ -64,7 +64,7 @@ from gdscope.theory import RateFit, fit_rates, predict
 from gdscope.tracker import Tracker
 from gdscope.train import GD, HeavyBall, Nesterov, fit
 from gdscope.verdict import Verdict
-from gdscope.zoo import load_dataset, mlp
+from gdscope.zoo import mlp
 
 __all__ = ["OptimizersConfig", "OptimizersExperiment", "design"]
 
@@ -179,18 +179,7 @@ def _make_optimizer(name: str, params: Any, hp: dict[str, Any]) -> torch.optim.O
 
 def _load(cfg: OptimizersConfig, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """Inputs ``(n, d)`` and the scalar target ``(n, 1)`` (see ``target``)."""
-    try:
-        X, labels = load_dataset(
-            cfg.data.name,
-            n=cfg.data.n,
-            seed=cfg.seed,
-            one_hot=False,
-            root=cfg.data.root,
-            dtype=dtype,
-            flatten=True,
-        )
-    except InvalidArgumentError as e:
-        raise ConfigError(f"data (name={cfg.data.name!r}, n={cfg.data.n!r}): {e}") from e
+    X, labels = cfg.data.load(seed=cfg.seed, dtype=dtype, one_hot=False, flatten=True)
     if labels.is_floating_point() or labels.ndim != 1:
         raise ConfigError(
             f"data.name={cfg.data.name!r} has no class labels to make a target from: use a "

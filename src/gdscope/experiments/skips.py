@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.errors import ConfigError
 from gdscope.experiments.base import (
     DataConfig,
     Experiment,
@@ -60,7 +60,7 @@ from gdscope.problem import Problem
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
 from gdscope.verdict import Verdict
-from gdscope.zoo import load_dataset, preact_resnet
+from gdscope.zoo import preact_resnet
 
 __all__ = ["SkipsConfig", "SkipsExperiment"]
 
@@ -147,18 +147,7 @@ class _EvalMode(Probe):
 
 def _data(cfg: SkipsConfig, ctx: TaskContext) -> tuple[Tensor, Tensor]:
     """Structured inputs ``(n, C, *spatial)`` and class indices."""
-    try:
-        X, y = load_dataset(
-            cfg.data.name,
-            n=cfg.data.n,
-            seed=cfg.seed,
-            one_hot=False,
-            root=cfg.data.root,
-            dtype=ctx.dtype,
-            flatten=False,
-        )
-    except InvalidArgumentError as e:
-        raise ConfigError(f"data (name={cfg.data.name!r}, n={cfg.data.n!r}): {e}") from e
+    X, y = cfg.data.load(seed=cfg.seed, dtype=ctx.dtype, one_hot=False, flatten=False)
     if X.ndim not in (3, 4) or y.is_floating_point():
         raise ConfigError(
             f"data.name={cfg.data.name!r} gives inputs of shape {tuple(X.shape)} and "

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gdscope.curvature import hessian_eigs
-from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.errors import ConfigError
 from gdscope.experiments.base import (
     DataConfig,
     Experiment,
@@ -52,7 +52,7 @@ from gdscope.theory import detect_orbit, orbit_from_store, singular_step_sizes, 
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit, stability_threshold
 from gdscope.verdict import Verdict
-from gdscope.zoo import load_dataset, mlp
+from gdscope.zoo import mlp
 
 __all__ = ["StabilityConfig", "StabilityExperiment"]
 
@@ -225,18 +225,7 @@ class _Trajectory(Probe):
 
 def _problem(cfg: StabilityConfig, ctx: TaskContext) -> tuple[Problem, list[int]]:
     """The MLP ``d-m-m-k`` on the data set (flattened inputs, one-hot targets), its sizes."""
-    try:
-        X, Y = load_dataset(
-            cfg.data.name,
-            n=cfg.data.n,
-            seed=cfg.seed,
-            one_hot=True,
-            root=cfg.data.root,
-            dtype=ctx.dtype,
-            flatten=True,
-        )
-    except InvalidArgumentError as e:
-        raise ConfigError(f"data (name={cfg.data.name!r}, n={cfg.data.n!r}): {e}") from e
+    X, Y = cfg.data.load(seed=cfg.seed, dtype=ctx.dtype, one_hot=True, flatten=True)
     if Y.ndim != 2:
         raise ConfigError(
             f"data.name={cfg.data.name!r} gives targets of shape {tuple(Y.shape)}: use a "

@@ -81,7 +81,7 @@ from gdscope.theory import fit_rates, linearize, predict
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
 from gdscope.verdict import Verdict
-from gdscope.zoo import load_dataset, mlp
+from gdscope.zoo import mlp
 
 __all__ = [
     "LogLogFit",
@@ -192,18 +192,7 @@ def load_data(
 ) -> tuple[Tensor, Tensor]:
     """``(X, Y)`` of ``cfg.data`` drawn with ``cfg.seed``: ``X`` ``(n, features)``, ``Y`` ``(n, k)``
     (one-hot for labelled sets)."""
-    try:
-        X, Y = load_dataset(
-            cfg.data.name,
-            n=cfg.data.n,
-            seed=cfg.seed,
-            one_hot=True,
-            root=cfg.data.root,
-            dtype=dtype,
-            flatten=True,
-        )
-    except InvalidArgumentError as e:
-        raise ConfigError(f"data (name={cfg.data.name!r}, n={cfg.data.n!r}): {e}") from e
+    X, Y = cfg.data.load(seed=cfg.seed, dtype=dtype, one_hot=True, flatten=True)
     if Y.ndim != 2:
         raise ConfigError(
             f"data.name={cfg.data.name!r} gives targets of shape {tuple(Y.shape)}: the sweep "
