@@ -31,9 +31,21 @@ the 10 algebraically largest eigenvalues coincide here. Relative error of a run:
 Also: one Hessian-vector product of each tool alone (gdscope's operator ``matvec`` on a flat
 vector, and its inner product function; PyHessian's ``hessian_vector_product`` on a list of
 tensors), interleaved, and a time breakdown of one gdscope Lanczos solve (HVPs, Gram–Schmidt
-``_orthonormalize``, the rest: Rayleigh–Ritz, residuals, basis copies, restarts).
+``_project_out`` / ``_orthonormal_rows``, the rest: Rayleigh–Ritz, residual estimates and
+checks, basis copies, restarts, Python), as wall and own-CPU time and as non-HVP milliseconds
+per HVP.
+
+Every timing is recorded twice: wall clock and this process's CPU time (``process_time``). With
+``--threads 1`` the CPU time does not depend on other processes' load (no OpenMP partner to wait
+for), so on a busy machine ``--threads 1`` gives usable ratios where wall-clock ones are not.
 
     PYTHONPATH=src .venv/bin/python bench/bench_hessian.py [--quick] [--repeats 5] [--threads 2]
+        [--max-wait 60] [--wait-budget 600] [--max-attempts N] [--runs clean|all]
+        [--baseline REV]
+
+``--baseline REV`` adds ``hessian_eigs`` as of git revision ``REV`` (its ``lanczos`` and
+``curvature_operator``, loaded with ``git show``) at tol 1e-3 to the interleaved runs: a
+before/after comparison in one process.
 
 Needs PyHessian in the environment: ``.venv/bin/pip install --no-deps pyhessian`` (0.1; only
 torch and numpy are imported by it).
@@ -48,11 +60,14 @@ import argparse
 import datetime as dt
 import importlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PH_MAXITER = 100
 PH_TOL = 1e-3
 GD_TOLS = (1e-2, 3e-3, 1e-3, 1e-6)
+BASELINE_TOL = 1e-3  # the --baseline revision runs at this tol only
 GOALS = {"top1_speedup": 2.0, "top10_speedup": 5.0, "hvp_cost_ratio": 1.0}
 HVP_NOISE = 0.05  # HVP ratios within 5% of 1 are reported as "equal within noise"
 
@@ -80,10 +96,12 @@ HVP_NOISE = 0.05  # HVP ratios within 5% of 1 are reported as "equal within nois
 #
 # On a small shared VM another process on one of the two cores slows a 2-thread torch run by up
 # to 20x (OpenMP threads wait on a descheduled partner), so every timed call (1) waits for the
-# machine to be idle and (2) measures the CPU time that *other* processes used meanwhile
-# (/proc/stat busy time, hypervisor steal included, minus this process's own CPU time). A run is
-# "clean" when that interference is at most CLEAN of the machine's capacity; summaries use clean
-# runs (every run is kept in the JSON).
+# machine to be idle (at most --max-wait s per call and --wait-budget s in all, so that a machine
+# that never goes idle cannot stall the benchmark) and (2) measures the CPU time that *other*
+# processes used meanwhile (/proc/stat busy time, hypervisor steal included, minus this
+# process's own CPU time). A run is "clean" when that interference is at most CLEAN of the
+# machine's capacity; summaries use clean runs, or all runs when none is clean (flagged; every
+# run is kept in the JSON).
 
 CLEAN = 0.10
 
@@ -111,6 +129,23 @@ def wait_quiet(max_wait: float) -> float:
             break
         time.sleep(0.2)
     return time.perf_counter() - t0
+
+
+class Waiter:
+    """``wait_quiet`` time-boxed twice: ``max_wait`` s per call and ``budget`` s in all.
+
+    On a machine that never goes idle the benchmark then runs anyway (its runs are marked
+    unclean by their interference) instead of waiting for hours.
+    """
+
+    def __init__(self, max_wait: float, budget: float) -> None:
+        self.max_wait, self.left, self.total = max_wait, budget, 0.0
+
+    def __call__(self) -> float:
+        waited = wait_quiet(min(self.max_wait, max(self.left, 0.0)))
+        self.left -= waited
+        self.total += waited
+        return waited
 
 
 class Meter:
@@ -309,18 +344,58 @@ def run_pyhessian(model: nn.Module, X: Tensor, Y: Tensor, k: int, seed: int) -> 
     }
 
 
+class Baseline:
+    """``curvature_operator`` and ``lanczos`` as of another git revision (before/after runs).
+
+    ``hessian_eigs`` is exactly ``lanczos(curvature_operator(prob), k, "largest", tol)``, so
+    loading these two modules from ``git show REV:...`` reproduces it; everything else they
+    import (``Problem``, the operator classes) is the working tree's.
+    """
+
+    def __init__(self, rev: str) -> None:
+        self.rev = rev
+        tmp = Path(tempfile.mkdtemp(prefix="bench_baseline_"))
+        mods = {}
+        for name, path in (
+            ("lanczos", "src/gdscope/linalg/lanczos.py"),
+            ("products", "src/gdscope/curvature/products.py"),
+        ):
+            src = subprocess.run(
+                ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True
+            ).stdout
+            file = tmp / f"baseline_{name}.py"
+            file.write_bytes(src)
+            spec = importlib.util.spec_from_file_location(f"baseline_{name}", file)
+            assert spec is not None and spec.loader is not None
+            mods[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+        self.lanczos = mods["lanczos"].lanczos
+        self.curvature_operator = mods["products"].curvature_operator
+
+
 def run_gdscope(
-    model: nn.Module, X: Tensor, Y: Tensor, k: int, tol: float, seed: int
+    model: nn.Module,
+    X: Tensor,
+    Y: Tensor,
+    k: int,
+    tol: float,
+    seed: int,
+    impl: Baseline | None = None,
 ) -> dict[str, Any]:
+    """``hessian_eigs`` end to end; with ``impl``, the same two calls from another revision."""
     with Meter() as meter:
         prob = gs.Problem(model, "mse", (X, Y))
-        r = gs.hessian_eigs(prob, k=k, tol=tol, seed=seed)
+        if impl is None:
+            r = gs.hessian_eigs(prob, k=k, tol=tol, seed=seed)
+        else:
+            r = impl.lanczos(impl.curvature_operator(prob), k, "largest", tol, seed=seed)
     return {
         **meter.record(),
         "solve_seconds": r.seconds,
         "setup_seconds": meter.wall - r.seconds,
         "hvps": r.matvecs,
         "converged": r.converged,
+        "stop_reason": getattr(r, "stop_reason", ""),
         "max_residual": float(r.residuals.max()),
         "norm_estimate": r.norm_estimate,
         "values": [float(v) for v in r.values],
@@ -332,7 +407,7 @@ def run_gdscope(
 
 
 def bench_hvp(
-    model: nn.Module, X: Tensor, Y: Tensor, reps: int, blocks: int, max_wait: float
+    model: nn.Module, X: Tensor, Y: Tensor, reps: int, blocks: int, wait: Waiter
 ) -> dict[str, Any]:
     """One HVP of each tool, interleaved, in blocks of ``reps``; stops after a clean block."""
     from pyhessian import hessian
@@ -366,21 +441,31 @@ def bench_hvp(
     names = list(runs)
     all_blocks = []
     for _ in range(blocks):
-        waited = wait_quiet(max_wait)
+        waited = wait()
         raw: dict[str, list[float]] = {name: [] for name in runs}
+        raw_cpu: dict[str, list[float]] = {name: [] for name in runs}
         with Meter() as meter:
             for i in range(reps):
                 for name in names[i % len(names) :] + names[: i % len(names)]:
-                    t = time.perf_counter()
+                    c, t = time.process_time(), time.perf_counter()
                     runs[name]()
                     raw[name].append(time.perf_counter() - t)
-        all_blocks.append({**meter.record(), "waited_seconds": waited, "raw_seconds": raw})
+                    raw_cpu[name].append(time.process_time() - c)
+        all_blocks.append(
+            {
+                **meter.record(),
+                "waited_seconds": waited,
+                "raw_seconds": raw,
+                "raw_cpu_seconds": raw_cpu,
+            }
+        )
         if meter.interference <= CLEAN:
             break
     del h
     model.zero_grad(set_to_none=True)
     best = min(all_blocks, key=lambda blk: blk["interference"])
     med = {name: statistics.median(ts) for name, ts in best["raw_seconds"].items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in best["raw_cpu_seconds"].items()}
     return {
         "reps": reps,
         "blocks": all_blocks,
@@ -390,6 +475,10 @@ def bench_hvp(
         "min_seconds": {name: min(ts) for name, ts in best["raw_seconds"].items()},
         "ratio_gdscope_matvec_over_pyhessian": med["gdscope_matvec"] / med["pyhessian_hvp"],
         "ratio_gdscope_fn_over_pyhessian": med["gdscope_fn"] / med["pyhessian_hvp"],
+        "median_cpu_seconds": med_cpu,
+        "cpu_ratio_gdscope_matvec_over_pyhessian": med_cpu["gdscope_matvec"]
+        / med_cpu["pyhessian_hvp"],
+        "cpu_ratio_gdscope_fn_over_pyhessian": med_cpu["gdscope_fn"] / med_cpu["pyhessian_hvp"],
         "rel_diff_products": agree,
         "build_seconds": {
             "gdscope_curvature_operator": build_gd,
@@ -399,69 +488,87 @@ def bench_hvp(
 
 
 def breakdown_gdscope(model: nn.Module, X: Tensor, Y: Tensor, k: int, tol: float) -> dict[str, Any]:
-    """One ``lanczos`` solve as ``hessian_eigs`` runs it, with HVPs and Gram–Schmidt timed."""
+    """One ``lanczos`` solve as ``hessian_eigs`` runs it: HVPs, Gram–Schmidt and the rest timed.
+
+    Wall and own-CPU (``process_time``) seconds of the HVPs (the product function), of
+    ``_project_out`` + ``_orthonormal_rows`` (Gram–Schmidt, QR), and of everything else
+    (Rayleigh–Ritz ``eigh``, residual estimates and checks, buffer copies, restarts, Python).
+    With one thread the CPU seconds are unaffected by other processes' load.
+    """
     lz = importlib.import_module("gdscope.linalg.lanczos")
     prob = gs.Problem(model, "mse", (X, Y))
     op = curvature_operator(prob)
-    acc = {"hvp": 0.0, "orthonormalize": 0.0}
-    fn, orth = op.fn, lz._orthonormalize
+    acc = {"hvp": [0.0, 0.0], "gram_schmidt": [0.0, 0.0]}
 
-    def timed_fn(v: Tensor) -> Tensor:
-        t = time.perf_counter()
-        out = fn(v)
-        acc["hvp"] += time.perf_counter() - t
-        return out
+    def timed(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+        def g(*args: Any) -> Any:
+            c, t = time.process_time(), time.perf_counter()
+            out = f(*args)
+            acc[name][0] += time.perf_counter() - t
+            acc[name][1] += time.process_time() - c
+            return out
 
-    def timed_orth(*args: Any) -> Tensor:
-        t = time.perf_counter()
-        out = orth(*args)
-        acc["orthonormalize"] += time.perf_counter() - t
-        return out
+        return g
 
-    op.fn = timed_fn
-    lz._orthonormalize = timed_orth
+    fn, project, orth = op.fn, lz._project_out, lz._orthonormal_rows
+    op.fn = timed("hvp", fn)
+    lz._project_out = timed("gram_schmidt", project)
+    lz._orthonormal_rows = timed("gram_schmidt", orth)
     try:
         with Meter() as meter:
             r = lz.lanczos(op, k, "largest", tol)
     finally:
-        lz._orthonormalize = orth
-    total = meter.wall
-    rest = total - acc["hvp"] - acc["orthonormalize"]
-    return {
+        lz._project_out, lz._orthonormal_rows = project, orth
+    out: dict[str, Any] = {
         **meter.record(),
         "k": k,
         "tol": tol,
         "matvecs": r.matvecs,
-        "hvp_seconds": acc["hvp"],
-        "orthonormalize_seconds": acc["orthonormalize"],
-        "rayleigh_ritz_residuals_copies_seconds": rest,
-        "hvp_fraction": acc["hvp"] / total,
-        "per_hvp_seconds": acc["hvp"] / r.matvecs,
-        "non_hvp_seconds_per_step": (total - acc["hvp"]) / r.matvecs,
+        "converged": r.converged,
+        "stop_reason": r.stop_reason,
     }
+    for unit, i, total in (("seconds", 0, meter.wall), ("cpu_seconds", 1, meter.cpu)):
+        hvp, gsch = acc["hvp"][i], acc["gram_schmidt"][i]
+        out[f"hvp_{unit}"] = hvp
+        out[f"gram_schmidt_{unit}"] = gsch
+        out[f"rest_{unit}"] = total - hvp - gsch
+        out[f"hvp_fraction_{unit}"] = hvp / total
+        out[f"non_hvp_ms_per_hvp_{unit}"] = 1e3 * (total - hvp) / r.matvecs
+        out[f"per_hvp_ms_{unit}"] = 1e3 * hvp / r.matvecs
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # driver
 
 
-def configs() -> list[dict[str, Any]]:
+def configs(baseline: bool = False) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for k in (1, 10):
         out.append({"tool": "pyhessian", "k": k, "tol": PH_TOL})
         out.extend({"tool": "gdscope", "k": k, "tol": tol} for tol in GD_TOLS)
+        if baseline:
+            out.append({"tool": "baseline", "k": k, "tol": BASELINE_TOL})
     return out
 
 
-def _clean(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The clean runs, or every run when none is clean."""
-    return [r for r in rs if r["clean"]] or rs
+def _clean(rs: list[dict[str, Any]], use_all: bool) -> list[dict[str, Any]]:
+    """The clean runs (every run when none is clean, or when ``use_all``)."""
+    return rs if use_all else [r for r in rs if r["clean"]] or rs
 
 
-def summarize(runs: dict[str, dict], ref: list[float], hvp: dict) -> dict[str, Any]:
+def summarize(
+    runs: dict[str, dict], ref: list[float], hvp: dict, use_all: bool = False
+) -> dict[str, Any]:
+    """Medians per configuration and the speed-ups; ``use_all`` ignores the clean filter.
+
+    With one thread the CPU times hardly depend on other processes, and using every run keeps
+    the same seeds in every configuration (a clean-only subset may pick different seeds, and
+    the HVP count varies with the seed: PyHessian's top-1 from 13 to 48).
+    """
     rows = []
     for key, entry in runs.items():
-        rs = _clean(entry["runs"])
+        rs = _clean(entry["runs"], use_all)
         errs = [rel_error(r["values"], ref) for r in rs]
         rows.append(
             {
@@ -489,9 +596,14 @@ def summarize(runs: dict[str, dict], ref: list[float], hvp: dict) -> dict[str, A
     ratios = {}
     for k in (1, 10):
         ph = by[f"pyhessian_k{k}"]
-        for tol in GD_TOLS:
-            gd = by[f"gdscope_k{k}_tol{tol:g}"]
-            ratios[f"top{k}_tol{tol:g}"] = {
+        pairs = [(f"top{k}_tol{tol:g}", f"gdscope_k{k}_tol{tol:g}") for tol in GD_TOLS]
+        if f"baseline_k{k}_tol{BASELINE_TOL:g}" in by:
+            pairs.append(
+                (f"top{k}_baseline_tol{BASELINE_TOL:g}", f"baseline_k{k}_tol{BASELINE_TOL:g}")
+            )
+        for name, key in pairs:
+            gd = by[key]
+            ratios[name] = {
                 "speedup_median": ph["median_seconds"] / gd["median_seconds"],
                 "speedup_min": ph["min_seconds"] / gd["min_seconds"],
                 "speedup_cpu": ph["median_cpu_seconds"] / gd["median_cpu_seconds"],
@@ -515,16 +627,19 @@ def summarize(runs: dict[str, dict], ref: list[float], hvp: dict) -> dict[str, A
         "top1_speedup_at_tol1e-3": {
             "goal": f">= {GOALS['top1_speedup']}x",
             "value": ratios["top1_tol0.001"]["speedup_median"],
+            "value_cpu": ratios["top1_tol0.001"]["speedup_cpu"],
             "met": ratios["top1_tol0.001"]["speedup_median"] >= GOALS["top1_speedup"],
         },
         "top10_speedup_at_tol1e-3": {
             "goal": f">= {GOALS['top10_speedup']}x",
             "value": ratios["top10_tol0.001"]["speedup_median"],
+            "value_cpu": ratios["top10_tol0.001"]["speedup_cpu"],
             "met": ratios["top10_tol0.001"]["speedup_median"] >= GOALS["top10_speedup"],
         },
         "hvp_cost_ratio_gdscope_over_pyhessian": {
             "goal": f"<= 1 (within {HVP_NOISE:.0%} noise)",
             "value": hvp_ratio,
+            "value_cpu": hvp["cpu_ratio_gdscope_matvec_over_pyhessian"],
             "met": hvp_ratio <= 1.0 + HVP_NOISE,
         },
     }
@@ -560,6 +675,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-wait", type=float, default=None, help="s to wait for an idle machine (60)"
     )
+    ap.add_argument(
+        "--wait-budget", type=float, default=None, help="s of idle-waiting in all (600)"
+    )
+    ap.add_argument(
+        "--max-attempts", type=int, default=None, help="runs per configuration (2·repeats + 2)"
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also run hessian_eigs as of git revision REV (interleaved), e.g. HEAD",
+    )
+    ap.add_argument(
+        "--runs",
+        choices=("clean", "all"),
+        default=None,
+        help="runs the summary uses (default: all with --threads 1, else clean)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -576,11 +709,16 @@ def main(argv: list[str] | None = None) -> int:
     n = 300 if args.quick else None
     if args.max_wait is None:
         args.max_wait = 5.0 if args.quick else 60.0
+    if args.wait_budget is None:
+        args.wait_budget = 20.0 if args.quick else 600.0
+    wait = Waiter(args.max_wait, args.wait_budget)
+    use_all = (args.runs or ("all" if args.threads == 1 else "clean")) == "all"
     stamp = dt.datetime.now()
     out = args.out or ROOT / "bench" / "results" / (
         f"hessian_{stamp:%Y-%m-%d}{'_quick' if args.quick else ''}.json"
     )
 
+    baseline = Baseline(args.baseline) if args.baseline else None
     X, Y = load_digits_tensors(n)
     model, model_info = build_model(X, Y, 256, args.train_steps, seed=0)
     model.eval()
@@ -599,15 +737,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     runs: dict[str, dict[str, Any]] = {}
-    cfgs = configs()
+    cfgs = configs(baseline is not None)
     for c in cfgs:
-        key = f"{c['tool']}_k{c['k']}" + (f"_tol{c['tol']:g}" if c["tool"] == "gdscope" else "")
+        key = f"{c['tool']}_k{c['k']}" + (f"_tol{c['tol']:g}" if c["tool"] != "pyhessian" else "")
         runs[key] = {**c, "runs": []}
     keys = list(runs)
-    max_attempts = 2 * repeats + 2
+    max_attempts = args.max_attempts or 2 * repeats + 2
     attempts = dict.fromkeys(keys, 0)
 
     def wanting(key: str) -> bool:
+        if use_all:
+            return attempts[key] < repeats
         clean = sum(r["clean"] for r in runs[key]["runs"])
         return clean < repeats and attempts[key] < max_attempts
 
@@ -618,27 +758,32 @@ def main(argv: list[str] | None = None) -> int:
             if not wanting(key):
                 continue
             c = runs[key]
-            waited = wait_quiet(args.max_wait)
+            waited = wait()
             seed = attempts[key]
             attempts[key] += 1
             if c["tool"] == "pyhessian":
                 r = run_pyhessian(model, X, Y, c["k"], seed=seed)
+            elif c["tool"] == "baseline":
+                r = run_gdscope(model, X, Y, c["k"], c["tol"], seed=seed, impl=baseline)
             else:
                 r = run_gdscope(model, X, Y, c["k"], c["tol"], seed=seed)
             r.update(rel_error=rel_error(r["values"], ref["values"]), seed=seed)
             r["waited_seconds"] = waited
             c["runs"].append(r)
             print(
-                f"  {key:24s} seed {seed} {r['seconds']:7.2f}s {r['hvps']:4d} HVPs "
-                f"err {r['rel_error']['max']:.1e} interference {r['interference']:.0%}",
+                f"  {key:24s} seed {seed} {r['seconds']:7.2f}s (CPU {r['cpu_seconds']:6.2f}s) "
+                f"{r['hvps']:4d} HVPs err {r['rel_error']['max']:.1e} "
+                f"interference {r['interference']:.0%} {r.get('stop_reason', '')}",
                 flush=True,
             )
         rnd += 1
 
-    hvp = bench_hvp(model, X, Y, hvp_reps, blocks=5, max_wait=args.max_wait)
+    hvp = bench_hvp(model, X, Y, hvp_reps, blocks=5, wait=wait)
     print(
         "HVP alone (median s):",
         {k: round(v, 4) for k, v in hvp["median_seconds"].items()},
+        "CPU s:",
+        {k: round(v, 4) for k, v in hvp["median_cpu_seconds"].items()},
         f"clean={hvp['used_block_clean']}",
         flush=True,
     )
@@ -647,21 +792,24 @@ def main(argv: list[str] | None = None) -> int:
         for tol in (1e-3, 1e-6):
             tries = []
             for _ in range(3):
-                wait_quiet(args.max_wait)
+                wait()
                 tries.append(breakdown_gdscope(model, X, Y, k, tol))
                 if tries[-1]["clean"]:
                     break
             b = min(tries, key=lambda t: t["interference"])
             breakdown.append({**b, "attempts": len(tries)})
             print(
-                f"  gdscope k={b['k']} tol={b['tol']:g}: {b['seconds']:.2f}s, HVP "
-                f"{b['hvp_fraction']:.0%}, Gram-Schmidt {b['orthonormalize_seconds']:.2f}s, "
-                f"rest {b['rayleigh_ritz_residuals_copies_seconds']:.2f}s "
-                f"(interference {b['interference']:.0%})",
+                f"  gdscope k={b['k']} tol={b['tol']:g}: {b['matvecs']} HVPs "
+                f"({b['stop_reason']}), CPU {b['cpu_seconds']:.2f}s: HVP "
+                f"{b['hvp_fraction_cpu_seconds']:.0%}, Gram-Schmidt "
+                f"{b['gram_schmidt_cpu_seconds']:.3f}s, rest {b['rest_cpu_seconds']:.3f}s; "
+                f"non-HVP {b['non_hvp_ms_per_hvp_cpu_seconds']:.2f} ms CPU per HVP "
+                f"(wall {b['non_hvp_ms_per_hvp_seconds']:.2f}; interference "
+                f"{b['interference']:.0%})",
                 flush=True,
             )
 
-    summary = summarize(runs, ref["values"], hvp)
+    summary = summarize(runs, ref["values"], hvp, use_all)
     result = {
         "benchmark": "hessian_eigs vs PyHessian",
         "date": stamp.isoformat(timespec="seconds"),
@@ -683,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
             "clean_threshold": CLEAN,
             "max_attempts": max_attempts,
             "max_wait_seconds": args.max_wait,
+            "wait_budget_seconds": args.wait_budget,
+            "waited_seconds_total": wait.total,
+            "threads": args.threads,
+            "baseline_revision": args.baseline,
+            "summary_runs": "all" if use_all else "clean",
         },
         "reference": ref,
         "runs": runs,
@@ -700,7 +853,10 @@ def main(argv: list[str] | None = None) -> int:
             f"HVPs {r['hvp_ratio']:.1f}x fewer"
         )
     for name, g in summary["goals"].items():
-        print(f"goal {name} {g['goal']}: {g['value']:.2f} -> {'met' if g['met'] else 'NOT met'}")
+        print(
+            f"goal {name} {g['goal']}: {g['value']:.2f} (CPU time {g['value_cpu']:.2f}) -> "
+            f"{'met' if g['met'] else 'NOT met'}"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -184,6 +184,46 @@ def test_ggn_dataloader_matches_full_batch():
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-15), curv
 
 
+@pytest.mark.parametrize("cache_graph", [False, True])
+def test_hessian_sum_reduction_loader_matches_oracle(oracle, cache_graph):
+    """Several graphs with weight 1 (reduction="sum": no ``w·L`` node) sum to the Hessian."""
+    X, Y = regression_data()
+    loader = DataLoader(TensorDataset(X, Y), batch_size=6)
+    prob = gs.Problem(make_mlp(), "mse", loader, reduction="sum")
+    H = dense_of(curvature_operator(prob, cache_graph=cache_graph))
+    ref = oracle.hessian(prob.model, X, Y, "mse", "sum")
+    assert torch.allclose(H, ref, rtol=0, atol=1e-11 * spec_norm(ref))
+
+
+def test_hessian_unused_parameter_and_strided_vectors(oracle):
+    """A parameter outside the graph has zero Hessian rows; strided inputs (block columns)
+    give the same products as contiguous ones (single-graph fast path)."""
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+            self.unused = nn.Parameter(torch.ones(3, dtype=DT))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    X, Y = regression_data()
+    model = WithUnused()
+    prob = gs.Problem(model, "mse", (X, Y))
+    op = curvature_operator(prob)
+    H = dense_of(op)
+    assert prob.names[0] == "unused"  # a module's own parameters come before its children's
+    ref = oracle.hessian(model.net, X, Y)
+    assert torch.allclose(H[3:, 3:], ref, rtol=0, atol=1e-11 * spec_norm(ref))
+    assert torch.equal(H[:3], torch.zeros_like(H[:3]))
+    assert torch.equal(H[:, :3], torch.zeros_like(H[:, :3]))
+    block = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert torch.allclose(op.matmat(block), H @ block, rtol=0, atol=1e-11 * spec_norm(ref))
+    strided, contiguous = op.matvec(block[:, 1]), op.matvec(block[:, 1].contiguous())
+    assert torch.allclose(strided, contiguous, rtol=0, atol=1e-13 * spec_norm(ref))
+
+
 # ---------------------------------------------------------------------- snapshot
 @pytest.mark.parametrize("curvature", CURVATURES)
 @pytest.mark.parametrize("source", ["tensors", "loader"])

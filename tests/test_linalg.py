@@ -25,6 +25,7 @@ from gdscope.linalg import (
     slq,
     spectral_sum,
 )
+from gdscope.linalg.lanczos import _project_out
 
 DT = torch.float64
 
@@ -325,6 +326,171 @@ def test_lanczos_float32():
     assert res.converged
     want = torch.cat([exact[:2], exact[-2:]]).float()
     assert torch.allclose(res.values, want, atol=1e-4 * 10)
+
+
+@pytest.mark.parametrize("name", ["separated", "clustered", "repeated"])
+@pytest.mark.parametrize(
+    ("which", "block_size", "max_basis", "max_matvecs"),
+    [
+        ("largest", 1, None, None),
+        ("largest", 1, 12, 15),  # unconverged, after restarts
+        ("both", 1, 12, None),
+        ("both", 3, None, 40),
+        ("smallest", 2, 14, None),
+    ],
+)
+def test_lanczos_residual_estimates_match_true_residuals(
+    name, which, block_size, max_basis, max_matvecs
+):
+    """The Krylov–Schur estimate ‖R s_last‖ equals ‖A y − θ y‖, also after thick restarts."""
+    A = with_spectrum(SPECTRA[name], seed=5)
+    res = lanczos(
+        DenseOperator(A),
+        2,
+        which,
+        tol=1e-10,
+        block_size=block_size,
+        max_basis=max_basis,
+        max_matvecs=max_matvecs,
+        return_vectors=True,
+    )
+    V = res.vectors
+    true = torch.linalg.vector_norm(A @ V - V * res.values, dim=0)
+    assert torch.allclose(res.residuals, true, rtol=1e-6, atol=1e-13 * norm2(A))
+    assert torch.allclose(res.residual_estimates, true, rtol=1e-6, atol=1e-13 * norm2(A))
+    if max_matvecs is not None:  # the unconverged cases test the estimate away from zero
+        assert not res.converged and res.stop_reason == "max_matvecs"
+        assert true.max() > 1e-8 * norm2(A)
+    else:
+        assert res.converged and res.stop_reason == "converged"
+
+
+def test_lanczos_restarts_keep_the_basis_orthonormal():
+    """Many thick restarts with blocks (H grown from Gram–Schmidt coefficients): still exact."""
+    A = with_spectrum(CLUSTERED, seed=8)
+    exact = torch.linalg.eigvalsh(A)
+    res = lanczos(
+        DenseOperator(A), 3, "both", tol=1e-10, block_size=2, max_basis=14, return_vectors=True
+    )
+    assert res.converged
+    V = res.vectors
+    assert torch.allclose(V.T @ V, torch.eye(6, dtype=DT), atol=1e-10)
+    want = torch.cat([exact[:3], exact[-3:]])
+    assert torch.allclose(res.values, want, atol=1e-9)
+
+
+@pytest.mark.parametrize(("k", "block_size"), [(1, 1), (2, 2)])
+def test_lanczos_both_with_the_smallest_basis_restarts(k, block_size):
+    """``"both"`` keeps ``(keep + 1) // 2`` vectors per end at a restart: with an odd ``keep``
+    that is one more than ``max_basis − b`` (the preallocated basis must have room)."""
+    A = with_spectrum(SEPARATED, seed=3)
+    exact = torch.linalg.eigvalsh(A)
+    mb = 2 * k + block_size + 1
+    res = lanczos(
+        DenseOperator(A),
+        k,
+        "both",
+        tol=1e-8,
+        block_size=block_size,
+        max_basis=mb,
+        max_matvecs=3000,
+    )
+    assert res.converged
+    assert torch.allclose(res.values, torch.cat([exact[:k], exact[-k:]]), atol=1e-7)
+
+
+@pytest.mark.parametrize("tol", [1e-9, 1e-15])
+def test_lanczos_stagnates_at_the_float32_floor(tol):
+    """An unreachable float32 tol stops early as "stagnated", unconverged, with true residuals.
+
+    At 1e-15 the Krylov estimates never reach ``tol``: checks start once they reach the
+    float32 floor (about 20 products here; waiting for them to plateau takes about 30).
+    """
+    A64 = with_spectrum(SEPARATED, seed=16)
+    A = A64.float()
+    nA = norm2(A64)
+    exact = torch.linalg.eigvalsh(A.double())
+    op = DenseOperator(A)
+    res = lanczos(op, 2, tol=tol, return_vectors=True)
+    assert not res.converged
+    assert res.stop_reason == "stagnated"
+    assert "stagnated" in repr(res) and "NOT converged" in repr(res)
+    assert res.matvecs <= 25  # the default budget is 500
+    V = res.vectors.double()
+    true = torch.linalg.vector_norm(A.double() @ V - V * res.values.double(), dim=0)
+    assert torch.allclose(res.residuals.double(), true, rtol=0, atol=1e-6 * nA)
+    assert bool((res.residuals > tol * nA).any())  # honest: the tolerance was not met
+    assert bool((res.residuals < 1e-6 * nA).all())  # but it stopped at the floor
+    assert torch.allclose(res.values.double(), exact.flip(0)[:2], atol=1e-5 * nA)
+    if tol >= 1e-12:  # the same operator in float64 reaches the same tol
+        res64 = lanczos(DenseOperator(A.double()), 2, tol=tol)
+        assert res64.converged and res64.stop_reason == "converged"
+
+
+@pytest.mark.parametrize(
+    ("which", "tol", "max_basis"), [("both", 1e-6, None), ("smallest", 5e-7, 12)]
+)
+def test_lanczos_float32_reachable_tol_converges(which, tol, max_basis):
+    """A float32 tol just above the floor converges: no stagnation stop while the Krylov
+    estimate, not round-off, still dominates the residual (slow progress after restarts)."""
+    A = with_spectrum(CLUSTERED, seed=2, dtype=torch.float32)
+    res = lanczos(DenseOperator(A), 2, which, tol=tol, max_basis=max_basis)
+    assert res.converged and res.stop_reason == "converged"
+    assert bool((res.residuals <= tol * res.norm_estimate).all())
+
+
+def test_project_out_reorthogonalizes_when_a_pass_cancels():
+    """Gram–Schmidt with a wrong local guess (nothing local) and a W almost inside span(V):
+    one classical pass leaves F far from orthogonal; the DGKS second pass repairs it."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(500, 30, generator=g, dtype=DT))[0].T
+    f = torch.randn(1, 500, generator=g, dtype=DT)
+    f = f - (f @ V.T) @ V
+    W = 1e8 * torch.randn(1, 30, generator=g, dtype=DT) @ V + f
+    F, C = _project_out(W, V, lo=30)
+    assert (V @ F.T).abs().max() <= 1e-12 * torch.linalg.vector_norm(F)
+    assert torch.allclose(C.T @ V + F, W, rtol=0, atol=1e-14 * torch.linalg.vector_norm(W))
+
+
+def noisy_operator(A: torch.Tensor, delta: float, seed: int = 0) -> CallableOperator:
+    """``v ↦ Av + e`` with ``‖e‖ = δ‖A‖‖v‖`` fresh noise: a round-off floor of ``δ‖A‖``."""
+    g = torch.Generator().manual_seed(seed)
+    scale = delta * norm2(A)
+
+    def fn(v):
+        xi = torch.randn(A.shape[0], generator=g, dtype=A.dtype)
+        return A @ v + (scale * torch.linalg.vector_norm(v) / torch.linalg.vector_norm(xi)) * xi
+
+    return CallableOperator(fn, A.shape[0], A.dtype, "cpu")
+
+
+@pytest.mark.parametrize("name", ["separated", "clustered", "indefinite"])
+def test_lanczos_stagnates_on_a_noisy_operator(name):
+    """A float64 operator with a 1e-8 floor: tol 1e-11 stops as "stagnated" (the estimates
+    plateau above tol, far from float64's eps), tol 1e-7 converges."""
+    A = with_spectrum(SPECTRA[name], seed=1)
+    nA = norm2(A)
+    res = lanczos(noisy_operator(A, 1e-8), 2, tol=1e-11, return_vectors=True)
+    assert not res.converged and res.stop_reason == "stagnated"
+    assert res.matvecs < 120  # the default budget is 500
+    V = res.vectors
+    true = torch.linalg.vector_norm(A @ V - V * res.values, dim=0)
+    assert bool((true > 1e-11 * nA).any())
+    assert bool((true < 1e-6 * nA).all())
+    assert torch.allclose(res.values, torch.linalg.eigvalsh(A).flip(0)[:2], atol=1e-6 * nA)
+    ok = lanczos(noisy_operator(A, 1e-8), 2, tol=1e-7)
+    assert ok.converged and ok.stop_reason == "converged"
+
+
+def test_lanczos_slow_convergence_is_not_stagnation():
+    """Long plateaus of the estimates (gap 1e-4, small basis) trigger true-residual checks, but
+    residuals that are still Krylov error (not round-off) never count as stagnation."""
+    spec = torch.tensor([1.0, 1.0 - 1e-4, *torch.linspace(-1, 1 - 2e-4, 198).tolist()], dtype=DT)
+    A = with_spectrum(spec, seed=4)
+    res = lanczos(DenseOperator(A), 1, tol=1e-10, max_basis=12, max_matvecs=2000)
+    assert res.converged and res.stop_reason == "converged"
+    assert res.matvecs > 150  # slow enough for several plateaus
+    assert res.values[0].item() == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

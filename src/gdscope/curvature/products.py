@@ -3,9 +3,10 @@
 Hessian: ``H v = ∇²L(θ) v`` by reverse-over-reverse differentiation. The gradient graph
 ``∇L_b(θ)`` of each batch is built once (``create_graph=True``) and every product is one more
 backward pass through it; on a 85k-parameter MLP this measured 3.6x faster than
-``torch.func``'s forward-over-reverse ``jvp(grad(L))`` and 1.9x faster than rebuilding the graph
-per product as PyHessian does (``bench/``). For a ``DataLoader`` with several batches the graphs
-are rebuilt per product unless ``cache_graph=True`` (memory: one graph per batch).
+``torch.func``'s forward-over-reverse ``jvp(grad(L))``. It is PyHessian's algorithm too (with
+``data=(X, Y)`` it also keeps one graph), and one product costs the same as PyHessian's to within
+noise (``docs/performance.md``). For a ``DataLoader`` with several batches the graphs are rebuilt
+per product unless ``cache_graph=True`` (memory: one graph per batch).
 
 GGN: ``G v = Jᵀ Q J v`` (THEORY §0) with ``J v`` by forward mode (``torch.func.jvp``), ``Q`` the
 loss's output Hessian (``q·I`` for MSE, a Hessian-vector product in output space otherwise) and
@@ -15,6 +16,7 @@ loss's output Hessian (``q·I`` for MSE, a Hessian-vector product in output spac
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -44,22 +46,33 @@ def _check_finite(value: Tensor, what: str) -> None:
 
 
 class _HessianVP:
-    """``v ↦ Σ_b w_b ∇²L_b(θ) v`` through cached gradient graphs."""
+    """``v ↦ Σ_b w_b ∇²L_b(θ) v`` through cached gradient graphs.
+
+    Per product: ``v`` is split into views (sizes precomputed), one backward pass per graph
+    (``retain_graph``) and one ``cat``; with a single cached graph (full batch) its output is
+    returned as is. ``w_b = 1`` adds no multiply to the graph.
+    """
 
     def __init__(self, prob: Problem, params: Params, cache_graph: bool) -> None:
         self.prob = prob
         self.params = {n: p.requires_grad_(True) for n, p in params.items()}
-        self.leaves = list(self.params.values())
-        self.cache_graph = cache_graph
+        self.leaves = [self.params[n] for n in prob.names]
+        self.sizes = [p.numel() for p in self.leaves]
+        self.shapes = [p.shape for p in self.leaves]
         self.graphs: list[tuple[Tensor, ...]] | None = None
         if cache_graph:
             self.graphs = []
             loss = 0.0
             for x, y, w in prob.batches():
-                lb = w * prob.batch_loss(self.params, x, y)
+                lb = self._weighted_loss(x, y, w)
                 loss = loss + lb.detach()
                 self.graphs.append(self._grad(lb))
             _check_finite(torch.as_tensor(loss), "Hessian")
+
+    def _weighted_loss(self, x: Tensor, y: Tensor, w: float) -> Tensor:
+        with torch.enable_grad():
+            lb = self.prob.batch_loss(self.params, x, y)
+            return lb if w == 1.0 else w * lb
 
     def _grad(self, loss: Tensor) -> tuple[Tensor, ...]:
         with torch.enable_grad():
@@ -68,39 +81,43 @@ class _HessianVP:
             torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.leaves, strict=True)
         )
 
-    def _graphs(self):
+    def _graphs(self) -> Iterator[tuple[Tensor, ...]]:
         if self.graphs is not None:
             yield from self.graphs
             return
         for x, y, w in self.prob.batches():
-            with torch.enable_grad():
-                yield self._grad(w * self.prob.batch_loss(self.params, x, y))
+            yield self._grad(self._weighted_loss(x, y, w))
+
+    def _product(self, g: tuple[Tensor, ...], vs: list[Tensor]) -> Tensor | None:
+        """``∂(gᵀv)/∂θ`` flattened, or ``None`` when ``g`` does not depend on ``θ``."""
+        live = [i for i, gi in enumerate(g) if gi.requires_grad]
+        if not live:
+            return None
+        with torch.enable_grad():
+            hv = torch.autograd.grad(
+                [g[i] for i in live],
+                self.leaves,
+                grad_outputs=[vs[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if h is None else h).reshape(-1)
+                for h, p in zip(hv, self.leaves, strict=True)
+            ]
+        )
 
     def __call__(self, v: Tensor) -> Tensor:
-        vs = self.prob.unflatten(v)
+        vs = [c.view(s) for c, s in zip(v.split(self.sizes), self.shapes, strict=True)]
+        if self.graphs is not None and len(self.graphs) == 1:
+            hv = self._product(self.graphs[0], vs)
+            return torch.zeros_like(v) if hv is None else hv
         total = torch.zeros_like(v)
         for g in self._graphs():
-            pairs = [
-                (gi, vs[n], i)
-                for i, (gi, n) in enumerate(zip(g, self.prob.names, strict=True))
-                if gi.requires_grad
-            ]
-            if not pairs:
-                continue
-            with torch.enable_grad():
-                hv = torch.autograd.grad(
-                    [p[0] for p in pairs],
-                    self.leaves,
-                    grad_outputs=[p[1] for p in pairs],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            total += torch.cat(
-                [
-                    (torch.zeros_like(p) if h is None else h).reshape(-1)
-                    for h, p in zip(hv, self.leaves, strict=True)
-                ]
-            )
+            hv = self._product(g, vs)
+            if hv is not None:
+                total += hv
         return total
 
 
