@@ -535,3 +535,26 @@ def test_cuda_matches_cpu(name):
     assert_close(K32.double().cpu(), dense_ntk(model.double().cpu(), x), rtol=1e-3)
     with pytest.raises(InvalidArgumentError, match="x2 is on"):
         ntk(mc.double(), xc, x2)
+
+
+@pytest.mark.parametrize("bias_var", [0.0, 0.3])
+def test_ntk_parameterized_layers_have_a_structured_rule(bias_var):
+    from gdscope.kernels.ntk import ntk as ntk_fn
+    from gdscope.zoo import mlp
+
+    model = mlp(
+        [5, 16, 16, 3],
+        "relu",
+        seed=1,
+        dtype=torch.float64,
+        parameterization="ntk",
+        bias_var=bias_var,
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    for args in ((x,), (x, x2)):
+        for trace in (False, True):
+            ref = ntk_fn(model, *args, method="jacobian", trace_outputs=trace)
+            got = ntk_fn(model, *args, method="structured", trace_outputs=trace)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -162,6 +162,9 @@ class _AffineRule(Rule):
     d: int
     o: int
     groups: int = 1
+    #: forward ``y = w_scale·W A + b_scale·b`` (1 and 1 but for NTK-parameterized layers)
+    w_scale: float = 1.0
+    b_scale: float = 1.0
 
     # subclasses: canonical forms
     def _A(self, inp: Tensor) -> Tensor:  # (c, T, d)
@@ -176,9 +179,11 @@ class _AffineRule(Rule):
         if self.has_w:
             M = AI.reshape(bI * self.T, -1) @ AJ.reshape(bJ * self.T, -1).T
             if self.has_b:
-                M += 1.0
+                M += self.b_scale**2
         else:
-            M = torch.ones(bI * self.T, bJ * self.T, dtype=dtype, device=AI.device)
+            M = torch.full(
+                (bI * self.T, bJ * self.T), self.b_scale**2, dtype=dtype, device=AI.device
+            )
         return M.view(bI, self.T, bJ, self.T)
 
     def _m_cost(self) -> float:
@@ -244,7 +249,7 @@ class _AffineRule(Rule):
                 )
             parts.append(Jw.reshape(c, k, -1))
         if self.has_b:
-            parts.append(Gc.sum(-1))
+            parts.append(Gc.sum(-1) * self.b_scale)
         return parts
 
     def grad(self, inp: Tensor, G: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -263,7 +268,7 @@ class _AffineRule(Rule):
                 )
             out[self.params["weight"]] = gw.reshape(w.shape)
         if self.has_b:
-            out[self.params["bias"]] = Gv.sum((0, 2))
+            out[self.params["bias"]] = Gv.sum((0, 2)) * self.b_scale
         return out
 
     def contract(
@@ -316,6 +321,20 @@ class LinearRule(_AffineRule):
 
     def _Gc(self, G: Tensor) -> Tensor:
         return G.reshape(G.shape[0], self.k, self.T, self.o).transpose(2, 3)
+
+
+class NTKLinearRule(LinearRule):
+    """:class:`gdscope.zoo.NTKLinear`: ``y = sqrt(σ_w²/d) W h + sqrt(σ_b²) b``, so ``A`` carries
+    the weight scale and the bias term of ``M`` is ``σ_b²`` instead of 1."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        m = self.module
+        self.w_scale = math.sqrt(m.weight_var / m.in_features)
+        self.b_scale = math.sqrt(m.bias_var)
+
+    def _A(self, inp: Tensor) -> Tensor:
+        return super()._A(inp) * self.w_scale
 
 
 class ConvRule(_AffineRule):
@@ -519,8 +538,12 @@ def _forward_is(m: nn.Module, cls: type) -> bool:
 
 
 def _rule_class(m: nn.Module) -> type[Rule] | None:
+    from gdscope.zoo.models import NTKLinear
+
     if _forward_is(m, nn.Linear):
         return LinearRule
+    if _forward_is(m, NTKLinear):
+        return NTKLinearRule
     if _forward_is(m, nn.Conv1d) or _forward_is(m, nn.Conv2d):
         return ConvRule
     if _forward_is(m, nn.Embedding):
@@ -540,6 +563,7 @@ def _rule_class(m: nn.Module) -> type[Rule] | None:
 
 _ALLOWED = {
     LinearRule: {"weight", "bias"},
+    NTKLinearRule: {"weight", "bias"},
     ConvRule: {"weight", "bias"},
     EmbeddingRule: {"weight"},
     LayerNormRule: {"weight", "bias"},
