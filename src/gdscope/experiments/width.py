@@ -40,9 +40,9 @@ with width (log-log slope ``< 0`` with its interval); (4) the linearization gap 
 rounding (THEORY §2, the sharp test).
 
 **Cost.** Two NTK Grams per task (``K_0`` on the ``n`` training points, ``K_T`` on the drift
-subset) dominate: ``zoo.mlp``'s NTK layers are not ``nn.Linear``, so :func:`gdscope.ntk` takes its
-Jacobian route, ``O(n²k²P)``. Hence the defaults' ``n = 64`` and widths up to 512 (about 1.5
-minutes on one CPU core); ``paper_scale`` is the GPU version.
+subset) and the training dominate; :func:`gdscope.ntk` contracts ``zoo.NTKLinear`` layers with
+its structured rule. The defaults (``n = 128``, widths 64–1024, 3 trials) take about 1.7 minutes
+on one CPU core; ``paper_scale`` is the GPU version.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ class WidthConfig(NTKSweepConfig):
     ``|log ρ_meas/log ρ_pred − 1|`` that counts as agreement at the largest width.
     """
 
-    data: DataConfig = field(default_factory=lambda: DataConfig(n=64))
-    widths: tuple[int, ...] = (64, 128, 256, 512)
+    data: DataConfig = field(default_factory=lambda: DataConfig(n=128))
+    widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
     trials: int = 3
     kernel_samples: int = 32
     tail: float = 0.5
