@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from gdscope import __version__
-from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.errors import ConfigError
 from gdscope.report import plots
 from gdscope.report.html import (
     _CSS,
     _MARK,
-    _SCRIPT,
+    _check_out,
     _e,
     _figures_section,
     _kv,
     _labels,
     _swatch,
     _table,
+    _write_page,
 )
 from gdscope.store import ExperimentInfo, Store
 
@@ -64,7 +65,7 @@ def write_experiment_report(
         _config_section(info),
         *_runs_sections(store, info.run_ids),
     ]
-    return _write(out, title or f"gdscope · {info.name}", sections)
+    return _write_page(out, title or f"gdscope · {info.name}", sections, _CSS + _EXTRA_CSS)
 
 
 def write_sweep_report(
@@ -102,38 +103,10 @@ def write_sweep_report(
     if failures:
         sections.append(_failures_section(failures))
     sections += [_point_section(info, configs[info.id], varied) for info in infos]
-    return _write(out, title or f"gdscope · sweep {sweep}", sections)
+    return _write_page(out, title or f"gdscope · sweep {sweep}", sections, _CSS + _EXTRA_CSS)
 
 
 # ---------------------------------------------------------------------------------- pieces
-def _check_out(path: str | os.PathLike[str]) -> Path:
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise InvalidArgumentError(
-            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
-            "Create it first or pass another path."
-        )
-    return out
-
-
-def _write(out: Path, title: str, sections: Sequence[str]) -> Path:
-    page = (
-        f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{_e(title)}</title>\n<style>{_CSS}{_EXTRA_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(sections)
-        + f"\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
-    )
-    try:
-        out.write_text(page, encoding="utf-8")
-    except OSError as e:
-        raise InvalidArgumentError(
-            f"cannot write the report to {out}: {e}. Pass a path in an existing, writable "
-            "directory."
-        ) from e
-    return out
-
-
 def _header(title: str, subtitle: str) -> str:
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     return (

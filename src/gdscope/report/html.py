@@ -81,12 +81,7 @@ def write_report(
     title: str = "gdscope report",
 ) -> Path:
     """Write one self-contained HTML report of ``runs`` (ids or names) to ``path``."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise InvalidArgumentError(
-            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
-            "Create it first or pass another path."
-        )
+    out = _check_out(path)
     infos = list({info.id: info for info in (store.run(r) for r in runs)}.values())
     if not infos:
         raise InvalidArgumentError("runs is empty: pass at least one run id or name.")
@@ -130,10 +125,26 @@ def write_report(
             small=True,
         ),
     ]
+    return _write_page(out, title, sections)
+
+
+def _check_out(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, refused (naming the fix) when its directory does not exist."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(
+            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
+            "Create it first or pass another path."
+        )
+    return out
+
+
+def _write_page(out: Path, title: str, sections: Sequence[str], css: str = _CSS) -> Path:
+    """Write one self-contained page of ``sections`` (inline ``css`` and the figure check)."""
     page = (
         f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{_e(title)}</title>\n<style>{css}</style>\n</head>\n<body>\n"
         + "\n".join(sections)
         + f"\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )
