@@ -8,6 +8,7 @@ simulated directly (vectorized least-squares gradients, or ``torch.optim.SGD`` i
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -696,3 +697,20 @@ def test_lyapunov_by_minibatch_hvps_matches_dense_normal_space(momentum):
     ):
         assert a.dim == b.dim or b.dim is None
         assert abs(a.value - b.value) < 4 * math.hypot(a.stderr, b.stderr) + 2e-3
+
+
+def test_report_to_dict_is_plain_json():
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model = model.double()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    Y = torch.randn(12, 1, dtype=torch.float64)
+    import gdscope as gs
+
+    rep = gs.stability(gs.Problem(model, "mse", (X, Y)), 0.1)
+    data = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert data["sharpness"] == pytest.approx(rep.sharpness)
+    assert data["gd_stable"] == rep.gd_stable and data["lr"] == rep.lr
+    assert set(data) == {f.name for f in dataclasses.fields(rep)}

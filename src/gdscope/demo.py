@@ -247,7 +247,7 @@ def ntk_certificate(prediction: Prediction, lr: float, losses: Sequence[float]) 
 
 
 def _stability_summary(prob: Problem, lr: float) -> dict[str, Any]:
-    """:func:`gdscope.stability` at the end of a run, full-batch part, as plain data.
+    """:func:`gdscope.stability` at the end of a run (full batch), as plain data.
 
     The demo's runs end where training stopped, not at a minimum: the warning saying so goes
     into the summary's notes instead of the console.
@@ -255,18 +255,5 @@ def _stability_summary(prob: Problem, lr: float) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = stability(prob, lr)
-    keys = (
-        "lr",
-        "sharpness",
-        "sharpness_residual",
-        "threshold",
-        "gd_stable",
-        "mu_top",
-        "count_above",
-        "smallest",
-        "is_saddle",
-        "gradient_norm",
-        "gradient_ratio",
-    )
     notes = [*rep.notes, *(str(w.message) for w in caught)]
-    return {k: getattr(rep, k) for k in keys} | {"notes": notes}
+    return rep.to_dict() | {"notes": notes}

@@ -371,7 +371,8 @@ def _stability(
             grad_tol=cfg.grad_tol,
             seed=cfg.seed,
         )
-    out = {name: _plain(getattr(rep, name)) for name in _REPORT_FIELDS}
+    plain = rep.to_dict()
+    out = {name: plain[name] for name in _REPORT_FIELDS}
     out["at_minimum"] = rep.is_saddle is False and rep.gradient_ratio <= cfg.grad_tol
     return out
 

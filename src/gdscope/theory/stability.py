@@ -60,7 +60,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -161,6 +161,10 @@ class StabilityReport:
     seconds: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready data (Lyapunov estimates as dicts, non-finite floats None)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
     @property
     def total_seconds(self) -> float:
         return float(sum(self.seconds.values()))
@@ -212,6 +216,20 @@ class _Setting:
     precond: Tensor | None = None  # Adam: diagonal of P (flat)
     beta1: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
 
 
 def optimizer_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False) -> float:
