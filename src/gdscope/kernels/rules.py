@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gdscope.zoo.models import NTKLinear
+
 __all__ = ["APPROACHES", "Rule", "make_rule"]
 
 APPROACHES = ("gram", "pair", "jac")
@@ -538,8 +540,6 @@ def _forward_is(m: nn.Module, cls: type) -> bool:
 
 
 def _rule_class(m: nn.Module) -> type[Rule] | None:
-    from gdscope.zoo.models import NTKLinear
-
     if _forward_is(m, nn.Linear):
         return LinearRule
     if _forward_is(m, NTKLinear):
