@@ -119,8 +119,10 @@ def test_run_experiment_end_to_end(tmp_path):
         assert steps.tolist() == list(range(10)) and loss[-1] < loss[0]
     verdicts = json.loads((out / "verdict.json").read_text())
     assert [set(v) for v in verdicts] == [
-        {"claim", "predicted", "measured", "holds", "details"}
+        {"claim", "predicted", "measured", "holds", "details", "status", "reason", "theorem"}
+        | {"section", "assumption"}
     ] * 2
+    assert [v["status"] for v in verdicts] == ["holds", "undetermined"]
     assert verdicts[0]["holds"] is True and verdicts[1]["holds"] is None
     page = (out / "report.html").read_text()
     for section in ("verdicts", "figures", "config", "runs", "run-figures"):
