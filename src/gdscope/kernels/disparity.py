@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError
-from gdscope.kernels.eigs import NTKEigResult, _dense_gram, ntk_eigs
-from gdscope.kernels.functional import ModelFunction, jacobian
+from gdscope.kernels.eigs import NTKEigResult, _dense_gram, _model_inputs, ntk_eigs
+from gdscope.kernels.functional import ModelFunction, check_finite_params, jacobian
 from gdscope.kernels.operator import _prepare_inputs
 
 __all__ = [
@@ -154,11 +154,11 @@ def disparity(
     _check_tol(tol)
     budget = DEFAULT_MEMORY if memory is None else memory
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise InvalidArgumentError(f"memory={memory!r} must be a positive number of bytes.")
-    fn = model if isinstance(model, ModelFunction) else ModelFunction(model)
-    x = _prepare_inputs(fn, x)
-    with torch.no_grad():
-        k = fn(fn.params, x[:1]).shape[1]
+        raise InvalidArgumentError(
+            f"memory={memory!r} must be a positive integer number of bytes (or None for the "
+            "default 1 GiB): pass e.g. memory=2**30."
+        )
+    fn, x, k = _model_inputs(model, x)
     n, P = x.shape[0], fn.num_params
     nk = n * k
     eps = torch.finfo(fn.dtype).eps
@@ -375,6 +375,7 @@ def function_space_disparity(
     if not (isinstance(residual_threshold, (int, float)) and 0 <= residual_threshold <= 1):
         raise InvalidArgumentError(f"residual_threshold={residual_threshold!r} must be in [0, 1].")
     fn = model if isinstance(model, ModelFunction) else ModelFunction(model)
+    check_finite_params(fn.model, fn.names)
 
     # midpoint tensor grid, flattened with the last dimension fastest
     axes = [

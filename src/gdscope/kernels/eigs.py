@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError
-from gdscope.kernels.functional import ModelFunction
-from gdscope.kernels.ntk import ntk
+from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
+from gdscope.kernels.ntk import _check_model, _record, ntk
 from gdscope.kernels.operator import _prepare_inputs, ntk_operator
 from gdscope.linalg.lanczos import WHICH, EigResult, lanczos
 
@@ -133,6 +133,32 @@ class NTKEigResult:
         return "NTKEigResult(" + "; ".join(parts) + ")"
 
 
+def _model_inputs(model: nn.Module | ModelFunction, x: Tensor) -> tuple[ModelFunction, Tensor, int]:
+    """Validated ``(fn, x, k)``: finite parameters and inputs, ``x`` on the model's device and
+    dtype, ``k`` outputs per sample (the model is run on one sample: shape errors surface here).
+    """
+    if isinstance(model, ModelFunction):
+        fn = model
+        _check_model(model.model)  # train-mode BatchNorm / dropout
+    elif isinstance(model, nn.Module):
+        fn = _check_model(model)
+    else:
+        raise InvalidArgumentError(
+            f"model must be a torch.nn.Module (or a ModelFunction), got {type(model).__name__}: "
+            "pass the network itself."
+        )
+    check_finite_params(fn.model, fn.names)
+    if isinstance(x, Tensor) and x.is_complex():
+        raise InvalidArgumentError(f"x is complex ({x.dtype}); pass real inputs.")
+    if isinstance(x, Tensor) and x.ndim > 0:
+        check_finite(x, "x")
+    xp = _prepare_inputs(fn, x)
+    if xp.dtype != x.dtype:
+        check_finite(xp, f"x (cast to the model's {fn.dtype})")
+    _, k = _record(fn.model, fn, xp[:1])
+    return fn, xp, k
+
+
 def _dense_gram(model: nn.Module | ModelFunction, x: Tensor, trace_outputs: bool) -> Tensor:
     """The Gram by :func:`~gdscope.kernels.ntk.ntk`, as a float64 matrix.
 
@@ -210,20 +236,32 @@ def ntk_eigs(
     For MSE, ``q·λ(K)`` are the nonzero eigenvalues of the Gauss–Newton matrix ``q JᵀJ``
     (THEORY §0), and ``q·λ_min(K)`` lower-bounds the PL ratio (§1).
     """
-    if which not in WHICH:
+    if not isinstance(which, str) or which not in WHICH:
         raise InvalidArgumentError(f"which={which!r} is not supported: use one of {WHICH}.")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidArgumentError(f"k={k!r} must be a positive integer.")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and 0 < tol < 1):
+        raise InvalidArgumentError(
+            f"k={k!r} ({type(k).__name__}) must be a positive integer: pass k=1 or more."
+        )
+    if not isinstance(trace_outputs, bool):
+        raise InvalidArgumentError(f"trace_outputs must be True or False, got {trace_outputs!r}.")
+    if not (
+        isinstance(tol, (int, float))
+        and not isinstance(tol, bool)
+        and math.isfinite(tol)
+        and 0 < tol < 1
+    ):
         raise InvalidArgumentError(f"tol={tol!r} must be a number in (0, 1), e.g. 1e-8.")
     if isinstance(dense_limit, bool) or not isinstance(dense_limit, int) or dense_limit < 0:
         raise InvalidArgumentError(
             f"dense_limit={dense_limit!r} must be a non-negative integer (0 forces Lanczos)."
         )
-    fn = model if isinstance(model, ModelFunction) else ModelFunction(model)
-    x = _prepare_inputs(fn, x)
-    with torch.no_grad():
-        k_out = fn(fn.params, x[:1]).shape[1]
+    if max_matvecs is not None and (
+        isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
+    ):
+        raise InvalidArgumentError(
+            f"max_matvecs={max_matvecs!r} must be a positive integer (or None for the default)."
+        )
+    fn, x, k_out = _model_inputs(model, x)
     n = x.shape[0]
     size = n if trace_outputs else n * k_out
     wanted = 2 * k if which == "both" else k

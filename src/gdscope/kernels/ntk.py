@@ -67,7 +67,7 @@ from gdscope.errors import (
     ShapeMismatchError,
     StatefulModuleError,
 )
-from gdscope.kernels.functional import ModelFunction
+from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
 from gdscope.kernels.rules import Rule, make_rule
 
 __all__ = ["NtkMethod", "ntk", "ntk_blocks"]
@@ -288,8 +288,10 @@ def _check_x(fn: ModelFunction, x: object, name: str) -> Tensor:
     if x.is_complex():
         raise InvalidArgumentError(f"{name} is complex ({x.dtype}); pass real inputs.")
     x = x.detach()
+    check_finite(x, name)
     if x.is_floating_point() and x.dtype != fn.dtype:
         x = x.to(fn.dtype)  # the dtype follows the model
+        check_finite(x, f"{name} (cast to the model's {fn.dtype})")
     return x
 
 
@@ -703,18 +705,28 @@ def _prepare(
     if not isinstance(trace_outputs, bool):
         raise InvalidArgumentError(f"trace_outputs must be True or False, got {trace_outputs!r}.")
     if memory is not None and (
-        isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0
+        isinstance(memory, bool)
+        or not isinstance(memory, (int, float))
+        or not math.isfinite(memory)
+        or not memory > 0
     ):
         raise InvalidArgumentError(
-            f"memory must be a positive number of bytes (or None for the default), got {memory!r}."
+            f"memory must be a positive, finite number of bytes (or None for the default), got "
+            f"{memory!r}: pass e.g. memory=2**30."
         )
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise InvalidArgumentError(f"block_size must be a positive int, got {block_size!r}.")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise InvalidArgumentError(
+            f"block_size must be a positive int, got {block_size!r}: pass e.g. block_size=64 "
+            "(or None to choose it from memory)."
+        )
     if isinstance(model, ModelFunction):
         model = model.model
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     fn = _check_model(model)
+    check_finite_params(model, fn.names)
     if isinstance(x, Tensor) and isinstance(x2, Tensor) and x2.device != x.device:
         raise InvalidArgumentError(
             f"x2 is on {x2.device} but x is on {x.device}: move x2 with x2.to({str(x.device)!r})."
