@@ -371,14 +371,67 @@ def mnist(
 
 
 # ---------------------------------------------------------------------------------- CIFAR
+# The only globals a CIFAR python batch needs: numpy's array and scalar reconstructors (NumPy 1
+# "numpy.core" and NumPy 2 "numpy._core" spellings, pickle protocols 0-5) and, for protocol-2
+# pickles of bytes written by Python 3, ``_codecs.encode``. Dicts, lists, strings, bytes and
+# numbers are pickle opcodes and need no global.
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+    | {
+        (f"numpy.{core}.{mod}", name)
+        for core in ("core", "_core")
+        for mod, name in (
+            ("multiarray", "_reconstruct"),
+            ("multiarray", "scalar"),
+            ("numeric", "_frombuffer"),
+        )
+    }
+)
+
+
+class _ForbiddenGlobal(Exception):
+    """Raised by :class:`_CifarUnpickler` for a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the numpy reconstructors a CIFAR batch needs.
+
+    Anything else (``os.system``, ``builtins.eval``, any class) is refused *before* it is
+    imported or called, so a crafted file cannot run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core."):  # NumPy 2 keeps numpy.core only as a shim
+            try:
+                return super().find_class("numpy._core." + module[len("numpy.core.") :], name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """A CIFAR python batch: a pickled dict (Python 2 pickles, so ``encoding="bytes"``).
 
-    Only load files you obtained from the CIFAR site: unpickling runs code from the file.
+    Read with a restricted unpickler (:class:`_CifarUnpickler`): only numpy arrays, numpy
+    scalars and plain containers can come out of the file; any other global is refused with an
+    :class:`InvalidArgumentError` naming the file and the global, and nothing from the file runs.
     """
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except _ForbiddenGlobal as err:
+        raise InvalidArgumentError(
+            f"{path} is not a CIFAR python batch: it refers to the global {err}, which gdscope "
+            "refuses to load (a CIFAR batch needs only numpy arrays; a pickle naming other "
+            "globals can run code when loaded). Replace it with the original file from "
+            f"{CIFAR_URL}."
+        ) from None
     except Exception as err:
         raise InvalidArgumentError(
             f"cannot unpickle {path}: {err}. Replace it with the original CIFAR file."
@@ -431,7 +484,13 @@ def _cifar(
             )
         d = _unpickle(path)
         data = np.asarray(_field(d, "data", path))
-        lab = np.asarray(_field(d, label_key, path), dtype=np.int64).reshape(-1)
+        try:
+            lab = np.asarray(_field(d, label_key, path), dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"{path}: {label_key!r} is not a list of integer class labels ({err}): replace it "
+                "with the original CIFAR file."
+            ) from err
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise InvalidArgumentError(
                 f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072) rows "
