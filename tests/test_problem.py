@@ -332,7 +332,14 @@ def test_nonfinite_point():
     model = make_mlp()
     with torch.no_grad():
         model[-1].bias.fill_(float("inf"))
+    # refused where the model enters (it used to be accepted and fail later, in hessian_eigs)
+    with pytest.raises(NonFiniteError, match=r"parameter '4\.bias'.*\+inf"):
+        gs.Problem(model, "mse", (X, Y))
+    # parameters are live: a point that becomes non-finite after construction is still refused
+    model = make_mlp()
     prob = gs.Problem(model, "mse", (X, Y))
+    with torch.no_grad():
+        model[-1].bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError):
         gs.hessian_eigs(prob)
 

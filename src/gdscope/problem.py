@@ -32,7 +32,7 @@ from gdscope.errors import (
     StatefulModuleError,
 )
 
-__all__ = ["LOSSES", "Params", "Problem"]
+__all__ = ["LOSSES", "Params", "Problem", "check_finite", "check_finite_params"]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -80,14 +80,22 @@ class Problem:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}."
+                f"model must be a torch.nn.Module, got {type(model).__name__}: pass the network "
+                "itself (wrap a plain function in an nn.Module)."
             )
-        if reduction not in _REDUCTIONS:
+        if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
             raise InvalidArgumentError(
                 f"reduction={reduction!r} is not supported: use 'mean' or 'sum'."
             )
-        if dtype is not None and not dtype.is_floating_point:
-            raise InvalidArgumentError(f"dtype={dtype} is not a floating type: use e.g. float64.")
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise InvalidArgumentError(
+                f"dtype={dtype!r} is not a floating torch.dtype: pass e.g. dtype=torch.float64 "
+                "(or None for the model's own dtype)."
+            )
+        if not isinstance(allow_stateful, bool):
+            raise InvalidArgumentError(f"allow_stateful={allow_stateful!r} must be True or False.")
         self.model = model
         self.reduction = reduction
         self.allow_stateful = allow_stateful
@@ -98,7 +106,7 @@ class Problem:
                 "(none with requires_grad=True): nothing to measure."
             )
         first = next(p for p in model.parameters() if p.requires_grad)
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = _check_device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
         self._convert = self.device != first.device or self.dtype != first.dtype
         self._loss_arg = loss
@@ -111,28 +119,119 @@ class Problem:
         self._loader = None if self._full_batch is not None else data
         self._n: int | None = None
         self._k: int | None = None
+        self._classes: int | None = None  # cross-entropy: size of the class dimension
         self._checked = False
         if self._full_batch is not None:
             self._n = int(self._full_batch[0].shape[0])
             if self._n == 0:
                 raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
+        check_finite_params(model, self.names)
         self._validate()
 
     def _validate(self) -> None:
-        """Evaluate the loss on the first two samples: shapes and dtypes fail here, early."""
+        """Check the first batch (all of tensor data) and evaluate the loss on two samples.
+
+        Non-finite values, out-of-range class labels, shapes and dtypes fail here, early.
+        Further DataLoader batches are checked as they are used (:meth:`_raw_batches`).
+        """
         try:
-            x, y = next(iter(self._raw_batches()))
+            x, y = next(iter(self._raw_batches(check=False)))
         except StopIteration:
             raise InvalidArgumentError(
                 "data is empty (no batches): pass at least one sample."
             ) from None
         if x.shape[0] == 0:
             raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
-        x, y = self._to_device(x[:2]), self._to_device(y[:2], targets=True)
+        where = "data" if self._full_batch is not None else "batch 0 of data"
+        self._check_batch(x, y, where)
+        x2, y2 = self._to_device(x[:2]), self._to_device(y[:2], targets=True)
         with torch.no_grad():
-            out = self.forward(self.params, x)
-            self.loss_fn(out, y)
+            out = self.forward(self.params, x2)
+            if not isinstance(out, Tensor):
+                raise InvalidArgumentError(
+                    f"the model returns {type(out).__name__}, not a tensor: wrap it so that "
+                    "forward returns one tensor of outputs (n, ...)."
+                )
+            if self.loss_name == "cross_entropy" and out.ndim >= 2:
+                self._classes = int(out.shape[1])
+                self._check_class_targets(y, where)
+            self.loss_fn(out, y2)
         self._k = int(out[0].numel())
+
+    def _check_batch(self, x: Any, y: Any, where: str) -> None:
+        """Finite inputs and targets, as many of each, valid class labels (once ``C`` known)."""
+        for name, t in (("x", x), ("targets", y)):
+            if not isinstance(t, Tensor):
+                raise InvalidArgumentError(
+                    f"{name} in {where} is a {type(t).__name__}, not a torch.Tensor: make the "
+                    "data yield tensors (torch.as_tensor), e.g. through a TensorDataset."
+                )
+            if t.ndim == 0:
+                raise ShapeMismatchError(
+                    f"{name} in {where} is a scalar: pass samples along dimension 0."
+                )
+            if t.is_complex():
+                raise InvalidArgumentError(
+                    f"{name} in {where} is complex ({t.dtype}): pass real tensors."
+                )
+        if x.shape[0] != y.shape[0]:
+            raise ShapeMismatchError(
+                f"{where} has {x.shape[0]} inputs x but {y.shape[0]} targets: pass as many of each."
+            )
+        check_finite(x, "x", where=where)
+        check_finite(y, "targets", where=where)
+        if self._classes is not None:
+            self._check_class_targets(y, where)
+
+    def _check_class_targets(self, y: Tensor, where: str) -> None:
+        """Cross-entropy targets: labels in ``0..C-1`` (all of them) or probability rows."""
+        C = self._classes
+        if C is None:  # not known yet (set in _validate)
+            return
+        if y.dtype == torch.bool:
+            raise InvalidArgumentError(
+                f"targets in {where} are bool: loss 'cross_entropy' needs integer class indices "
+                f"(targets.long(), values 0..{C - 1}) or probabilities of shape (n, {C})."
+            )
+        if y.is_floating_point():
+            if y.ndim != 2 or y.shape[1] != C:
+                raise InvalidArgumentError(
+                    f"targets in {where} have floating dtype {y.dtype} and shape "
+                    f"{tuple(y.shape)}: loss 'cross_entropy' needs integer class indices "
+                    f"(a torch.long tensor of shape (n,), values 0..{C - 1}: pass "
+                    f"targets.long()) or class probabilities of shape (n, {C}) summing to 1 "
+                    "per row."
+                )
+            neg = y < 0
+            if bool(neg.any()):
+                i, j = (int(v) for v in torch.nonzero(neg)[0])
+                raise InvalidArgumentError(
+                    f"targets in {where} are class probabilities (shape (n, {C})) but entry "
+                    f"({i}, {j}) is {float(y[i, j])!r} < 0: probabilities must be >= 0 and sum "
+                    "to 1 per row (for class indices pass an integer tensor of shape (n,))."
+                )
+            tol = max(1e-6, 10 * C * torch.finfo(y.dtype).eps)
+            err = (y.sum(dim=1) - 1).abs()
+            if bool((err > tol).any()):
+                i = int(torch.nonzero(err > tol)[0, 0])
+                raise InvalidArgumentError(
+                    f"targets in {where} are class probabilities (shape (n, {C})) but row {i} "
+                    f"sums to {float(y[i].sum())!r}, not 1 (tolerance {tol:.1e}): normalize "
+                    "them (targets / targets.sum(dim=1, keepdim=True)), or pass integer class "
+                    "indices of shape (n,)."
+                )
+            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= C:
+            bad = (y < 0) | (y >= C)
+            idx = tuple(int(v) for v in torch.nonzero(bad)[0])
+            at = f"sample {idx[0]}" + (f" (index {idx})" if len(idx) > 1 else "")
+            raise InvalidArgumentError(
+                f"targets in {where} hold class label {int(y[idx])} at {at} "
+                f"({int(bad.sum())} labels out of range; min {lo}, max {hi}): valid labels are "
+                f"0..{C - 1} for a model with {C} outputs per sample. Fix the labels, or give "
+                "the model's last layer as many outputs as there are classes."
+            )
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -238,22 +337,35 @@ class Problem:
             w = x.shape[0] / n if self.reduction == "mean" else 1.0
             yield self._to_device(x), self._to_device(y, targets=True), w
 
-    def _raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _raw_batches(self, check: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """The data's ``(x, y)`` batches; DataLoader batches are checked as they come."""
         if self._full_batch is not None:
-            yield self._full_batch
+            yield self._full_batch  # checked once, in _validate
             return
-        for item in self._loader:  # type: ignore[union-attr]
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise InvalidArgumentError(
-                    "each batch from data must be an (x, y) pair; got "
-                    f"{type(item).__name__}. Wrap your dataset to return (input, target)."
+        for b, item in enumerate(self._loader):  # type: ignore[union-attr]
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                what = (
+                    f"a {type(item).__name__} of {len(item)} elements"
+                    if isinstance(item, (tuple, list))
+                    else f"a {type(item).__name__}"
+                    + (f" with keys {sorted(map(str, item))}" if isinstance(item, dict) else "")
                 )
-            yield item[0], item[1]
+                raise InvalidArgumentError(
+                    f"batch {b} from data is {what}, not an (x, y) pair. gdscope uses exactly "
+                    "(inputs, targets): a third element such as per-sample weights would be "
+                    "silently ignored, and a loss that takes weights is not supported. Wrap the "
+                    "dataset so that it returns (input, target), e.g. "
+                    "TensorDataset(X, Y) or a Dataset whose __getitem__ returns (x, y)."
+                )
+            x, y = item
+            if check:
+                self._check_batch(x, y, f"batch {b} of data")
+            yield x, y
 
     def _to_device(self, t: Tensor, targets: bool = False) -> Tensor:
         t = t.to(self.device)
-        if t.is_floating_point() and not (targets and self.loss_name == "cross_entropy"):
-            t = t.to(self.dtype)
+        if t.is_floating_point():
+            t = t.to(self.dtype)  # inputs, regression targets, class probabilities
         return t
 
     # ------------------------------------------------------------------ evaluation
@@ -421,6 +533,94 @@ class Problem:
 
 
 # ---------------------------------------------------------------------- helpers
+def _describe_nonfinite(t: Tensor) -> tuple[str, tuple[int, ...], int]:
+    """``(kind, index, count)`` of the first non-finite entry of ``t`` (row-major)."""
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    pos = torch.nonzero(bad.reshape(-1))[0, 0].item() if t.ndim else 0
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), t.shape)) if t.ndim else ()
+    value = float(t.reshape(-1)[pos]) if t.ndim else float(t)
+    kind = "NaN" if value != value else ("+inf" if value > 0 else "-inf")
+    return kind, idx, count
+
+
+def check_finite(t: Tensor, name: str, *, samples: bool = True, where: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` and the first offending sample if ``t``
+    holds a NaN or inf. Integer tensors are always finite. One ``isfinite().all()`` on success.
+
+    ``samples``: dimension 0 indexes samples (the message names the sample); ``where`` is an
+    optional location such as ``"batch 3 of data"``.
+    """
+    if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+        return
+    if bool(torch.isfinite(t).all()):
+        return
+    kind, idx, count = _describe_nonfinite(t.detach())
+    loc = f" in {where}" if where else ""
+    if samples and idx:
+        at = f"sample {idx[0]} (index {idx})" if len(idx) > 1 else f"sample {idx[0]}"
+    else:
+        at = f"index {idx}" if idx else "its only entry"
+    raise NonFiniteError(
+        f"{name}{loc} contains {kind} at {at} ({count} non-finite of {t.numel()} entries): "
+        f"every measurement on it would be NaN. Remove or repair that "
+        f"{'sample' if samples and idx else 'entry'} before passing {name}."
+    )
+
+
+def check_finite_params(model: nn.Module, names: list[str] | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first trainable parameter holding NaN or inf."""
+    named = dict(model.named_parameters())
+    for n in names if names is not None else list(named):
+        p = named[n].detach()
+        if not (p.is_floating_point() or p.is_complex()) or bool(torch.isfinite(p).all()):
+            continue
+        kind, idx, count = _describe_nonfinite(p)
+        raise NonFiniteError(
+            f"parameter {n!r} of the model contains {kind} at index {idx} ({count} non-finite of "
+            f"{p.numel()} entries): the model is at a non-finite point (a diverged run?). "
+            "Measure at finite parameters: reinitialize, or restore a checkpoint from before "
+            "the divergence."
+        )
+
+
+def _check_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here, else a clear error."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise InvalidArgumentError(
+            f"device={device!r} must be a torch.device or a name such as 'cpu' or 'cuda:0' "
+            "(or None for the model's device)."
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise InvalidArgumentError(
+            f"device={device!r} is not a device name ({err}): pass e.g. 'cpu' or 'cuda:0'."
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"device={device!r} but CUDA is not available here (torch.cuda.is_available() "
+                "is False): pass device='cpu' (or None for the model's device), or run on a "
+                "machine with a CUDA GPU and a CUDA build of PyTorch."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InvalidArgumentError(
+                f"device={device!r} but only {count} CUDA device(s) exist: pass one of "
+                f"cuda:0..cuda:{count - 1}."
+            )
+    elif dev.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:
+            raise InvalidArgumentError(
+                f"device={device!r} is not usable here ({err}): pass device='cpu' "
+                "(or None for the model's device)."
+            ) from err
+    return dev
+
+
 def _resolve_loss(loss: str | LossFn | nn.Module, reduction: str) -> tuple[str, LossFn]:
     if isinstance(loss, str):
         if loss == "mse":
@@ -470,23 +670,44 @@ def _mse_sum(o: Tensor, t: Tensor) -> Tensor:
     return _mse_operands(o, t).sum()
 
 
+def _is_array(t: object) -> bool:
+    return isinstance(t, Tensor) or hasattr(t, "__array__")
+
+
 def _as_full_batch(data: Any) -> tuple[Tensor, Tensor] | None:
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-    ):
+    if isinstance(data, (tuple, list)) and data and all(_is_array(t) for t in data):
+        # tensors or arrays at the top level: meant as (X, Y), not as a list of batches
+        kinds = ", ".join(type(t).__name__ for t in data)
+        if len(data) != 2:
+            raise InvalidArgumentError(
+                f"data holds {len(data)} arrays ({kinds}): pass exactly (X, Y). Per-sample "
+                "weights or other extra tensors are not supported (a loss that takes weights is "
+                "not supported); drop them."
+            )
+        if not all(isinstance(t, Tensor) for t in data):
+            raise InvalidArgumentError(
+                f"data=(X, Y) must hold torch tensors, got ({kinds}): convert them with "
+                "torch.as_tensor(X), torch.as_tensor(Y) (or gdscope.zoo.as_dataset(X, Y))."
+            )
         x, y = data
+        for name, t in (("X (data[0])", x), ("Y (data[1])", y)):
+            if t.ndim == 0:
+                raise ShapeMismatchError(
+                    f"{name} is a scalar tensor: pass samples along dimension 0."
+                )
         if x.shape[0] != y.shape[0]:
             raise ShapeMismatchError(
                 f"data has {x.shape[0]} inputs but {y.shape[0]} targets: pass as many of each."
             )
         return x, y
-    if isinstance(data, Tensor):
-        raise InvalidArgumentError("data must be an (X, Y) pair of tensors, not one tensor.")
-    if not hasattr(data, "__iter__"):
+    if _is_array(data):
         raise InvalidArgumentError(
-            f"data must be (X, Y) tensors or an iterable of (x, y) batches, "
-            f"got {type(data).__name__}."
+            f"data must be an (X, Y) pair of tensors, not one {type(data).__name__}: pass "
+            "data=(X, Y)."
+        )
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise InvalidArgumentError(
+            f"data must be (X, Y) tensors or an iterable of (x, y) batches such as a "
+            f"DataLoader, got {type(data).__name__}."
         )
     return None

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from gdscope.errors import InvalidArgumentError, NonFiniteError, StatefulModuleError
+from gdscope.errors import InvalidArgumentError, StatefulModuleError
+from gdscope.problem import check_finite, check_finite_params
 
 __all__ = ["ModelFunction", "check_finite", "check_finite_params", "jacobian"]
 
@@ -73,57 +74,6 @@ class ModelFunction:
             t = tensors[n]
             parts.append(t.reshape(*t.shape[:lead], -1))
         return torch.cat(parts, dim=lead)
-
-
-def _describe_nonfinite(t: Tensor) -> tuple[str, tuple[int, ...], int]:
-    """``(kind, index, count)`` of the first non-finite entry of ``t`` (row-major)."""
-    bad = ~torch.isfinite(t)
-    count = int(bad.sum())
-    pos = torch.nonzero(bad.reshape(-1))[0, 0].item() if t.ndim else 0
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), t.shape)) if t.ndim else ()
-    value = float(t.reshape(-1)[pos]) if t.ndim else float(t)
-    kind = "NaN" if value != value else ("+inf" if value > 0 else "-inf")
-    return kind, idx, count
-
-
-def check_finite(t: Tensor, name: str, *, samples: bool = True, where: str = "") -> None:
-    """Raise :class:`NonFiniteError` naming ``name`` and the first offending sample if ``t``
-    holds a NaN or inf. Integer tensors are always finite. One ``isfinite().all()`` on success.
-
-    ``samples``: dimension 0 indexes samples (the message names the sample); ``where`` is an
-    optional location such as ``"batch 3 of data"``.
-    """
-    if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
-        return
-    if bool(torch.isfinite(t).all()):
-        return
-    kind, idx, count = _describe_nonfinite(t.detach())
-    loc = f" in {where}" if where else ""
-    if samples and idx:
-        at = f"sample {idx[0]} (index {idx})" if len(idx) > 1 else f"sample {idx[0]}"
-    else:
-        at = f"index {idx}" if idx else "its only entry"
-    raise NonFiniteError(
-        f"{name}{loc} contains {kind} at {at} ({count} non-finite of {t.numel()} entries): "
-        f"every measurement on it would be NaN. Remove or repair that "
-        f"{'sample' if samples and idx else 'entry'} before passing {name}."
-    )
-
-
-def check_finite_params(model: nn.Module, names: list[str] | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming the first trainable parameter holding NaN or inf."""
-    named = dict(model.named_parameters())
-    for n in names if names is not None else list(named):
-        p = named[n].detach()
-        if not (p.is_floating_point() or p.is_complex()) or bool(torch.isfinite(p).all()):
-            continue
-        kind, idx, count = _describe_nonfinite(p)
-        raise NonFiniteError(
-            f"parameter {n!r} of the model contains {kind} at index {idx} ({count} non-finite of "
-            f"{p.numel()} entries): the model is at a non-finite point (a diverged run?). "
-            "Measure at finite parameters: reinitialize, or restore a checkpoint from before "
-            "the divergence."
-        )
 
 
 def jacobian(model: nn.Module | ModelFunction, x: Tensor, *, chunk: int | None = None) -> Tensor:
