@@ -10,7 +10,14 @@
 measure the iterate before the update; probes that evaluate the model measure the one after
 (each row in the store says which). Only scheduled probes run; each probe's wall time is logged
 as ``time/<probe>`` and the loop's own time between two calls as ``step_time``, so the overhead
-is visible. All of a step's values commit together.
+is visible. All of a step's values commit together. Steps are integers ``>= 0`` that increase
+from call to call (gaps are fine; a repeated or earlier step is refused, since each step's values
+are stored once).
+
+:func:`gdscope.fit` records its settings with :meth:`Tracker.record_config` and, when training
+ends, marks the run finished with :meth:`Tracker.finish`: the stored run is complete when ``fit``
+returns, and :meth:`Tracker.record_prediction` and :meth:`Tracker.close` (with a summary) still
+work. A prediction may be recorded before training too; it is stored when the run starts.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -65,13 +72,34 @@ class Tracker:
     ) -> None:
         if not isinstance(prob, Problem):
             raise InvalidArgumentError(
-                f"prob must be a gdscope.Problem, got {type(prob).__name__}."
+                f"prob must be a gdscope.Problem, got {type(prob).__name__}: build one with "
+                "gs.Problem(model, loss, (X, Y))."
             )
         self.prob = prob
-        self.probes = list(default_probes() if probes is None else probes)
+        self.probes = _check_probes(probes)
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
-            raise InvalidArgumentError(f"probe names must be unique, got {names}.")
+            raise InvalidArgumentError(
+                f"probes: names must be unique, got {names}: pass each probe once."
+            )
+        if store is not None and not isinstance(store, (str, PathLike, Store)):
+            raise InvalidArgumentError(
+                f"store={store!r} ({type(store).__name__}) must be a path to an SQLite file, a "
+                "gdscope.store.Store or None (in memory only), e.g. store='runs.db'."
+            )
+        if run_name is not None and (not isinstance(run_name, str) or not run_name.strip()):
+            raise InvalidArgumentError(
+                f"run_name={run_name!r} ({type(run_name).__name__}) must be a non-empty string "
+                "or None (the store names the run run-<id>)."
+            )
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidArgumentError(
+                f"config={config!r} ({type(config).__name__}) must be a dict of settings or None."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"seed={seed!r} ({type(seed).__name__}) must be an integer, e.g. seed=0."
+            )
         self._owns_store = store is not None and not isinstance(store, Store)
         self.store = Store(store) if self._owns_store else store  # type: ignore[arg-type]
         self.run_name = run_name
@@ -83,14 +111,29 @@ class Tracker:
             probe.start(prob)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.run_id: int | None = None
+        #: ``None`` while open; the status :meth:`close` gave.
         self.status: str | None = None
+        #: ``None`` while training may go on; the status :meth:`finish` (or ``close``) gave.
+        self.finished: str | None = None
+        #: The last step passed to :meth:`step` (``None`` before the first).
+        self.last_step: int | None = None
         self._last_return: float | None = None
+        self._pending: list[tuple[str, str, str]] = []  # artifacts recorded before the run
 
     # ------------------------------------------------------------------ lifecycle
     def record_config(self, values: dict[str, Any]) -> None:
         """Merge ``values`` into the run's config (before the first step)."""
+        if not isinstance(values, Mapping):
+            raise InvalidArgumentError(
+                f"record_config(values={values!r}): values must be a dict of settings, got "
+                f"{type(values).__name__}."
+            )
         if self.run_id is not None:
-            raise GdscopeError("record_config must be called before the first tracked step.")
+            raise GdscopeError(
+                "record_config must be called before the first tracked step: this run already "
+                f"has steps (last step {self.last_step}) and its config is stored. Create a new "
+                "Tracker for a new run (gs.fit records its config on a fresh one)."
+            )
         self.config.update(values)
 
     def record_prediction(self, prediction: Prediction, label: str = "linearized model") -> None:
@@ -99,10 +142,22 @@ class Tracker:
         The report overlays its loss curve (at most :data:`PREDICTION_POINTS` log-spaced steps)
         on the measured one and sets its asymptotic rate beside the fitted rate.
         """
+        if not isinstance(prediction, Prediction):
+            raise InvalidArgumentError(
+                f"prediction must be a gdscope Prediction (from gs.predict), got "
+                f"{type(prediction).__name__}."
+            )
+        if not isinstance(label, str):
+            raise InvalidArgumentError(
+                f"label={label!r} ({type(label).__name__}) must be a string, e.g. 'linearized "
+                "model'."
+            )
         if self.store is None:
             raise GdscopeError("record_prediction needs a store: pass store= to the Tracker.")
-        self._ensure_run()
-        assert self.run_id is not None
+        if self.status is not None:
+            raise GdscopeError(
+                f"the tracker was closed ({self.status}): record the prediction before close()."
+            )
         loss = np.asarray(prediction.loss, dtype=np.float64)
         steps = np.unique(np.geomspace(1, max(loss.size, 1), PREDICTION_POINTS).astype(int) - 1)
         record = {
@@ -118,19 +173,52 @@ class Tracker:
             "q": prediction.q,
             "notes": list(prediction.notes),
         }
-        self.store.add_artifact(
-            self.run_id, "prediction", json.dumps(record, default=str), "application/json"
-        )
+        artifact = ("prediction", json.dumps(record, default=str), "application/json")
+        if self.run_id is None:
+            # The run is created at the first step, so that a config recorded in between (as
+            # gs.fit does) is part of it: keep the artifact until then.
+            self._pending = [a for a in self._pending if a[0] != artifact[0]] + [artifact]
+        else:
+            self.store.add_artifact(self.run_id, *artifact)
 
     def _ensure_run(self) -> None:
         if self.run_id is None and self.store is not None:
             self.run_id = self.store.create_run(self.run_name, self.config)
+            for name, data, mime in self._pending:
+                self.store.add_artifact(self.run_id, name, data, mime)
+            self._pending = []
+
+    def finish(self, status: str = "completed", summary: dict[str, Any] | None = None) -> None:
+        """Mark the run finished in the store, keeping the tracker open for the results.
+
+        :func:`gdscope.fit` calls this when training ends, so the stored run is complete when
+        ``fit`` returns. Afterwards :meth:`step` refuses further steps, while
+        :meth:`record_prediction` and :meth:`close` (e.g. with a summary) still work.
+        """
+        _check_status(status)
+        if self.status is not None:
+            return
+        self.finished = status
+        if self.store is not None:
+            self._ensure_run()
+            assert self.run_id is not None
+            self.store.finish_run(self.run_id, status, summary)
 
     def close(self, status: str = "completed", summary: dict[str, Any] | None = None) -> None:
-        """Mark the run finished with ``status`` (completed, failed, diverged). Idempotent."""
+        """Mark the run finished with ``status`` (completed, failed, diverged). Idempotent.
+
+        After :meth:`finish`, this still writes ``status`` and ``summary``; a second ``close``
+        does nothing.
+        """
+        _check_status(status)
+        if summary is not None and not isinstance(summary, Mapping):
+            raise InvalidArgumentError(
+                f"summary={summary!r} ({type(summary).__name__}) must be a dict or None."
+            )
         if self.status is not None:
             return
         self.status = status
+        self.finished = self.finished or status
         if self.store is not None:
             self._ensure_run()
             assert self.run_id is not None
@@ -166,6 +254,24 @@ class Tracker:
         now = time.perf_counter()
         if self.status is not None:
             raise GdscopeError(f"the tracker was closed ({self.status}); create a new one.")
+        if self.finished is not None:
+            raise GdscopeError(
+                f"the tracker's run is finished ({self.finished}, e.g. by gs.fit); create a new "
+                "Tracker to track more steps."
+            )
+        step = self._check_step(step)
+        loss_t = _check_loss(loss)
+        for name, value in (("outputs", outputs), ("targets", targets)):
+            if value is not None and not isinstance(value, Tensor):
+                raise InvalidArgumentError(
+                    f"{name}={_short(value)} ({type(value).__name__}) must be a tensor or None: "
+                    f"pass the step's {name} as given to the loss."
+                )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidArgumentError(
+                f"optimizer={_short(optimizer)} ({type(optimizer).__name__}) must be a "
+                "torch.optim.Optimizer or None."
+            )
         due = [p for p in self.probes if p.schedule(step)]
         values: dict[str, float] = {}
         rows: list[MetricRow] = []
@@ -179,7 +285,7 @@ class Tracker:
                 subset=self.subset,
                 optimizer=optimizer,
                 initial_params=self.initial_params,
-                loss=torch.as_tensor(loss).detach() if loss is not None else None,
+                loss=loss_t,
                 outputs=outputs.detach() if outputs is not None else None,
                 targets=targets,
             )
@@ -207,13 +313,29 @@ class Tracker:
         self._last_return = time.perf_counter()
         return values
 
+    def _check_step(self, step: Any) -> int:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise InvalidArgumentError(
+                f"step={step!r} ({type(step).__name__}) must be an integer >= 0: pass the "
+                "training step t = 0, 1, 2, ... of the loop."
+            )
+        step = int(step)
+        if self.last_step is not None and step <= self.last_step:
+            raise InvalidArgumentError(
+                f"step={step} does not come after the last tracked step {self.last_step}: steps "
+                "must increase (each step's values are stored once). Pass the loop's step "
+                "counter, or create a new Tracker for a new run."
+            )
+        return step
+
     def _commit(self, step: int, rows: list[MetricRow]) -> None:
-        for r in rows:
-            self.history.setdefault(r.name, []).append((step, r.value))
         if self.store is not None and rows:
             self._ensure_run()
             assert self.run_id is not None
             self.store.log_step(self.run_id, step, rows)
+        for r in rows:  # after the store accepted them: memory and store stay the same
+            self.history.setdefault(r.name, []).append((step, r.value))
+        self.last_step = step
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
         """In-memory ``(steps, values)`` of one metric."""
@@ -221,12 +343,98 @@ class Tracker:
         return [s for s, _ in pts], [v for _, v in pts]
 
 
+_STATUSES = ("completed", "failed", "diverged")
+
+
+def _check_status(status: Any) -> None:
+    if status not in _STATUSES:
+        raise InvalidArgumentError(
+            f"status={status!r} must be one of {_STATUSES} (the run's outcome)."
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_probes(probes: Any) -> list[Probe]:
+    if probes is None:
+        return list(default_probes())
+    if isinstance(probes, Probe):
+        raise InvalidArgumentError(
+            f"probes={probes!r} is one probe: pass a list of probes, probes=[{probes!r}]."
+        )
+    if isinstance(probes, (str, bytes, Mapping)) or not isinstance(probes, Iterable):
+        raise InvalidArgumentError(
+            f"probes={_short(probes)} ({type(probes).__name__}) must be a list of Probe "
+            "instances (e.g. [gs.probes.LossProbe()]) or None for the default probes."
+        )
+    out = list(probes)
+    for i, p in enumerate(out):
+        if not isinstance(p, Probe):
+            hint = " (a class: instantiate it)" if isinstance(p, type) else ""
+            raise InvalidArgumentError(
+                f"probes[{i}]={_short(p)} ({type(p).__name__}) is not a Probe{hint}: pass "
+                "probe instances such as gs.probes.LossProbe() or SharpnessProbe(10)."
+            )
+    return out
+
+
+def _check_loss(loss: Any) -> Tensor | None:
+    """The step's loss as a detached scalar tensor (a number or a one-element tensor)."""
+    if loss is None:
+        return None
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1 or not (loss.is_floating_point() or loss.dtype == torch.long):
+            raise InvalidArgumentError(
+                f"loss must be a scalar, got a {loss.dtype} tensor of shape {tuple(loss.shape)}: "
+                "pass the step's loss value (e.g. loss=loss, the criterion's scalar output)."
+            )
+        return loss.detach().reshape(())
+    if isinstance(loss, (bool, np.bool_)) or not isinstance(loss, (int, float, np.number)):
+        raise InvalidArgumentError(
+            f"loss={_short(loss)} ({type(loss).__name__}) must be a number or a scalar tensor: "
+            "pass the step's loss value."
+        )
+    if isinstance(loss, np.complexfloating):
+        raise InvalidArgumentError(f"loss={loss!r} is complex: pass the real loss value.")
+    return torch.as_tensor(float(loss), dtype=torch.float64)
+
+
 def _subset(prob: Problem, subset: int | Sequence[int] | Tensor | None, seed: int) -> Problem:
     if subset is None:
         return prob
-    if isinstance(subset, int):
+    if isinstance(subset, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            f"subset={subset!r} must be a number of samples, indices or None, not a bool."
+        )
+    if isinstance(subset, (int, np.integer)):
         n = prob.n
         if not 1 <= subset <= n:
-            raise InvalidArgumentError(f"subset={subset} must be between 1 and n={n}.")
-        subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset]
-    return prob.subset(torch.as_tensor(subset))
+            raise InvalidArgumentError(
+                f"subset={subset} must be between 1 and n={n}: pass a smaller count or None."
+            )
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: int(subset)]
+    if isinstance(subset, (str, bytes, float)) or not isinstance(subset, (Tensor, Iterable)):
+        raise InvalidArgumentError(
+            f"subset={_short(subset)} ({type(subset).__name__}) must be a number of samples, a "
+            "sequence or tensor of sample indices, or None."
+        )
+    try:
+        idx = torch.as_tensor(subset)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InvalidArgumentError(
+            f"subset={_short(subset)} must hold integer sample indices: {e}"
+        ) from None
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise InvalidArgumentError(
+            f"subset indices must be integers, got a {idx.dtype} tensor: pass e.g. "
+            "subset=[0, 3, 7] or a count subset=10."
+        )
+    if idx.ndim != 1 or idx.numel() == 0 or idx.unique().numel() != idx.numel():
+        raise InvalidArgumentError(
+            f"subset indices must be a non-empty 1-D list without repeats, got shape "
+            f"{tuple(idx.shape)}: pass e.g. subset=[0, 3, 7] or a count subset=10."
+        )
+    return prob.subset(idx)

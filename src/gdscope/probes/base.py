@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,11 @@ class Schedule(ABC):
     def __call__(self, step: int) -> bool: ...
 
 
+def _is_int(x: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 @dataclass(frozen=True)
 class Every(Schedule):
     """Every ``n`` steps starting at ``start`` (``Every(1)``: every step)."""
@@ -40,8 +46,16 @@ class Every(Schedule):
     start: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise InvalidArgumentError(f"Every(n={self.n!r}): n must be a positive integer.")
+        if not _is_int(self.n) or self.n < 1:
+            raise InvalidArgumentError(
+                f"Every(n={self.n!r}): n must be a positive integer ({type(self.n).__name__} "
+                "given): pass n=1 for every step, n=10 for every tenth."
+            )
+        if not _is_int(self.start) or self.start < 0:
+            raise InvalidArgumentError(
+                f"Every(start={self.start!r}): start must be an integer >= 0 "
+                f"({type(self.start).__name__} given): the first step to run at, e.g. start=0."
+            )
 
     def __call__(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.n == 0
@@ -54,8 +68,11 @@ class LogSpaced(Schedule):
     per_decade: int = 10
 
     def __post_init__(self) -> None:
-        if self.per_decade < 1:
-            raise InvalidArgumentError(f"LogSpaced(per_decade={self.per_decade!r}) must be >= 1.")
+        if not _is_int(self.per_decade) or self.per_decade < 1:
+            raise InvalidArgumentError(
+                f"LogSpaced(per_decade={self.per_decade!r}): per_decade must be an integer >= 1 "
+                f"({type(self.per_decade).__name__} given), e.g. per_decade=10."
+            )
 
     def __call__(self, step: int) -> bool:
         # run at s iff some integer j has 10^(j/per_decade) in (s − 1, s]
@@ -72,7 +89,19 @@ class At(Schedule):
     steps: frozenset[int]
 
     def __init__(self, steps: Iterable[int]) -> None:
-        object.__setattr__(self, "steps", frozenset(int(s) for s in steps))
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise InvalidArgumentError(
+                f"At(steps={steps!r}): steps must be an iterable of integer steps "
+                f"({type(steps).__name__} given), e.g. At([0, 10, 100])."
+            )
+        items = list(steps)
+        bad = [s for s in items if not _is_int(s) or s < 0]
+        if bad:
+            raise InvalidArgumentError(
+                f"At(steps=...): steps must be integers >= 0, got {bad[0]!r} "
+                f"({type(bad[0]).__name__}): pass e.g. At([0, 10, 100])."
+            )
+        object.__setattr__(self, "steps", frozenset(int(s) for s in items))
 
     def __call__(self, step: int) -> bool:
         return step in self.steps
@@ -106,9 +135,15 @@ class Probe(ABC):
     needs: frozenset[str] = frozenset()
 
     def __init__(self, schedule: Schedule | int | None = None) -> None:
-        if isinstance(schedule, int):
-            schedule = Every(schedule)
-        self.schedule: Schedule = schedule or Every(1)
+        if _is_int(schedule):
+            schedule = Every(int(schedule))  # type: ignore[arg-type]
+        elif schedule is not None and not isinstance(schedule, Schedule):
+            raise InvalidArgumentError(
+                f"{type(self).__name__}(schedule={schedule!r}): schedule must be a Schedule "
+                f"(Every, LogSpaced, At), an integer n for Every(n) or None for every step; got "
+                f"{type(schedule).__name__}."
+            )
+        self.schedule: Schedule = Every(1) if schedule is None else schedule
 
     def start(self, problem: Problem) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Called once when the tracker is created, at the initial parameters ``θ₀``."""

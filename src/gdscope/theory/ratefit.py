@@ -20,10 +20,13 @@ with measured ones first, and fit the tail.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from gdscope.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
@@ -128,6 +131,44 @@ def _ols(x: np.ndarray, y: np.ndarray, level: float) -> LineFit:
     )
 
 
+def _is_real(x: Any) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _curve(values: Any, name: str) -> np.ndarray:
+    """``values`` as a 1-D float64 array, or a clear error naming ``name``."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.is_complex():
+            raise InvalidArgumentError(
+                f"{name} is a complex tensor: pass the real loss values (a 1-D sequence)."
+            )
+        values = values.to(torch.float64).numpy()
+    if values is None or isinstance(values, (str, bytes, dict)) or np.isscalar(values):
+        raise InvalidArgumentError(
+            f"{name}={values!r} ({type(values).__name__}) is not a curve: pass a 1-D sequence "
+            "of numbers (a list, numpy array or tensor), one per step."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", np.exceptions.ComplexWarning)
+            arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, np.exceptions.ComplexWarning) as e:
+        text = repr(values)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise InvalidArgumentError(
+            f"{name}={text} ({type(values).__name__}) must hold real numbers only ({e}): pass a "
+            "1-D sequence of floats, one per step."
+        ) from None
+    if arr.ndim != 1:
+        raise ShapeMismatchError(
+            f"{name} must be a 1-D curve, got shape {arr.shape}: pass one value per step "
+            "(flatten or select one curve)."
+        )
+    return arr
+
+
 def fit_rates(
     losses: Any,
     steps: Any = None,
@@ -152,9 +193,12 @@ def fit_rates(
     >>> round(fit.exponential_rate, 12), fit.preferred
     (0.9, 'exponential')
     """
-    y = np.asarray(losses, dtype=np.float64)
-    if y.ndim != 1:
-        raise ShapeMismatchError(f"losses must be a 1-D curve, got shape {y.shape}.")
+    y = _curve(losses, "losses")
+    if y.size < _MIN_POINTS:
+        raise InvalidArgumentError(
+            f"losses has {y.size} value(s); at least {_MIN_POINTS} are needed to fit two lines "
+            "with intervals: pass a longer loss curve."
+        )
     bad = np.flatnonzero(~np.isfinite(y) | (y <= 0))
     if bad.size:
         i = int(bad[0])
@@ -168,14 +212,14 @@ def fit_rates(
     if steps is None:
         t = np.arange(y.size, dtype=np.float64)
     else:
-        t = np.asarray(steps, dtype=np.float64)
+        t = _curve(steps, "steps")
         if t.shape != y.shape:
             raise ShapeMismatchError(
                 f"steps has shape {t.shape} but losses {y.shape}: one step per loss."
             )
         if not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
             raise InvalidArgumentError("steps must be finite and strictly increasing.")
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+    if not _is_real(level) or not 0 < level < 1:
         raise InvalidArgumentError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
     if isinstance(tail, bool):
         raise InvalidArgumentError(f"tail={tail!r}: pass a fraction in (0, 1] or a count.")
@@ -183,10 +227,12 @@ def fit_rates(
         count = int(tail)
         if count < 1:
             raise InvalidArgumentError(f"tail={tail!r} must be >= 1 points.")
-    elif isinstance(tail, float) and 0 < tail <= 1:
+    elif _is_real(tail) and 0 < tail <= 1:
         count = math.ceil(tail * y.size)
     else:
-        raise InvalidArgumentError(f"tail={tail!r}: pass a fraction in (0, 1] or a count.")
+        raise InvalidArgumentError(
+            f"tail={tail!r} ({type(tail).__name__}): pass a fraction in (0, 1] or a count >= 1."
+        )
     start = max(y.size - count, 0)
     tw, yw = t[start:], y[start:]
     notes: list[str] = []

@@ -11,11 +11,13 @@ the tracker runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -43,6 +45,15 @@ class TrackerLike(Protocol):
     ) -> Any: ...
 
     def close(self, status: str = "completed") -> None: ...
+
+
+def _finish(tracker: TrackerLike, status: str) -> None:
+    """End the tracker's run: ``finish`` (keeps it open for results) if it has one, else close."""
+    finish = getattr(tracker, "finish", None)
+    if callable(finish):
+        finish(status)
+    else:
+        tracker.close(status)
 
 
 @dataclass(frozen=True)
@@ -94,9 +105,12 @@ def fit(
         steps: number of steps ``>= 0``.
         tracker: called after every step with the pre-update loss, outputs and targets. If it
             has ``record_config(dict)``, that is called once first with seed, steps, batch size,
-            sampler and :func:`describe_optimizer`. ``fit`` closes it (status ``"diverged"``)
-            only on divergence; on success **the caller owns it**: call ``tracker.close()`` or
-            use it as a context manager.
+            sampler and :func:`describe_optimizer`. When training ends ``fit`` finishes the run:
+            status ``"completed"``, ``"diverged"`` or, when an error escapes, ``"failed"``
+            (:meth:`gdscope.Tracker.finish`; a tracker without ``finish`` is closed). The stored
+            run is complete when ``fit`` returns; ``record_prediction`` and ``close(status,
+            summary)`` still work, further steps do not: one tracker per ``fit`` (a finished or
+            already stepped tracker is refused).
         batch_size: ``None``: full-batch steps on ``L = Σ w·L_b`` (a ``DataLoader``'s batches
             are accumulated, so the step is exactly full-batch GD). Else mini-batches of this
             size drawn from tensor data, each loss ``prob.loss_fn`` on the batch.
@@ -110,6 +124,16 @@ def fit(
         description: the progress bar's label.
     """
     _validate(prob, optimizer, steps, sampler, on_nonfinite, seed)
+    steps, seed = int(steps), int(seed)
+    _validate_tracker(tracker, prob)
+    if not isinstance(progress, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            f"progress={progress!r} ({type(progress).__name__}) must be True or False."
+        )
+    if not isinstance(description, str):
+        raise InvalidArgumentError(
+            f"description={description!r} ({type(description).__name__}) must be a string."
+        )
     model = prob.model
     if batch_size is None:
         sampler_name = "full"
@@ -155,6 +179,7 @@ def fit(
     error: NonFiniteError | None = None
     bar = _Progress(steps, description) if progress else None
     start = time.perf_counter()
+    finished = False
     try:
         with torch.enable_grad():
             for t in range(steps):
@@ -203,16 +228,22 @@ def fit(
                         break
                 if bar is not None:
                     bar.update(t, value)
+        finished = True
     finally:
         if bar is not None:
             bar.close()
+        if not finished and tracker is not None:  # an error escaped: the run failed
+            with contextlib.suppress(Exception):  # keep the original error
+                _finish(tracker, "failed")
     seconds = time.perf_counter() - start
 
-    if error is not None:
-        if tracker is not None:
+    if tracker is not None:
+        if error is not None:
             tracker.close("diverged")
-        if on_nonfinite == "raise":
-            raise error
+        else:
+            _finish(tracker, "completed")
+    if error is not None and on_nonfinite == "raise":
+        raise error
     return FitResult(
         losses=losses,
         steps=taken,
@@ -274,18 +305,24 @@ def _validate(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}: "
             "e.g. gs.GD(prob.model.parameters(), lr=0.1)."
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise InvalidArgumentError(f"steps={steps!r} must be an integer >= 0.")
-    if sampler not in SAMPLERS:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise InvalidArgumentError(
+            f"steps={steps!r} ({type(steps).__name__}) must be an integer >= 0: the number of "
+            "optimizer steps, e.g. steps=1000."
+        )
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise InvalidArgumentError(
             f"sampler={sampler!r} is not known: use one of {sorted(SAMPLERS)}."
         )
-    if on_nonfinite not in _ON_NONFINITE:
+    if not isinstance(on_nonfinite, str) or on_nonfinite not in _ON_NONFINITE:
         raise InvalidArgumentError(
             f"on_nonfinite={on_nonfinite!r} is not known: use 'raise' or 'stop'."
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidArgumentError(f"seed={seed!r} must be an integer.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgumentError(
+            f"seed={seed!r} ({type(seed).__name__}) must be an integer, e.g. seed=0."
+        )
+    _check_optimizer_params(prob, optimizer)
     for name, p in prob.model.named_parameters():
         if p.requires_grad and (p.dtype != prob.dtype or not _same_device(p.device, prob.device)):
             raise InvalidArgumentError(
@@ -293,6 +330,60 @@ def _validate(
                 f"{prob.dtype} on {prob.device}: fit trains the module itself, so move it first "
                 "(model.to(device, dtype)) and build the Problem without a conversion."
             )
+
+
+def _check_optimizer_params(prob: Problem, optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose parameters are not (all) the problem's model parameters."""
+    model_ids = {id(p) for p in prob.model.parameters() if p.requires_grad}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    foreign = [p for p in opt_params if id(p) not in model_ids]
+    if not opt_params or len(foreign) == len(opt_params):
+        raise InvalidArgumentError(
+            f"optimizer: none of its {len(opt_params)} parameter tensor(s) is a trainable "
+            "parameter of prob.model (it was built on another model, or on a copy), so fit "
+            "would train nothing: build it on this model, e.g. "
+            "gs.GD(prob.model.parameters(), lr=0.1)."
+        )
+    if foreign:
+        shapes = [tuple(p.shape) for p in foreign[:3]]
+        raise InvalidArgumentError(
+            f"optimizer: {len(foreign)} of its {len(opt_params)} parameter tensor(s) (shapes "
+            f"{shapes}{', ...' if len(foreign) > 3 else ''}) are not trainable parameters of "
+            "prob.model, so fit would never update them: build the optimizer on "
+            "prob.model.parameters() (or a subset of them)."
+        )
+
+
+def _validate_tracker(tracker: Any, prob: Problem) -> None:
+    """Refuse a tracker that cannot take ``fit``'s steps ``0, 1, …`` for this problem."""
+    if tracker is None:
+        return
+    if not callable(getattr(tracker, "step", None)) or not callable(
+        getattr(tracker, "close", None)
+    ):
+        raise InvalidArgumentError(
+            f"tracker={tracker!r} ({type(tracker).__name__}) has no step()/close() methods: pass "
+            "a gs.Tracker(prob, ...) or None."
+        )
+    done = getattr(tracker, "finished", None) or getattr(tracker, "status", None)
+    if isinstance(done, str):
+        raise InvalidArgumentError(
+            f"tracker: its run is already finished (status {done!r}; fit finishes the run it "
+            "tracks). Pass a new gs.Tracker(prob, ...) for each fit."
+        )
+    last = getattr(tracker, "last_step", None)
+    if last is not None:
+        raise InvalidArgumentError(
+            f"tracker has already tracked steps (up to step {last}); fit numbers its steps from "
+            "0 and records its own config: pass a new gs.Tracker(prob, ...)."
+        )
+    tracked = getattr(tracker, "prob", None)
+    if isinstance(tracked, Problem) and tracked.model is not prob.model:
+        raise InvalidArgumentError(
+            "tracker: it tracks a Problem on another model than prob.model, so its probes would "
+            "measure a model fit does not train: build the tracker on the same problem, "
+            "gs.Tracker(prob, ...)."
+        )
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -18,11 +18,13 @@ record of an optimizer's class and hyperparameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import numbers
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gdscope.errors import InvalidArgumentError
@@ -34,12 +36,72 @@ Closure = Callable[[], Any] | None
 ParamsArg = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-def _check_lr(lr: Any, where: str) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+def _check_params(params: Any, where: str) -> list[Any]:
+    """Materialize ``params`` (tensors or param-group dicts); refuse what trains nothing."""
+    fix = "pass model.parameters() (or a list of param-group dicts with a 'params' key)"
+    if isinstance(params, nn.Module):
         raise InvalidArgumentError(
-            f"{where}: lr={lr!r} must be a finite number > 0: pass a positive step size, e.g. 0.1."
+            f"{where}: params={type(params).__name__}(...) is a module, not its parameters: {fix}."
+        )
+    if isinstance(params, (Tensor, str, bytes, Mapping)) or not isinstance(params, Iterable):
+        raise InvalidArgumentError(
+            f"{where}: params={_short(params)} ({type(params).__name__}) must be an iterable of "
+            f"tensors or param-group dicts: {fix}."
+        )
+    items = list(params)
+    count = 0
+    for i, item in enumerate(items):
+        if isinstance(item, Tensor):
+            count += 1
+        elif isinstance(item, Mapping):
+            if "params" not in item:
+                raise InvalidArgumentError(
+                    f"{where}: params[{i}] is a param group without a 'params' key: {fix}."
+                )
+            group = item["params"]
+            group = [group] if isinstance(group, Tensor) else group
+            if isinstance(group, (str, bytes, Mapping)) or not isinstance(group, Iterable):
+                raise InvalidArgumentError(
+                    f"{where}: params[{i}]['params']={_short(group)} must be tensors: {fix}."
+                )
+            group = list(group)
+            bad = [type(g).__name__ for g in group if not isinstance(g, Tensor)]
+            if bad:
+                raise InvalidArgumentError(
+                    f"{where}: params[{i}]['params'] holds {bad[0]}, not tensors: {fix}."
+                )
+            count += len(group)
+            items[i] = {**item, "params": group}
+        else:
+            raise InvalidArgumentError(
+                f"{where}: params[{i}]={_short(item)} ({type(item).__name__}) is neither a tensor "
+                f"nor a param-group dict: {fix}."
+            )
+    if count == 0:
+        raise InvalidArgumentError(
+            f"{where}: params is empty (no tensors in {len(items)} item(s)), so the optimizer "
+            f"would train nothing: {fix}; check that the model has trainable parameters."
+        )
+    return items
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_lr(lr: Any, where: str) -> float:
+    if not _is_real(lr) or not math.isfinite(lr) or lr <= 0:
+        raise InvalidArgumentError(
+            f"{where}: lr={lr!r} ({type(lr).__name__}) must be a finite number > 0: pass a "
+            "positive step size, e.g. lr=0.1."
         )
     return float(lr)
+
+
+def _is_real(x: Any) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_beta(beta: Any, where: str, scheduled_ok: bool) -> float | str:
@@ -50,20 +112,20 @@ def _check_beta(beta: Any, where: str, scheduled_ok: bool) -> float | str:
                 "momentum or beta='scheduled' for β_t = (t−1)/(t+r−1)."
             )
         return beta
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+    if not _is_real(beta) or not 0 <= beta < 1:
         extra = " or 'scheduled'" if scheduled_ok else ""
         raise InvalidArgumentError(
-            f"{where}: beta={beta!r} must be a number in [0, 1){extra}: momentum β ≥ 1 never "
-            "converges; pass e.g. beta=0.9."
+            f"{where}: beta={beta!r} ({type(beta).__name__}) must be a number in [0, 1){extra}: "
+            "momentum β ≥ 1 never converges; pass e.g. beta=0.9."
         )
     return float(beta)
 
 
 def _check_r(r: Any, where: str) -> float:
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+    if not _is_real(r) or not math.isfinite(r) or r <= 0:
         raise InvalidArgumentError(
-            f"{where}: r={r!r} must be a finite number > 0 (β_t = (t−1)/(t+r−1)); r=3 is the "
-            "classical choice."
+            f"{where}: r={r!r} ({type(r).__name__}) must be a finite number > 0 "
+            "(β_t = (t−1)/(t+r−1)); r=3 is the classical choice."
         )
     return float(r)
 
@@ -84,7 +146,8 @@ class GD(Optimizer):
     """
 
     def __init__(self, params: ParamsArg, lr: float) -> None:
-        super().__init__(params, {"lr": _check_lr(lr, "GD")})
+        defaults = {"lr": _check_lr(lr, "GD")}
+        super().__init__(_check_params(params, "GD"), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -118,7 +181,7 @@ class HeavyBall(Optimizer):
 
     def __init__(self, params: ParamsArg, lr: float, beta: float) -> None:
         defaults = {"lr": _check_lr(lr, "HeavyBall"), "beta": _check_beta(beta, "HeavyBall", False)}
-        super().__init__(params, defaults)
+        super().__init__(_check_params(params, "HeavyBall"), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -174,7 +237,7 @@ class Nesterov(Optimizer):
             "beta": _check_beta(beta, "Nesterov", True),
             "r": _check_r(r, "Nesterov"),
         }
-        super().__init__(params, defaults)
+        super().__init__(_check_params(params, "Nesterov"), defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
