@@ -57,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from gdscope.kernels.ntk import ntk
+from gdscope.kernels.ntk import default_memory, ntk
 from gdscope.problem import Problem
 
 __all__ = ["Prediction", "optimizer_spec", "predict"]
@@ -163,6 +163,7 @@ class _Spec:
 
 
 _GDSCOPE = {"GD", "HeavyBall", "Nesterov"}
+_MAPPING_KEYS = {"GD": ("lr",), "HeavyBall": ("lr", "beta"), "Nesterov": ("lr", "beta", "r")}
 _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 
 
@@ -216,9 +217,35 @@ def _parse_optimizer(optimizer: Any) -> _Spec:
                 "'SGD' (Adam and other adaptive optimizers are not linear recursions)."
             )
         if "param_groups" in optimizer:
-            groups = [dict(g) for g in optimizer["param_groups"]]
+            raw = optimizer["param_groups"]
+            if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
+                raise InvalidArgumentError(
+                    f"optimizer['param_groups']={raw!r} must be a list of dicts of "
+                    "hyperparameters, as gdscope.train.describe_optimizer writes it."
+                )
+            bad = [g for g in raw if not isinstance(g, Mapping)]
+            if bad:
+                raise InvalidArgumentError(
+                    f"optimizer['param_groups'] holds {bad[0]!r} ({type(bad[0]).__name__}), not "
+                    "a dict of hyperparameters such as {'lr': 0.1}."
+                )
+            groups = [dict(g) for g in raw]
         else:
             groups = [{k: v for k, v in optimizer.items() if k not in ("class", "kind")}]
+        allowed = _MAPPING_KEYS.get(name)
+        for g in groups:
+            unknown = sorted(str(k) for k in set(g) - set(allowed or g) - {"initial_lr"})
+            if unknown:
+                raise InvalidArgumentError(
+                    f"optimizer mapping for {name}: unknown setting(s) {unknown}; {name} takes "
+                    f"{sorted(allowed or ())} (e.g. momentum is 'beta' for HeavyBall and "
+                    "Nesterov)."
+                )
+            if name in ("HeavyBall", "Nesterov") and "beta" not in g:
+                raise InvalidArgumentError(
+                    f"optimizer mapping for {name} has no 'beta': pass the momentum, e.g. "
+                    f"{{'class': {name!r}, 'lr': 0.1, 'beta': 0.9}}."
+                )
     else:
         raise InvalidArgumentError(
             f"optimizer must be a torch.optim.Optimizer instance (gs.GD, gs.HeavyBall, "
@@ -270,6 +297,12 @@ def _parse_optimizer(optimizer: Any) -> _Spec:
     unknown = sorted(set(first) - {*_SGD_KEYS, "foreach", "differentiable", "fused"})
     if unknown and not isinstance(optimizer, torch.optim.Optimizer):
         raise InvalidArgumentError(f"{where}: unknown SGD settings {unknown}.")
+    for flag in ("nesterov", "maximize"):
+        if not isinstance(first.get(flag, False), (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"{where}: {flag}={first[flag]!r} ({type(first[flag]).__name__}) must be True "
+                "or False."
+            )
     if first.get("maximize", False):
         raise InvalidArgumentError(
             f"{where}: maximize=True ascends the loss; predict models minimization only."
@@ -645,6 +678,7 @@ def predict(
     j_theta0_test: Any = None,
     record: int | Sequence[int] | None = None,
     kernel_rtol: float | None = None,
+    memory: float | None = None,
 ) -> Prediction:
     """Predict the loss curve and outputs of a run from the NTK of the linearized model.
 
@@ -659,7 +693,7 @@ def predict(
             attached schedulers, Adam & co., ``lr ≤ 0``, momentum outside ``[0, 1)`` and
             nesterov with dampening are refused. With a Problem the optimizer must cover
             exactly the model's trainable parameters.
-        steps: optimizer steps to predict (``≥ 0``).
+        steps: optimizer steps to predict (``≥ 1``).
         f0: kernel form only: initial outputs ``(n, k)`` or ``(n·k,)`` sample-major.
         y: kernel form only: MSE targets like ``f0``; cross-entropy class indices ``(n,)`` or
             target probabilities ``(n, k)`` (then ``f0`` must be ``(n, k)``).
@@ -677,6 +711,11 @@ def predict(
         kernel_rtol: negative eigenvalues of ``K`` below ``−kernel_rtol·max|λ|`` are refused;
             ones between that and round-off are clipped to 0 with a warning. Default
             ``max(1e-10, 10·max(nk, 10)·eps)`` with ``eps`` of the kernel's dtype.
+        memory: budget in bytes for the arrays the prediction allocates (the loss curve of
+            ``steps + 1`` floats, the recorded outputs, the eigenvectors); default a quarter of
+            the available RAM. A prediction larger than that is refused before anything is
+            allocated: predict fewer steps (the asymptotic rate describes the tail) or record
+            fewer steps.
 
     Returns:
         :class:`Prediction`.
@@ -688,9 +727,25 @@ def predict(
     >>> pred.loss.round(6).tolist()  # L = ‖r‖², r_i ← (1 − 0.25·2·λ_i) r_i
     [2.0, 0.25, 0.0625, 0.015625]
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise InvalidArgumentError(f"steps={steps!r} must be an integer >= 0.")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InvalidArgumentError(
+            f"steps={steps!r} ({type(steps).__name__}) must be an integer >= 1: the number of "
+            "optimizer steps to predict, e.g. steps=1000."
+        )
     steps = int(steps)
+    budget = _check_memory(memory)
+    n_rec = _record_count(steps, record)
+    _check_size(steps, n_rec, 1, 0, False, budget, memory is None)  # before any kernel work
+    if kernel_rtol is not None and (
+        isinstance(kernel_rtol, bool)
+        or not isinstance(kernel_rtol, (int, float, np.floating))
+        or not math.isfinite(kernel_rtol)
+        or kernel_rtol <= 0
+    ):
+        raise InvalidArgumentError(
+            f"kernel_rtol={kernel_rtol!r} ({type(kernel_rtol).__name__}) must be a finite number "
+            "> 0, e.g. 1e-8, or None for the default."
+        )
     spec = _parse_optimizer(optimizer)
     wd = spec.weight_decay
     notes: list[str] = []
@@ -793,6 +848,8 @@ def predict(
     p = np.zeros(nk) if p is None else p
     if Kt is not None:
         pt = np.zeros(Kt.shape[0]) if pt is None else pt
+    ntest = 0 if Kt is None else Kt.shape[0]
+    _check_size(steps, n_rec, nk, ntest, name == "cross_entropy", budget, memory is None)
     rec = _record_steps(steps, record)
     rec_index = {int(s): i for i, s in enumerate(rec)}
 
@@ -985,16 +1042,88 @@ def _ce_targets(y: np.ndarray, n: int, k: int) -> np.ndarray:
     return arr
 
 
-def _record_steps(steps: int, record: int | Sequence[int] | None) -> np.ndarray:
-    if record is None or (isinstance(record, (int, np.integer)) and not isinstance(record, bool)):
-        count = _MAX_RECORD if record is None else int(record)
-        if count < 1:
-            raise InvalidArgumentError(f"record={record!r} must be >= 1.")
-        if steps + 1 <= count + 1:
-            return np.arange(steps + 1)
-        inner = np.unique(np.round(np.geomspace(1, steps, count)).astype(np.int64))
-        return np.unique(np.concatenate([[0], inner, [steps]]))
-    arr = np.unique(np.asarray(list(record), dtype=np.int64))
+def _record_arg(steps: int, record: Any) -> int | np.ndarray:
+    """``record`` validated: a count ``>= 1`` or the sorted unique steps in ``[0, steps]``."""
+    if record is None:
+        return _MAX_RECORD
+    if isinstance(record, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            f"record={record!r} must be a count of steps, a list of steps or None, not a bool."
+        )
+    if isinstance(record, (int, np.integer)):
+        if record < 1:
+            raise InvalidArgumentError(
+                f"record={record!r} must be >= 1 (a count of recorded steps), or None."
+            )
+        return int(record)
+    if isinstance(record, (str, bytes, Mapping)) or not isinstance(record, Iterable):
+        raise InvalidArgumentError(
+            f"record={record!r} ({type(record).__name__}) must be a count, a list of steps or None."
+        )
+    items = list(record)
+    bad = [
+        r for r in items if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer))
+    ]
+    if bad:
+        raise InvalidArgumentError(
+            f"record steps must be integers, got {bad[0]!r} ({type(bad[0]).__name__}): pass "
+            "e.g. record=[0, 10, 100]."
+        )
+    arr = np.unique(np.asarray(items, dtype=np.int64))
     if arr.size == 0 or arr.min() < 0 or arr.max() > steps:
-        raise InvalidArgumentError(f"record steps must lie in [0, {steps}] and not be empty.")
+        raise InvalidArgumentError(
+            f"record steps must lie in [0, steps={steps}] and not be empty: pass e.g. "
+            f"record=[0, {steps}]."
+        )
     return arr
+
+
+def _record_count(steps: int, record: Any) -> int:
+    """How many steps :func:`_record_steps` will record (without building them)."""
+    arg = _record_arg(steps, record)
+    return min(steps + 1, arg + 2) if isinstance(arg, int) else int(arg.size)
+
+
+def _record_steps(steps: int, record: int | Sequence[int] | None) -> np.ndarray:
+    arg = _record_arg(steps, record)
+    if not isinstance(arg, int):
+        return arg
+    count = arg
+    if steps + 1 <= count + 1:
+        return np.arange(steps + 1)
+    inner = np.unique(np.round(np.geomspace(1, steps, count)).astype(np.int64))
+    return np.unique(np.concatenate([[0], inner, [steps]]))
+
+
+def _check_memory(memory: Any) -> int:
+    if memory is None:
+        return default_memory("cpu")
+    if (
+        isinstance(memory, bool)
+        or not isinstance(memory, (int, float, np.integer, np.floating))
+        or not math.isfinite(memory)
+        or memory <= 0
+    ):
+        raise InvalidArgumentError(
+            f"memory={memory!r} ({type(memory).__name__}) must be a positive number of bytes, "
+            "or None for a quarter of the available RAM."
+        )
+    return int(memory)
+
+
+def _check_size(
+    steps: int, n_rec: int, nk: int, ntest: int, ce: bool, budget: int, default: bool
+) -> None:
+    """Refuse a prediction whose arrays (float64) would exceed ``budget`` bytes."""
+    eigvecs = 0 if ce else nk * nk  # MSE: eigh's eigenvectors
+    floats = (steps + 1) + 2 * n_rec * nk + n_rec * ntest + eigvecs + 4 * (nk + ntest)
+    need = 8 * floats
+    if need > budget:
+        which = " (default: 1/4 of the available RAM)" if default else ""
+        raise InvalidArgumentError(
+            f"steps={steps} with n·k={nk}"
+            + (f", {ntest} test outputs" if ntest else "")
+            + f" and {n_rec} recorded steps needs about {need / 1e9:.3g} GB, more than "
+            f"memory={budget / 1e9:.3g} GB{which}: predict fewer steps (the asymptotic rate "
+            "describes the tail), record fewer steps (record=...), or raise memory=."
+        )

@@ -334,23 +334,24 @@ def _validate(
 
 def _check_optimizer_params(prob: Problem, optimizer: Optimizer) -> None:
     """Refuse an optimizer whose parameters are not (all) the problem's model parameters."""
-    model_ids = {id(p) for p in prob.model.parameters() if p.requires_grad}
+    model_ids = {id(p) for p in prob.model.parameters()}
+    trainable = {id(p) for p in prob.model.parameters() if p.requires_grad}
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-    foreign = [p for p in opt_params if id(p) not in model_ids]
-    if not opt_params or len(foreign) == len(opt_params):
+    if not any(id(p) in trainable for p in opt_params):
         raise InvalidArgumentError(
             f"optimizer: none of its {len(opt_params)} parameter tensor(s) is a trainable "
             "parameter of prob.model (it was built on another model, or on a copy), so fit "
             "would train nothing: build it on this model, e.g. "
             "gs.GD(prob.model.parameters(), lr=0.1)."
         )
+    foreign = [p for p in opt_params if id(p) not in model_ids]
     if foreign:
         shapes = [tuple(p.shape) for p in foreign[:3]]
         raise InvalidArgumentError(
             f"optimizer: {len(foreign)} of its {len(opt_params)} parameter tensor(s) (shapes "
-            f"{shapes}{', ...' if len(foreign) > 3 else ''}) are not trainable parameters of "
-            "prob.model, so fit would never update them: build the optimizer on "
-            "prob.model.parameters() (or a subset of them)."
+            f"{shapes}{', ...' if len(foreign) > 3 else ''}) are not parameters of prob.model, "
+            "so fit would never update them: build the optimizer on prob.model.parameters() "
+            "(or a subset of them)."
         )
 
 
