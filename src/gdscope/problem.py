@@ -140,10 +140,10 @@ class Problem:
             raise InvalidArgumentError(
                 "data is empty (no batches): pass at least one sample."
             ) from None
-        if x.shape[0] == 0:
-            raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
         where = "data" if self._full_batch is not None else "batch 0 of data"
         self._check_batch(x, y, where)
+        if x.shape[0] == 0:
+            raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
         x2, y2 = self._to_device(x[:2]), self._to_device(y[:2], targets=True)
         with torch.no_grad():
             out = self.forward(self.params, x2)
