@@ -357,6 +357,16 @@ def test_lanczos_residual_estimates_match_true_residuals(
     V = res.vectors
     true = torch.linalg.vector_norm(A @ V - V * res.values, dim=0)
     assert torch.allclose(res.residuals, true, rtol=1e-6, atol=1e-13 * norm2(A))
+    if res.residual_estimates is None:
+        # a single vector sees one copy of the triple top eigenvalue 3: the multiplicity check
+        # found the second one by a deflated restart, and the values come from Rayleigh–Ritz
+        # over both solves (no single Krylov–Schur estimate). The old test accepted [3, 2].
+        assert name == "repeated" and block_size == 1
+        assert res.converged and res.multiplicity_resolved
+        exact = torch.linalg.eigvalsh(A)
+        want = exact.flip(0)[:2] if which == "largest" else torch.cat([exact[:2], exact[-2:]])
+        assert torch.allclose(res.values, want, atol=1e-9)
+        return
     assert torch.allclose(res.residual_estimates, true, rtol=1e-6, atol=1e-13 * norm2(A))
     if max_matvecs is not None:  # the unconverged cases test the estimate away from zero
         assert not res.converged and res.stop_reason == "max_matvecs"

@@ -30,9 +30,20 @@ instead of spending the budget.
 Ritz values are always inside the spectrum: an unconverged largest value is a *lower* bound on
 ``λ_max`` and an unconverged smallest value an *upper* bound on ``λ_min``.
 
-A single start vector sees one copy of a repeated eigenvalue; pass ``block_size`` at least the
-multiplicity you need resolved (``block_size`` columns are applied per step through
-``matmat``).
+Repeated eigenvalues. A single start vector sees one copy of a repeated eigenvalue: for a top
+eigenvalue of multiplicity 3 and ``k = 3`` the Krylov space offers ``[2, 2, 1.5]`` with small
+residuals where the answer is ``[2, 2, 2]``. So when more than one eigenvalue per end is wanted,
+a converged solve is *verified* (``verify_multiplicity``): Lanczos runs again on the operator
+deflated against every vector found so far (``(I − ZᵀZ) A (I − ZᵀZ)`` on the complement of
+``Z``, from a fresh random start orthogonal to ``Z``) for its extreme eigenvalue. If that value
+lies beyond the ``k``-th value by more than their two residuals, its vector joins ``Z``,
+Rayleigh–Ritz on ``span Z`` (no products: ``AZ`` is kept) gives the new values, and the check
+repeats; otherwise the wanted multiset is right to within residuals and is confirmed
+(``multiplicity_resolved=True``). A result whose multiplicities could not be confirmed (budget
+spent, or the check switched off) says so: ``multiplicity_resolved=False`` and ``converged`` is
+False. ``block_size`` at least the multiplicity finds the copies in the first solve, so the check
+then only confirms. Like Lanczos itself the check is probabilistic (a random start has a
+component along every eigenvector with probability one).
 """
 
 from __future__ import annotations
@@ -44,6 +55,16 @@ import torch
 from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError
+from gdscope.linalg._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_operator,
+    check_optional_int,
+    check_seed,
+    check_tol,
+    check_vector,
+)
 from gdscope.linalg.operator import LinearOperator
 
 __all__ = ["EigResult", "lanczos", "lanczos_tridiag"]
@@ -64,11 +85,18 @@ class EigResult:
 
     ``values`` are sorted descending for ``"largest"``, ascending for ``"smallest"``, and
     ascending for ``"both"`` (the ``k`` smallest then the ``k`` largest). ``residuals[i]`` is
-    the true ``‖A v_i − values[i] v_i‖``; ``converged[i]`` says whether it met the tolerance.
-    ``residual_estimates`` (Lanczos only) are the Krylov–Schur estimates ``‖R s_last‖`` at the
-    last step: equal to ``residuals`` up to rounding; a gap shows the round-off floor.
+    the true ``‖A v_i − values[i] v_i‖``; ``converged_mask[i]`` says whether it met the
+    tolerance. ``residual_estimates`` (Lanczos only) are the Krylov–Schur estimates
+    ``‖R s_last‖`` at the last step: equal to ``residuals`` up to rounding; a gap shows the
+    round-off floor (``None`` when the values come from Rayleigh–Ritz over several solves, after
+    the multiplicity check found a missed copy).
     ``stop_reason`` (Lanczos only): ``"converged"``, ``"max_matvecs"`` (budget spent) or
     ``"stagnated"`` (true residuals stuck above ``tol·‖A‖`` at the dtype's round-off floor).
+    ``multiplicity_resolved``: ``True`` when the multiset of values was confirmed (a deflated
+    restart found no further copy, or the basis spanned the whole space), ``False`` when it could
+    not be (then ``converged`` is False: a missed copy of a repeated eigenvalue may hide behind
+    small residuals), ``None`` when one value per end was asked for (multiplicity cannot change
+    it). ``note`` says what was not verified, if anything.
     """
 
     values: Tensor
@@ -82,17 +110,25 @@ class EigResult:
     norm_estimate: float
     residual_estimates: Tensor | None = None
     stop_reason: str = ""
+    multiplicity_resolved: bool | None = None
+    note: str = ""
 
     @property
     def converged(self) -> bool:
-        """Whether every requested eigenpair met the tolerance."""
-        return bool(self.converged_mask.all())
+        """Whether every requested eigenpair met the tolerance and, when more than one value
+        per end was asked for, their multiplicities were confirmed."""
+        return bool(self.converged_mask.all()) and self.multiplicity_resolved is not False
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{v:.6g}" for v in self.values.tolist())
         flag = "converged" if self.converged else "NOT converged (values are bounds)"
-        if not self.converged and self.stop_reason:
-            flag = f"NOT converged ({self.stop_reason}; values are bounds)"
+        if not self.converged:
+            if bool(self.converged_mask.all()):
+                why = "multiplicity not verified"
+            else:
+                why = self.stop_reason
+            if why:
+                flag = f"NOT converged ({why}; values are bounds)"
         return (
             f"EigResult({self.which}: [{vals}], {flag}, max residual "
             f"{self.residuals.max().item():.2e}, {self.matvecs} matvecs, {self.seconds:.3g}s)"
@@ -133,16 +169,18 @@ def _project_out(W: Tensor, V: Tensor, lo: int) -> tuple[Tensor, Tensor]:
 
 
 def _orthonormal_rows(
-    F: Tensor, V: Tensor, gen: torch.Generator, scale: float
+    F: Tensor, V: Tensor, gen: torch.Generator, scale: float, locked: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(Q, R)``: orthonormal rows ``Q`` with ``F = RᵀQ`` (``F`` orthogonal to the rows of ``V``).
 
     Directions lost to rank deficiency (an invariant subspace) are replaced by random ones
-    orthogonal to ``V``, so the search can continue into the rest of the space; ``R = QFᵀ``
-    then drops ``F``'s round-off part along them. At most ``P − len(V)`` rows.
+    orthogonal to ``V`` (and to ``locked``, the deflated vectors), so the search can continue
+    into the rest of the space; ``R = QFᵀ`` then drops ``F``'s round-off part along them. At most
+    ``P − len(V) − len(locked)`` rows.
     """
     b, P = F.shape
-    room = P - V.shape[0]
+    nlocked = 0 if locked is None else locked.shape[0]
+    room = P - V.shape[0] - nlocked
     if room <= 0:
         return F[:0], F.new_zeros(0, b)
     eps = torch.finfo(F.dtype).eps
@@ -159,7 +197,8 @@ def _orthonormal_rows(
         good = Q[~bad]
         fresh = torch.randn(int(bad.sum()), P, generator=gen, dtype=torch.float64)
         fresh = fresh.to(F.device, F.dtype)
-        basis = torch.cat([V, good])
+        parts = [V, good] if locked is None else [locked, V, good]
+        basis = torch.cat(parts)
         fresh, _ = _project_out(fresh, basis, basis.shape[0])
         Qf, _ = torch.linalg.qr(fresh.T)
         Q = torch.cat([good, Qf.T])
@@ -170,86 +209,65 @@ def _orthonormal_rows(
     return Q, R
 
 
-def lanczos(
+@dataclass
+class _Solve:
+    """One Krylov–Schur solve: wanted Ritz pairs (rows), their images ``A y`` and trust."""
+
+    values: Tensor
+    vectors: Tensor
+    images: Tensor
+    residuals: Tensor
+    conv: Tensor
+    est: Tensor
+    reason: str
+    anorm: float
+    spanned: bool
+    matvecs: int
+
+
+def _deflate(X: Tensor, L: Tensor | None) -> Tensor:
+    """``X (I − LᵀL)`` twice (rows of ``L`` orthonormal): rows orthogonal to ``L``."""
+    if L is None or L.shape[0] == 0:
+        return X
+    for _ in range(2):
+        X = torch.addmm(X, X @ L.T, L, alpha=-1.0)
+    return X
+
+
+def _solve(
     op: LinearOperator,
-    k: int = 1,
-    which: str = "largest",
-    tol: float = 1e-6,
+    k: int,
+    which: str,
+    tol: float,
+    start: Tensor,
     *,
-    v0: Tensor | None = None,
-    block_size: int = 1,
-    max_basis: int | None = None,
-    max_matvecs: int | None = None,
-    return_vectors: bool = False,
-    seed: int = 0,
-) -> EigResult:
-    """``k`` extreme eigenpairs of the symmetric ``op`` (``k`` at each end for ``"both"``).
+    b: int,
+    m: int,
+    budget: int,
+    gen: torch.Generator,
+    locked: Tensor | None = None,
+    anorm: float = 0.0,
+) -> _Solve:
+    """Block thick-restart Lanczos for ``k`` extreme eigenpairs (per end for ``"both"``).
 
-    Args:
-        op: symmetric operator (see :class:`gdscope.linalg.LinearOperator`).
-        k: number of eigenpairs (per end for ``"both"``).
-        which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"both"``.
-        tol: relative residual tolerance, ``‖Av − θv‖ ≤ tol·‖A‖``. Below the dtype's round-off
-            floor (float32: about ``1e-6``) the solve stops as ``"stagnated"``, unconverged.
-        v0: warm start: a vector (or ``(P, j)`` block) to start from, e.g. the previous
-            eigenvector.
-        block_size: vectors per step; at least the multiplicity to resolve.
-        max_basis: basis size before a thick restart (default ``max(2·wanted + 2·b + 20, 40)``).
-        max_matvecs: budget (default ``max(500, 60·wanted)``); exceeding it returns an
-            unconverged result, never an error.
-        return_vectors: keep the Ritz vectors (``(P, wanted)``).
-        seed: for the random start and breakdown restarts.
+    With ``locked`` (orthonormal rows ``L``) the operator is ``(I − LᵀL) A (I − LᵀL)`` on the
+    complement of ``L``: every block is kept orthogonal to ``L``, and residuals are those of
+    the deflated operator. ``start``: rows of the first block (any norm).
     """
-    if which not in WHICH:
-        raise InvalidArgumentError(f"which={which!r} is not supported: use one of {WHICH}.")
     P = op.shape[0]
-    if not isinstance(k, int) or k < 1:
-        raise InvalidArgumentError(f"k={k!r} must be a positive integer.")
-    wanted = 2 * k if which == "both" else k
-    if wanted > P:
-        raise InvalidArgumentError(
-            f"k={k} asks for {wanted} eigenvalues of an operator of size {P}: "
-            f"use k <= {P // 2 if which == 'both' else P}."
-        )
-    if not tol > 0:
-        raise InvalidArgumentError(f"tol={tol!r} must be positive.")
-    if block_size < 1:
-        raise InvalidArgumentError(f"block_size={block_size!r} must be >= 1.")
-    b = min(block_size, P)
-    m = min(P, max_basis or max(2 * wanted + 2 * b + 20, 40))
-    if m < wanted + b and m < P:
-        raise InvalidArgumentError(
-            f"max_basis={max_basis} is too small for {wanted} eigenpairs with block size {b}: "
-            f"use at least {wanted + b}."
-        )
-    if max_matvecs is not None and max_matvecs < 1:
-        raise InvalidArgumentError(f"max_matvecs={max_matvecs!r} must be >= 1 (or None).")
-    budget = max_matvecs if max_matvecs is not None else max(500, 60 * wanted)
     dtype, device = op.dtype, op.device
+    nlocked = 0 if locked is None else locked.shape[0]
+    dim = P - nlocked  # dimension of the space searched
+    wanted = 2 * k if which == "both" else k
     eps = torch.finfo(dtype).eps
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
     start_matvecs = op.matvecs
-
     # rows of V: orthonormal basis; rows of AV: their images; H = V A Vᵀ (float64, CPU). One
     # spare row: a "both" restart keeps (keep + 1) // 2 vectors per end, one more than m - b.
     V = torch.empty(m + 1, P, dtype=dtype, device=device)
     AV = torch.empty_like(V)
     H = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-    start = torch.randn(P, b, generator=gen, dtype=torch.float64).T.to(device, dtype)
-    if v0 is not None:
-        # A warm start that is (nearly) an eigenvector of a non-wanted eigenvalue would be
-        # accepted at once; a random admixture keeps every direction in the Krylov space.
-        v0 = v0.reshape(P, -1).T.to(device, dtype)
-        v0 = v0 / torch.linalg.vector_norm(v0, dim=1, keepdim=True).clamp_min(
-            torch.finfo(dtype).tiny
-        )
-        noise = start[: v0.shape[0]]
-        noise = noise / torch.linalg.vector_norm(noise, dim=1, keepdim=True)
-        start = torch.cat([v0 + WARM_START_NOISE * noise, start])[: max(b, v0.shape[0])]
-    X, _ = _orthonormal_rows(start, V[:0], gen, 1.0)
+    X, _ = _orthonormal_rows(_deflate(start, locked), V[:0], gen, 1.0, locked)
     n = lo = 0  # basis size; first row of the previous block (Lanczos' local coupling)
-    anorm = 0.0
     best, stalls, at_floor = float("inf"), 0, False  # true-residual checks
     est_best, flat = float("inf"), 0  # residual estimates: best so far, steps without halving
     while True:
@@ -259,6 +277,7 @@ def lanczos(
         AV[n : n + nb] = W.T
         n += nb
         F, C = _project_out(AV[n - nb : n], V[:n], lo)
+        F = _deflate(F, locked)
         lo = n - nb
         Cd = C.to("cpu", torch.float64)
         H[:n, n - nb : n] = Cd
@@ -268,10 +287,10 @@ def lanczos(
         anorm = max(anorm, theta.abs().max().item())
         thr = tol * max(anorm, torch.finfo(dtype).tiny)
         idx = _select(theta, which, k)
-        X, R = _orthonormal_rows(F, V[:n], gen, anorm)
+        X, R = _orthonormal_rows(F, V[:n], gen, anorm, locked)
         est = torch.linalg.vector_norm(R.to("cpu", torch.float64) @ S[n - nb : n, idx], dim=0)
         used = op.matvecs - start_matvecs
-        full = n >= P
+        full = n >= dim
         have = len(idx) >= wanted
         # Confirm with true residuals when the estimates pass tol, or reach the dtype's floor
         # (below it they are no guide), or stopped falling for PLATEAU_STEPS steps below √eps
@@ -289,8 +308,9 @@ def lanczos(
         ):
             Sw = S[:n, idx].to(device, dtype)
             Y = Sw.T @ V[:n]
+            AY = Sw.T @ AV[:n]
             theta_w = theta[idx].to(device, dtype)
-            res = torch.linalg.vector_norm(Sw.T @ AV[:n] - theta_w[:, None] * Y, dim=1)
+            res = torch.linalg.vector_norm(_deflate(AY - theta_w[:, None] * Y, locked), dim=1)
             conv = res <= thr
             if bool(conv.all()) or used >= budget or full:
                 reason = "converged" if bool(conv.all()) else "max_matvecs"
@@ -318,11 +338,234 @@ def lanczos(
             AV[:kk] = Sk.T @ AV[:n]
             H[:kk, :kk] = torch.diag(theta[kidx])
             n, lo = kk, 0
-    vals = theta_w
-    est = est.to(device, dtype)
+    return _Solve(
+        theta_w,
+        Y,
+        AY,
+        res,
+        conv,
+        est.to(device, dtype),
+        reason,
+        anorm,
+        full and n >= P,
+        op.matvecs - start_matvecs,
+    )
+
+
+def _rayleigh_ritz(Z: Tensor, AZ: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz values (ascending), vectors and images of ``A`` on the row space of ``Z``."""
+    G = (Z @ AZ.T).to("cpu", torch.float64)
+    theta, U = torch.linalg.eigh(0.5 * (G + G.T))
+    U = U.to(Z.device, Z.dtype)
+    return theta.to(Z.device, Z.dtype), U.T @ Z, U.T @ AZ
+
+
+def _append(Z: Tensor, AZ: Tensor, y: Tensor, ay: Tensor) -> tuple[Tensor, Tensor]:
+    """``Z`` and ``AZ`` with ``y`` (made orthogonal to ``Z``, unit) and its image appended."""
+    for _ in range(2):
+        c = Z @ y
+        y, ay = y - c @ Z, ay - c @ AZ
+    nrm = torch.linalg.vector_norm(y).clamp_min(torch.finfo(y.dtype).tiny)
+    return torch.cat([Z, (y / nrm)[None]]), torch.cat([AZ, (ay / nrm)[None]])
+
+
+@dataclass
+class _Verified:
+    """Outcome of the multiplicity check: the (possibly enlarged) Ritz set, ascending."""
+
+    theta: Tensor
+    Z: Tensor
+    AZ: Tensor
+    merged: bool
+    resolved: bool
+    reason: str
+    matvecs: int
+    anorm: float
+    note: str
+
+
+def _verify_multiplicity(
+    op: LinearOperator,
+    first: _Solve,
+    k: int,
+    which: str,
+    tol: float,
+    *,
+    b: int,
+    budget: int,
+    gen: torch.Generator,
+) -> _Verified:
+    """Deflated restarts until no missed copy would enter the wanted set (module docstring)."""
+    P = op.shape[0]
+    dtype, device = op.dtype, op.device
+    order = torch.argsort(first.values)
+    theta, Z, AZ = first.values[order], first.vectors[order], first.images[order]
+    anorm, used, merged = first.anorm, 0, False
+    pending = {"largest", "smallest"} if which == "both" else {which}
+    reason, note = "converged", ""
+    while pending and Z.shape[0] < P:
+        room = P - Z.shape[0]
+        if used >= budget:
+            reason = "max_matvecs"
+            note = f"multiplicity not verified: the budget of {budget} products was spent"
+            break
+        end = "both" if len(pending) == 2 and room >= 2 else min(pending)
+        ends = ["smallest", "largest"] if end == "both" else [end]
+        bb = min(b, room)
+        m = min(room, max(2 * len(ends) + 2 * bb + 20, 40))
+        start = torch.randn(P, bb, generator=gen, dtype=torch.float64).T.to(device, dtype)
+        d = _solve(
+            op, 1, end, tol, start, b=bb, m=m, budget=budget - used, gen=gen, locked=Z, anorm=anorm
+        )
+        used += d.matvecs
+        anorm = max(anorm, d.anorm)
+        if not bool(d.conv.all()) and d.reason != "stagnated":
+            reason = d.reason
+            note = (
+                f"multiplicity not verified: the deflated restart stopped ({d.reason}) after "
+                f"{d.matvecs} products"
+            )
+            break
+        resZ = torch.linalg.vector_norm(AZ - theta[:, None] * Z, dim=1)
+        slack = FLOOR_EPS * torch.finfo(dtype).eps * anorm
+        add: list[int] = []
+        for i, e in enumerate(ends):
+            if e not in pending:
+                continue
+            mu = d.values[i].item()
+            r_mu = torch.linalg.vector_norm(d.images[i] - d.values[i] * d.vectors[i]).item()
+            j = Z.shape[0] - k if e == "largest" else k - 1  # the k-th value from that end
+            # beyond the k-th value by more than both residuals: a missed eigenvalue that
+            # belongs in the wanted set (a copy of the k-th value sits within them)
+            beyond = mu - theta[j].item() if e == "largest" else theta[j].item() - mu
+            if beyond > r_mu + resZ[j].item() + slack:
+                add.append(i)
+            else:
+                pending.discard(e)
+        if not add:
+            break
+        for i in add:
+            Z, AZ = _append(Z, AZ, d.vectors[i], d.images[i])
+        theta, Z, AZ = _rayleigh_ritz(Z, AZ)
+        merged = True
+    resolved = not pending or Z.shape[0] >= P
+    if resolved:
+        reason, note = "converged", ""
+    return _Verified(theta, Z, AZ, merged, resolved, reason, used, anorm, note)
+
+
+def lanczos(
+    op: LinearOperator,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-6,
+    *,
+    v0: Tensor | None = None,
+    block_size: int = 1,
+    max_basis: int | None = None,
+    max_matvecs: int | None = None,
+    return_vectors: bool = False,
+    seed: int = 0,
+    verify_multiplicity: bool = True,
+) -> EigResult:
+    """``k`` extreme eigenpairs of the symmetric ``op`` (``k`` at each end for ``"both"``).
+
+    Args:
+        op: symmetric operator (see :class:`gdscope.linalg.LinearOperator`).
+        k: number of eigenpairs (per end for ``"both"``).
+        which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"both"``.
+        tol: relative residual tolerance in ``(0, 1)``, ``‖Av − θv‖ ≤ tol·‖A‖``. Below the
+            dtype's round-off floor (float32: about ``1e-6``) the solve stops as
+            ``"stagnated"``, unconverged.
+        v0: warm start: a vector (or ``(P, j)`` block) to start from, e.g. the previous
+            eigenvector.
+        block_size: vectors per step; at least the multiplicity to resolve in one solve.
+        max_basis: basis size before a thick restart (default ``max(2·wanted + 2·b + 20, 40)``).
+        max_matvecs: budget for the whole call, the multiplicity check included (default
+            ``max(500, 60·wanted)`` for the solve and as much again for the check); exceeding
+            it returns an unconverged result, never an error.
+        return_vectors: keep the Ritz vectors (``(P, wanted)``).
+        seed: for the random start, breakdown restarts and the deflated restarts.
+        verify_multiplicity: with ``k >= 2``, confirm by deflated restarts that no copy of a
+            repeated eigenvalue was missed (module docstring). ``False`` skips the check; the
+            result then says ``multiplicity_resolved=False`` and is not ``converged``.
+    """
+    check_operator(op)
+    which = check_choice("which", which, WHICH)
+    P = op.shape[0]
+    k = check_int("k", k, 1)
+    wanted = 2 * k if which == "both" else k
+    if wanted > P:
+        raise InvalidArgumentError(
+            f"k={k} asks for {wanted} eigenvalues of an operator of size {P}: "
+            f"use k <= {P // 2 if which == 'both' else P}."
+        )
+    tol = check_tol(tol)
+    block_size = check_int("block_size", block_size, 1)
+    max_basis = check_optional_int("max_basis", max_basis, 1)
+    max_matvecs = check_optional_int("max_matvecs", max_matvecs, 1)
+    return_vectors = check_bool("return_vectors", return_vectors)
+    verify_multiplicity = check_bool("verify_multiplicity", verify_multiplicity)
+    seed = check_seed(seed)
+    if v0 is not None:
+        v0 = check_vector("v0", v0, P, block=True)
+    b = min(block_size, P)
+    m = min(P, max_basis or max(2 * wanted + 2 * b + 20, 40))
+    if m < wanted + b and m < P:
+        raise InvalidArgumentError(
+            f"max_basis={max_basis} is too small for {wanted} eigenpairs with block size {b}: "
+            f"use at least {wanted + b}."
+        )
+    budget = max_matvecs if max_matvecs is not None else max(500, 60 * wanted)
+    dtype, device = op.dtype, op.device
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    start_matvecs = op.matvecs
+
+    start = torch.randn(P, b, generator=gen, dtype=torch.float64).T.to(device, dtype)
+    if v0 is not None:
+        # A warm start that is (nearly) an eigenvector of a non-wanted eigenvalue would be
+        # accepted at once; a random admixture keeps every direction in the Krylov space.
+        v0 = v0.T.to(device, dtype)
+        v0 = v0 / torch.linalg.vector_norm(v0, dim=1, keepdim=True).clamp_min(
+            torch.finfo(dtype).tiny
+        )
+        noise = start[: v0.shape[0]]
+        noise = noise / torch.linalg.vector_norm(noise, dim=1, keepdim=True)
+        start = torch.cat([v0 + WARM_START_NOISE * noise, start])[: max(b, v0.shape[0])]
+    first = _solve(op, k, which, tol, start, b=b, m=m, budget=budget, gen=gen)
+    vals, Y, res, conv, est = first.values, first.vectors, first.residuals, first.conv, first.est
+    reason, anorm, note = first.reason, first.anorm, ""
+    resolved: bool | None = None
+    if k >= 2:
+        if first.spanned:
+            resolved = True  # Rayleigh–Ritz on the whole space: every multiplicity is exact
+        elif not bool(conv.all()):
+            resolved = False
+            note = "multiplicity not verified: the solve did not converge"
+        elif not verify_multiplicity:
+            resolved = False
+            note = "multiplicity not verified (verify_multiplicity=False)"
+        else:
+            check_budget = (
+                max_matvecs - first.matvecs if max_matvecs is not None else max(500, 60 * wanted)
+            )
+            ver = _verify_multiplicity(op, first, k, which, tol, b=b, budget=check_budget, gen=gen)
+            resolved, note, anorm = ver.resolved, ver.note, ver.anorm
+            if not resolved:
+                reason = ver.reason
+            if ver.merged:
+                idx = _select(ver.theta, which, k).to(ver.theta.device)
+                vals, Y = ver.theta[idx], ver.Z[idx]
+                res = torch.linalg.vector_norm(ver.AZ[idx] - vals[:, None] * Y, dim=1)
+                est = None
+            conv = res <= tol * anorm
+            if not bool(conv.all()) and resolved:
+                reason = "stagnated"  # a merged copy carries a residual at the round-off floor
     if which == "both":
         srt = torch.argsort(vals)
-        vals, res, conv, Y, est = vals[srt], res[srt], conv[srt], Y[srt], est[srt]
+        vals, res, conv, Y = vals[srt], res[srt], conv[srt], Y[srt]
+        est = None if est is None else est[srt]
     return EigResult(
         values=vals.detach(),
         residuals=res.detach(),
@@ -333,8 +576,10 @@ def lanczos(
         matvecs=op.matvecs - start_matvecs,
         seconds=time.perf_counter() - t0,
         norm_estimate=anorm,
-        residual_estimates=est.detach(),
+        residual_estimates=None if est is None else est.detach(),
         stop_reason=reason,
+        multiplicity_resolved=resolved,
+        note=note,
     )
 
 
