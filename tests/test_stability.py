@@ -605,8 +605,12 @@ def test_bad_input():
     rep = stability(prob, 0.1, nesterov=True)  # nesterov without momentum: plain GD
     assert rep.threshold == pytest.approx(20) and any("plain GD" in n for n in rep.notes)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=4)
+    # a DataLoader's data are gathered into tensors for the SGD parts (they were left out)
     rep = stability(gs.Problem(prob.model, "mse", loader), 0.1, batch_size=2)
-    assert rep.sgd_mean_square_stable is None and rep.gd_stable is not None
+    ref = stability(prob, 0.1, batch_size=2)
+    assert rep.sgd_mean_square_stable is not None and rep.gd_stable is not None
+    assert rep.sgd_mean_square_stable == ref.sgd_mean_square_stable
+    assert rep.mean_square_rho == pytest.approx(ref.mean_square_rho, rel=1e-10)
     assert any("DataLoader" in n for n in rep.notes)
 
 

@@ -65,11 +65,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gdscope.curvature import curvature_operator
 from gdscope.errors import InvalidArgumentError
+from gdscope.kernels.ntk import default_memory
 from gdscope.linalg import CallableOperator, lanczos
 from gdscope.problem import Params, Problem
 from gdscope.theory.sgd_stability import (
@@ -769,18 +770,38 @@ def stability(
     # ------------------------------------------------------------------ SGD
     if batch_size is not None:
         why = None
+        sgd_prob = prob
+        coupled = _batch_coupled(prob)
         if st.kind == "adam":
             why = "the SGD analysis is for SGD; a mini-batch Adam analysis is not implemented"
         elif not st.sgd_ok:
             why = "the SGD analysis does not cover this optimizer's settings (see notes)"
+        elif coupled:
+            why = (
+                f"modules {coupled} are train-mode BatchNorm (allow_stateful=True): they couple "
+                "the samples of a batch through batch statistics, so the loss is not a mean of "
+                "per-sample losses and the SGD analysis (per-sample Hessians) does not apply. "
+                "Call model.eval() to analyse the inference-mode network"
+            )
         elif prob.full_batch is None:
-            why = "per-sample Hessians need (X, Y) tensor data, not a DataLoader"
+            sgd_prob, why = _materialize(prob)
+            if why is None:
+                notes.append(
+                    f"SGD parts: the DataLoader's {prob.n} samples were gathered into tensors "
+                    "for the per-sample Hessians"
+                )
         if why is not None:
             notes.append(f"SGD parts undetermined: {why}")
+            warnings.warn(
+                f"stability(batch_size={batch_size}): the SGD parts are not computed (None in "
+                f"the report): {why}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             report.update(
                 _sgd_parts(
-                    prob,
+                    sgd_prob,
                     op,
                     snap,
                     spec,
@@ -810,6 +831,56 @@ def stability(
 
 
 # ---------------------------------------------------------------------- SGD parts
+def _batch_coupled(prob: Problem) -> list[str]:
+    """Names of train-mode BatchNorm modules (they couple the samples of a batch)."""
+    return [
+        name or type(prob.model).__name__
+        for name, m in prob.model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+
+
+def _materialize(prob: Problem) -> tuple[Problem, str | None]:
+    """A tensor-data copy of a DataLoader problem, or the reason it cannot be made cheaply.
+
+    The batches are gathered (on the problem's device, in its dtype) while they fit in half of
+    the default memory budget (:func:`gdscope.kernels.ntk.default_memory`).
+    """
+    budget = default_memory(prob.device) // 2
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    used = 0
+    for x, y, _ in prob.batches():
+        used += x.numel() * x.element_size() + y.numel() * y.element_size()
+        if used > budget:
+            return prob, (
+                f"the DataLoader's data exceed {budget / 1e9:.3g} GB (half the memory budget), "
+                "so they are not gathered into tensors for per-sample Hessians: pass (X, Y) "
+                "tensors of a subset to analyse SGD"
+            )
+        xs.append(x.detach())
+        ys.append(y.detach())
+    try:
+        X, Y = torch.cat(xs), torch.cat(ys)
+    except RuntimeError as e:
+        return prob, f"the DataLoader's batches cannot be joined into tensors ({e})"
+    tensor_prob = Problem(
+        prob.model,
+        prob._loss_arg,  # the loss exactly as the user gave it (Problem.subset does the same)
+        (X, Y),
+        reduction=prob.reduction,
+        device=prob.device,
+        dtype=prob.dtype,
+        allow_stateful=prob.allow_stateful,
+    )
+    if tensor_prob.n != prob.n:
+        return prob, (
+            f"the DataLoader yielded {tensor_prob.n} samples now but {prob.n} before (is it "
+            "random?)"
+        )
+    return tensor_prob, None
+
+
 def _verdict_from_rho(rho: float, res: float, converged: bool, margin: float) -> bool | None:
     if rho > 1 + margin:  # a Ritz value is a lower bound: unstable even if not converged
         return False
