@@ -14,7 +14,6 @@ from gdscope.errors import ConfigError
 from gdscope.experiments import resolve, run_tasks
 from gdscope.experiments.width import (
     WidthConfig,
-    bound_verdict,
     infinite_width_eigenvalues,
     infinite_width_lr,
     load_data,
@@ -59,8 +58,12 @@ def test_verdict_structure(smoke):
     for v in judgement.verdicts:
         assert v.holds in (True, False, None)
         assert v.predicted and v.measured
-    slope = judgement.verdicts[2].details["fit"]
-    assert slope["points"] == 6 and slope["ci"][0] <= slope["slope"] <= slope["ci"][1]
+    for v in judgement.verdicts[1:5]:
+        local = v.details["local"]
+        assert local["widths"] == [16, 32, 64] and local["pairs"] == [[16, 32], [32, 64]]
+        assert all(lo <= s <= hi for s, (lo, hi) in zip(local["slopes"], local["cis"], strict=True))
+        assert v.reason == local["reason"] and v.theorem and v.section
+        assert v.details["pooled_fit"]["points"] == 6
     assert [f.name for f in judgement.figures] == [
         "width_slopes",
         "width_loss_curves",
@@ -98,15 +101,12 @@ def test_step_size_is_the_infinite_width_threshold_fraction():
     assert math.isclose(lr * q * float(ev[-1]), 2 * 0.5)
 
 
-def test_loglog_fit_and_bound_verdict():
+def test_loglog_fit():
     m = np.array([8, 16, 32, 64, 128] * 2, dtype=float)
     noise = np.exp(0.01 * np.sin(np.arange(m.size)))
     fit = loglog_fit(m, 3.0 * m**-0.75 * noise)
     assert fit is not None and abs(fit.slope + 0.75) < 0.02
     assert fit.ci[0] < fit.slope < fit.ci[1]
-    assert bound_verdict(fit, -0.5) is True  # whole interval below the bound
-    assert bound_verdict(fit, -1.0) is False  # whole interval above
-    assert bound_verdict(fit, fit.slope) is None  # straddles
     assert loglog_fit([8, 8, 8], [1.0, 2.0, 3.0]) is None  # one width: no slope
     assert loglog_fit([8, 16], [1.0, 2.0]) is None
 
