@@ -181,11 +181,34 @@ class TailFit:
 
 def tail_exponent(samples: Any, *, tail: float = 0.1, level: float = 0.95) -> TailFit:
     """Fit ``P(m < ε) = c·ε^α`` to the smallest ``tail`` fraction of nonnegative ``samples``."""
-    m = np.sort(np.asarray(samples, dtype=np.float64).reshape(-1))
+    if samples is None or isinstance(samples, (str, bytes, dict)):
+        raise InvalidArgumentError(
+            f"samples={samples!r} ({type(samples).__name__}) must be numbers >= 0 (an array)."
+        )
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().double().numpy()
+    try:
+        m = np.sort(np.asarray(samples, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"samples ({type(samples).__name__}) must hold real numbers >= 0 ({e})."
+        ) from None
     if m.size == 0 or not np.all(np.isfinite(m)) or m[0] < 0:
-        raise InvalidArgumentError("samples must be a non-empty set of finite numbers >= 0.")
-    if not 0 < tail < 1 or not 0 < level < 1:
-        raise InvalidArgumentError(f"tail={tail!r} and level={level!r} must lie in (0, 1).")
+        raise InvalidArgumentError(
+            f"samples must be a non-empty set of finite numbers >= 0, got {m.size} value(s)"
+            + (f" with min {m[0]!r}" if m.size else "")
+            + "."
+        )
+    for name, value in (("tail", tail), ("level", level)):
+        if (
+            isinstance(value, (bool, np.bool_))
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not 0 < value < 1
+        ):
+            raise InvalidArgumentError(
+                f"{name}={value!r} ({type(value).__name__}) must lie in (0, 1), e.g. "
+                f"{name}={0.1 if name == 'tail' else 0.95}."
+            )
     zeros = int(np.sum(m == 0))
     pos = m[m > 0]
     n = m.size

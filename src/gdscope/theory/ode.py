@@ -47,9 +47,23 @@ __all__ = [
 
 
 def _arr(x: Any, name: str, nonneg: bool = False) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
+    if hasattr(x, "detach") and callable(x.detach):  # a tensor (maybe requiring grad)
+        x = x.detach().cpu().double().numpy()
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise InvalidArgumentError(
+            f"{name}={x!r} ({type(x).__name__}) must be a number or an array of numbers."
+        )
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        text = repr(x)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise InvalidArgumentError(
+            f"{name}={text} ({type(x).__name__}) must be a number or an array of real numbers "
+            f"({e})."
+        ) from None
     if not np.all(np.isfinite(a)):
-        raise InvalidArgumentError(f"{name} must be finite.")
+        raise InvalidArgumentError(f"{name} must be finite (it holds NaN or inf).")
     if nonneg and np.any(a < 0):
         raise InvalidArgumentError(f"{name} must be >= 0, got min {a.min()!r}.")
     return a
@@ -57,15 +71,34 @@ def _arr(x: Any, name: str, nonneg: bool = False) -> np.ndarray:
 
 def momentum_time(t: Any, lr: float) -> np.ndarray:
     """ODE time ``s = t√η`` of step ``t`` for the momentum limits."""
-    if not lr > 0:
-        raise InvalidArgumentError(f"lr={lr!r} must be > 0.")
+    _positive(lr, "lr")
     return _arr(t, "t") * np.sqrt(lr)
+
+
+def _positive(x: Any, name: str) -> float:
+    if (
+        isinstance(x, (bool, np.bool_))
+        or not isinstance(x, (int, float, np.integer, np.floating))
+        or not np.isfinite(x)
+        or not x > 0
+    ):
+        raise InvalidArgumentError(
+            f"{name}={x!r} ({type(x).__name__}) must be a finite number > 0, e.g. {name}=0.1."
+        )
+    return float(x)
 
 
 def heavy_ball_gamma(beta: float, lr: float) -> float:
     """Friction ``γ = (1 − β)/√η`` of the heavy-ball ODE for momentum ``β`` and step ``η``."""
-    if not 0 <= beta < 1 or not lr > 0:
-        raise InvalidArgumentError(f"need 0 <= beta < 1 and lr > 0, got {beta!r}, {lr!r}.")
+    if (
+        isinstance(beta, (bool, np.bool_))
+        or not isinstance(beta, (int, float, np.integer, np.floating))
+        or not 0 <= beta < 1
+    ):
+        raise InvalidArgumentError(
+            f"beta={beta!r} ({type(beta).__name__}) must be a number in [0, 1), e.g. beta=0.9."
+        )
+    lr = _positive(lr, "lr")
     return (1 - beta) / float(np.sqrt(lr))
 
 

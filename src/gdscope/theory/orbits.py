@@ -154,8 +154,21 @@ def _as_matrix(history: Any) -> tuple[Tensor, str]:
             X = torch.stack([torch.as_tensor(h).detach().reshape(-1) for h in history])
             source = "params"
         else:
-            vals = [float(h) for h in history]
-            X, source = torch.tensor(vals, dtype=torch.float64).reshape(-1, 1), "series"
+            try:
+                items = [
+                    h.detach().cpu().double().numpy() if isinstance(h, Tensor) else h
+                    for h in history
+                ]
+                arr = np.asarray(items, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise InvalidArgumentError(
+                    f"history must hold numbers, or vectors of one length, per step; got "
+                    f"{type(first).__name__} items ({e})."
+                ) from None
+            if arr.ndim == 1:
+                X, source = torch.from_numpy(arr).reshape(-1, 1), "series"
+            else:
+                X, source = torch.from_numpy(arr).reshape(arr.shape[0], -1), "params"
     else:
         raise InvalidArgumentError(
             f"history must be an array, a tensor or a sequence of parameter dicts, vectors or "
