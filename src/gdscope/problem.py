@@ -314,11 +314,30 @@ class Problem:
                 "Problem on the subset's loader instead."
             )
         x, y = self._full_batch
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InvalidArgumentError(
+                f"subset indices must be a 1-D set of integer sample indices, got "
+                f"{type(indices).__name__} ({err})."
+            ) from err
+        if idx.dtype == torch.bool:
+            if idx.shape != (x.shape[0],):
+                raise ShapeMismatchError(
+                    f"subset indices is a boolean mask of shape {tuple(idx.shape)}: a mask must "
+                    f"have one entry per sample, shape ({x.shape[0]},)."
+                )
+            idx = torch.nonzero(idx).reshape(-1)
+        elif idx.numel() and (idx.is_floating_point() or idx.is_complex()):
+            raise InvalidArgumentError(
+                f"subset indices have dtype {idx.dtype}: pass integer sample indices (or a "
+                "boolean mask), e.g. torch.arange(10)."
+            )
+        idx = idx.to(torch.long)
         if idx.ndim != 1 or idx.numel() == 0 or idx.min() < 0 or idx.max() >= x.shape[0]:
             raise InvalidArgumentError(
                 f"subset indices must be a non-empty 1-D set of sample indices in "
-                f"[0, {x.shape[0]})."
+                f"[0, {x.shape[0]}), got {repr(indices)[:80]}."
             )
         return Problem(
             self.model,

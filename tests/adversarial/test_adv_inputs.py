@@ -469,3 +469,78 @@ def test_eigs_and_disparity_bad_x(call, x, exc, pattern):
 def test_disparity_bad_arguments(kwargs, pattern):
     with pytest.raises(InvalidArgumentError, match=pattern):
         gs.disparity(make_mlp(), _x(), **kwargs)
+
+
+# ====================================================================== Problem.subset
+@pytest.mark.parametrize(
+    ("indices", "exc", "pattern"),
+    [
+        ([], InvalidArgumentError, r"subset indices must be a non-empty"),
+        ([N], InvalidArgumentError, r"subset indices .* \[0, 20\), got \[20\]"),
+        ([-1], InvalidArgumentError, r"subset indices .* got \[-1\]"),
+        ([[0, 1]], InvalidArgumentError, r"subset indices .* 1-D"),
+        ([0.5, 1.0], InvalidArgumentError, r"subset indices have dtype torch\.float32"),
+        (torch.tensor([0.0]), InvalidArgumentError, r"subset indices have dtype"),
+        (torch.tensor([True, False]), ShapeMismatchError, r"subset indices is a boolean mask"),
+        ("ab", InvalidArgumentError, r"subset indices must be .* got str"),
+    ],
+)
+def test_problem_subset_bad_indices(indices, exc, pattern):
+    prob = gs.Problem(make_mlp(), "mse", regression_data())
+    with pytest.raises(exc, match=pattern):
+        prob.subset(indices)
+
+
+def test_problem_subset_boolean_mask_selects_samples():
+    """A mask used to be cast to 0/1 indices (samples 0 and 1): now it selects its samples."""
+    X, Y = regression_data()
+    prob = gs.Problem(make_mlp(), "mse", (X, Y))
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[[3, 7, 11]] = True
+    sub = prob.subset(mask)
+    assert torch.equal(sub.full_batch[0], X[[3, 7, 11]])
+
+
+# ====================================================================== zoo arguments
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (lambda: gs.zoo.load_dataset("sphere", n=3, d=3, seed="a"), r"seed='a'"),
+        (lambda: gs.zoo.load_dataset("sphere", n=3, d=3, seed=1.5), r"seed=1\.5"),
+        (lambda: gs.zoo.load_dataset("sphere", n=3, d=3, seed=True), r"seed=True"),
+        (lambda: gs.zoo.load_dataset("sphere", n=3, d=3, seed=2**70), r"seed=\d+"),
+        (lambda: gs.zoo.load_dataset("sphere", n=3, d=3, one_hot="no"), r"one_hot='no'"),
+        (lambda: gs.zoo.load_dataset("digits", n=3, train="yes"), r"train='yes'"),
+        (lambda: gs.zoo.load_dataset(3), r"name=3"),
+        (lambda: gs.zoo.load_dataset("cifar10", root=3), r"root=3 must be a path"),
+        (lambda: gs.zoo.mnist(["/tmp"]), r"root=\['/tmp'\] must be a path"),
+        (lambda: gs.zoo.digits(n=3, one_hot=None), r"one_hot=None"),
+        (lambda: gs.zoo.digits(n=3, standardize="z"), r"standardize='z'"),
+        (lambda: gs.zoo.mnist1d(n=3, channels="yes"), r"channels='yes'"),
+        (lambda: gs.zoo.mnist1d(n=3, data_seed="42"), r"data_seed='42'"),
+        (lambda: gs.zoo.sphere(3, 3, target="labels", k=3, one_hot="x"), r"one_hot='x'"),
+        (lambda: gs.zoo.sphere(3, 3, target=None), r"target=None"),
+        (lambda: gs.zoo.sphere(3, 3, seed=None), r"seed=None"),
+        (lambda: gs.zoo.mlp(5), r"sizes=5"),
+        (lambda: gs.zoo.mlp([4, None, 3]), r"sizes=\[4, None, 3\]"),
+        (lambda: gs.zoo.mlp([4, 3], seed="s"), r"seed='s'"),
+        (lambda: gs.zoo.mlp([4, 3], bias="no"), r"bias='no'"),
+        (lambda: gs.zoo.cnn(1, 3, seed=0.5), r"seed=0\.5"),
+        (lambda: gs.zoo.cnn(1, 3, dims=True), r"dims=True"),
+        (lambda: gs.zoo.cnn(1, 3, channels=None), r"channels=None"),
+        (lambda: gs.zoo.preact_resnet(1, 3, seed="0"), r"seed='0'"),
+        (lambda: gs.zoo.preact_resnet(1, 3, depth=None), r"depth=None"),
+        (lambda: gs.zoo.preact_resnet(1, 3, dims=True), r"dims=True"),
+        (lambda: gs.zoo.as_dataset([[1.0], [NAN]], [0.0, 1.0]), r"\bX contains NaN.*sample 1"),
+        (lambda: gs.zoo.as_dataset([[1.0], [2.0]], [0.0, INF]), r"\bY contains NaN.*sample 1"),
+    ],
+)
+def test_zoo_bad_arguments(call, pattern):
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        call()
+
+
+def test_zoo_numpy_integer_seed_accepted():
+    X1, _ = gs.zoo.sphere(4, 3, seed=np.int64(5))
+    X2, _ = gs.zoo.sphere(4, 3, seed=5)
+    assert torch.equal(X1, X2)

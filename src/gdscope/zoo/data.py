@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from gdscope.errors import DataNotFoundError, InvalidArgumentError, ShapeMismatchError
-from gdscope.zoo.models import _check_dtype, _positive_int, mlp
+from gdscope.zoo.models import _check_dtype, _flag, _positive_int, _seed, mlp
 
 __all__ = [
     "DATASETS",
@@ -80,6 +80,10 @@ def _root(root: str | os.PathLike[str] | None, name: str, what: str) -> Path:
         raise InvalidArgumentError(
             f"root=None: {name} is read from local files and never downloaded; pass "
             f"root=<directory holding {what}>."
+        )
+    if not isinstance(root, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"root={root!r} must be a path (str or pathlib.Path) to the directory holding {what}."
         )
     path = Path(root).expanduser()
     if not path.is_dir():
@@ -139,6 +143,8 @@ def digits(
     from sklearn.datasets import load_digits
 
     dtype = _check_dtype(dtype)
+    seed, one_hot = _seed(seed), _flag(one_hot, "one_hot")
+    standardize = _flag(standardize, "standardize")
     data = load_digits()
     X = torch.as_tensor(data.data, dtype=torch.float64)
     y = torch.as_tensor(data.target, dtype=torch.long)
@@ -200,14 +206,15 @@ def mnist1d(
     CNNs); ``Y`` one-hot ``(n, 10)`` or class indices.
     """
     dtype = _check_dtype(dtype)
+    seed, one_hot, train = _seed(seed), _flag(one_hot, "one_hot"), _flag(train, "train")
+    channels = _flag(channels, "channels")
     num_samples = _positive_int(num_samples, "num_samples")
     if num_samples < 10:
         raise InvalidArgumentError(
             f"num_samples={num_samples} must be >= 10 (the generator makes num_samples // 10 "
             "signals per class); the reference data set uses 5000."
         )
-    if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-        raise InvalidArgumentError(f"data_seed={data_seed!r} must be an integer (default 42).")
+    data_seed = _seed(data_seed, "data_seed")
     x, y, x_test, y_test = _mnist1d_arrays(num_samples, data_seed)
     xs, ys = (x, y) if train else (x_test, y_test)
     X = torch.tensor(xs, dtype=torch.float64)
@@ -248,7 +255,8 @@ def sphere(
     d = _positive_int(d, "d")
     k = _positive_int(k, "k")
     dtype = _check_dtype(dtype)
-    if target not in SPHERE_TARGETS:
+    seed, one_hot = _seed(seed), _flag(one_hot, "one_hot")
+    if not isinstance(target, str) or target not in SPHERE_TARGETS:
         raise InvalidArgumentError(f"target={target!r} is unknown: use one of {SPHERE_TARGETS}.")
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -335,6 +343,8 @@ def mnist(
     ``(n, 10)`` or class indices.
     """
     dtype = _check_dtype(dtype)
+    seed, one_hot, train = _seed(seed), _flag(one_hot, "one_hot"), _flag(train, "train")
+    flatten = _flag(flatten, "flatten")
     what = "the four MNIST IDX files (train-/t10k- images-idx3-ubyte and labels-idx1-ubyte)"
     base = _root(root, "MNIST", what)
     dirs = [base, base / "MNIST" / "raw"]
@@ -470,6 +480,8 @@ def _cifar(
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     dtype = _check_dtype(dtype)
+    seed, one_hot, train = _seed(seed), _flag(one_hot, "one_hot"), _flag(train, "train")
+    flatten = _flag(flatten, "flatten")
     what = f"the {title} python version (the folder {subdir}/ from the archive)"
     base = _root(root, title, what)
     folder = base / subdir if (base / subdir).is_dir() else base
@@ -626,8 +638,7 @@ def as_dataset(
     if Xt.is_complex() or Yt.is_complex():
         raise InvalidArgumentError("X and Y must be real; pass real tensors.")
     Xt = Xt.to(dtype)
-    if not bool(torch.isfinite(Xt).all()):
-        raise InvalidArgumentError("X contains NaN or inf: clean the inputs first.")
+    _finite(Xt, "X")
     if Yt.is_floating_point():
         if one_hot:
             raise InvalidArgumentError(
@@ -635,8 +646,7 @@ def as_dataset(
                 "one-hot encode, or leave one_hot unset for regression targets."
             )
         Yt = Yt.to(dtype)
-        if not bool(torch.isfinite(Yt).all()):
-            raise InvalidArgumentError("Y contains NaN or inf: clean the targets first.")
+        _finite(Yt, "Y")
         return Xt, Yt
     if Yt.dtype == torch.bool or Yt.ndim != 1:
         raise InvalidArgumentError(
@@ -657,6 +667,19 @@ def as_dataset(
             "num_classes or leave it unset."
         )
     return Xt, _targets(Yt, classes, bool(one_hot), dtype)
+
+
+def _finite(t: Tensor, name: str) -> None:
+    """Refuse NaN/inf in user data, naming the first offending sample."""
+    if bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    i = int(torch.nonzero(bad)[0, 0])
+    raise InvalidArgumentError(
+        f"{name} contains NaN or inf at sample {i} ({int(bad.sum())} of {t.shape[0]} samples "
+        f"affected): clean the {'inputs' if name == 'X' else 'targets'} first (drop or repair "
+        "those samples)."
+    )
 
 
 def _load_digits(**kw: Any) -> tuple[Tensor, Tensor]:
@@ -726,8 +749,9 @@ def load_dataset(
     >>> tuple(X.shape), tuple(Y.shape)
     ((5, 3), (5, 2))
     """
-    if name not in _LOADERS:
+    if not isinstance(name, str) or name not in _LOADERS:
         raise InvalidArgumentError(f"dataset name={name!r} is unknown: use one of {DATASETS}.")
+    seed, one_hot, train = _seed(seed), _flag(one_hot, "one_hot"), _flag(train, "train")
     loader, fn, takes_root, has_test = _LOADERS[name]
     allowed = set(inspect.signature(fn).parameters) - _COMMON
     extra = set(options) - allowed

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -111,6 +113,30 @@ def _check_dtype(dtype: object) -> torch.dtype:
     return dtype
 
 
+def _seed(seed: object, name: str = "seed", *, optional: bool = False) -> int | None:
+    """A seed: an int (not a bool) that ``torch.manual_seed`` accepts, or ``None`` if optional."""
+    if seed is None and optional:
+        return None
+    if (
+        isinstance(seed, (bool, np.bool_))
+        or not isinstance(seed, numbers.Integral)
+        or not -(2**63) <= int(seed) < 2**64
+    ):
+        raise InvalidArgumentError(
+            f"{name}={seed!r} must be an integer in [-2**63, 2**64)"
+            + (" or None" if optional else "")
+            + f", e.g. {name}=0."
+        )
+    return int(seed)
+
+
+def _flag(value: object, name: str) -> bool:
+    """A boolean option: True or False, nothing else (no truthy strings)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name}={value!r} must be True or False.")
+    return bool(value)
+
+
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
@@ -144,15 +170,21 @@ def mlp(
 
     ``seed`` seeds a private RNG stream (the global one is left as it was).
     """
-    if (
-        isinstance(sizes, (str, bytes))
-        or len(sizes) < 2
-        or any(isinstance(s, bool) or int(s) != s or int(s) < 1 for s in sizes)
-    ):
+    try:
+        bad = (
+            isinstance(sizes, (str, bytes))
+            or len(sizes) < 2
+            or any(isinstance(s, bool) or int(s) != s or int(s) < 1 for s in sizes)
+        )
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
         raise InvalidArgumentError(
-            f"sizes={list(sizes)} must list at least an input and an output width, all integers "
+            f"sizes={sizes!r} must list at least an input and an output width, all integers "
             ">= 1, e.g. sizes=[784, 128, 10]."
         )
+    seed = _seed(seed, optional=True)
+    bias = _flag(bias, "bias")
     act = _activation(activation)
     dtype = _check_dtype(dtype)
     if parameterization not in PARAMETERIZATIONS:
@@ -216,11 +248,16 @@ def cnn(
     in_channels = _positive_int(in_channels, "in_channels")
     num_classes = _positive_int(num_classes, "num_classes")
     kernel_size = _positive_int(kernel_size, "kernel_size")
-    if dims not in (1, 2):
+    seed = _seed(seed, optional=True)
+    if isinstance(dims, bool) or dims not in (1, 2):
         raise InvalidArgumentError(
             f"dims={dims!r} must be 1 (inputs (n, C, L)) or 2 (inputs (n, C, H, W))."
         )
-    if isinstance(channels, (str, bytes, int)) or len(channels) == 0:
+    if (
+        isinstance(channels, (str, bytes, int))
+        or not hasattr(channels, "__len__")
+        or len(channels) == 0
+    ):
         raise InvalidArgumentError(
             f"channels={channels!r} must be a non-empty sequence of widths, e.g. (16, 32)."
         )

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from gdscope.errors import InvalidArgumentError
-from gdscope.zoo.models import ACTIVATIONS, _activation, _check_dtype, _positive_int
+from gdscope.zoo.models import ACTIVATIONS, _activation, _check_dtype, _positive_int, _seed
 
 __all__ = [
     "NORMS",
@@ -243,11 +243,12 @@ def preact_resnet(
     in_channels = _positive_int(in_channels, "in_channels")
     num_classes = _positive_int(num_classes, "num_classes")
     width = _positive_int(width, "width")
-    if dims not in (1, 2):
+    seed = _seed(seed, optional=True)
+    if isinstance(dims, bool) or dims not in (1, 2):
         raise InvalidArgumentError(
             f"dims={dims!r} must be 1 (inputs (n, C, L)) or 2 (inputs (n, C, H, W))."
         )
-    if isinstance(depth, (str, bytes, int)) or len(depth) == 0:
+    if isinstance(depth, (str, bytes, int)) or not hasattr(depth, "__len__") or len(depth) == 0:
         raise InvalidArgumentError(
             f"depth={depth!r} must be a non-empty sequence of blocks per stage, e.g. (1, 1, 1)."
         )
