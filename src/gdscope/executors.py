@@ -15,22 +15,32 @@ experiment defined in a script's ``__main__`` reaches :class:`LocalExecutor` wor
 re-import the script) but not Ray workers: put it in a module.
 
 A task whose worker dies (killed, out of memory, a segfault) is run again, up to ``retries``
-more times; an exception raised by the task itself is not retried: it propagates to the driver.
+more times; only the task that was running on the dead worker is charged a try. An exception
+raised by the task itself is not retried: it propagates to the driver. Workers die with their
+driver: a driver killed with ``kill -9`` leaves no process of its pool behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import sysconfig
+import threading
+import time
+import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from gdscope.errors import GdscopeError, InvalidArgumentError
@@ -96,29 +106,175 @@ def _context(modules: Sequence[str]) -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def _check_count(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InvalidArgumentError(f"{name}={value!r} must be an integer or None.")
-    if value is not None and value < minimum:
-        raise InvalidArgumentError(f"{name}={value!r} must be at least {minimum}.")
+def _check_count(name: str, value: int | None, minimum: int, optional: bool = True) -> None:
+    """Refuse a count that is not an int (``None`` allowed when ``optional``) or too small."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an integer or None" if optional else "an integer"
+        raise InvalidArgumentError(
+            f"{name}={value!r} ({type(value).__name__}) must be {kind}: pass "
+            f"{name}={minimum} or more."
+        )
+    if value < minimum:
+        raise InvalidArgumentError(
+            f"{name}={value!r} must be at least {minimum}: pass {name}={minimum} or more."
+        )
 
 
-def _lost(index: int, args: tuple[Any, ...], tries: int) -> GdscopeError:
+def _lost(
+    index: int, args: tuple[Any, ...], tries: int, exitcode: int | None = None
+) -> GdscopeError:
     what = repr(args)
     what = what if len(what) <= 200 else what[:197] + "..."
+    how = "" if exitcode is None else f" (last exit code {exitcode})"
     return GdscopeError(
-        f"item {index} {what} lost its worker process {tries} times (killed, out of memory, "
-        "crashed or failed to start); nothing of it was kept. Check the memory it needs and "
-        "the worker's log, or raise retries."
+        f"item {index} {what} lost its worker process {tries} times{how} (killed, out of "
+        "memory, crashed or failed to start); nothing of it was kept. Check the memory it "
+        "needs and the worker's log, or raise retries."
     )
+
+
+# ---------------------------------------------------------------------------- worker side
+#: ``prctl`` option: the signal this process gets when its parent dies (``linux/prctl.h``).
+_PR_SET_PDEATHSIG = 1
+#: Exit code of a worker that ended itself because its driver died.
+_ORPHANED = 70
+#: Kinds of message a worker sends the driver.
+_READY, _DONE, _RAISED, _FAILED = "ready", "done", "raised", "failed"
+
+
+def _set_pdeathsig(sig: int = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent (thread) dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_driver(driver_pid: int, sentinel: int | None, poll: float = 1.0) -> None:
+    """Block until the driver is gone, then end this worker at once (a daemon thread's body).
+
+    ``sentinel`` (``multiprocessing.parent_process().sentinel``) is a pipe whose write end
+    only the driver holds: it becomes readable (EOF) the moment the driver dies, however it
+    dies. The PID is polled as well, in case there is no sentinel.
+    """
+    from multiprocessing.connection import wait as wait_for
+
+    while True:
+        if sentinel is not None:
+            if wait_for([sentinel], timeout=poll):
+                break
+        else:
+            time.sleep(poll)
+        if os.getppid() == 1 or not _pid_alive(driver_pid):
+            break
+    os._exit(_ORPHANED)
+
+
+def _die_with_driver(driver_pid: int) -> None:
+    """Make this worker die within moments of its driver, even a driver killed by SIGKILL.
+
+    A worker's parent is the fork server, not the driver, so the kernel's parent-death
+    signal only covers the fork server's death; a daemon thread watches the driver itself.
+    Once every worker is gone the fork server and the resource tracker see their last client
+    vanish (EOF on their pipes) and exit by themselves.
+    """
+    if os.getppid() != driver_pid:  # forked by the fork server: die with it too
+        _set_pdeathsig()
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
+    threading.Thread(
+        target=_watch_driver, args=(driver_pid, sentinel), name="gdscope-watch-driver", daemon=True
+    ).start()
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker (set as its ``__cause__``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _send_error(conn: Connection, index: int, exc: BaseException) -> None:
+    trace = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, Exception):  # SystemExit and the like: never re-raised in the driver
+        exc = GdscopeError(f"item {index}: the task raised {exc!r}")
+    try:
+        conn.send((_RAISED, index, exc, trace))
+    except Exception as e:  # the exception itself cannot be pickled
+        conn.send((_RAISED, index, GdscopeError(f"item {index}: {exc!r} ({e})"), trace))
+
+
+def _worker_main(
+    conn: Connection,
+    fn: Callable[..., Any],
+    threads: int,
+    modules: Sequence[str],
+    driver_pid: int,
+) -> None:
+    """A worker: die with the driver, warm up, then run ``(index, args)`` until told to stop."""
+    _die_with_driver(driver_pid)
+    try:
+        _prepare_worker(threads, modules)
+    except BaseException as e:
+        conn.send((_FAILED, None, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return
+    conn.send((_READY, None, None, None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        index, args = message
+        try:
+            output = fn(*args)
+        except BaseException as e:
+            _send_error(conn, index, e)
+            continue
+        try:
+            conn.send((_DONE, index, output, None))
+        except Exception as e:  # the output cannot be pickled
+            _send_error(conn, index, e)
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class _Slot:
+    """One worker process as the driver sees it."""
+
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False
+    item: int | None = None
 
 
 class LocalExecutor:
     """A pool of ``workers`` fresh processes, each with ``threads_per_worker`` torch threads.
 
-    Results are yielded as they complete. When a worker dies the pool breaks and every item it
-    held is lost: the pool is rebuilt and those items resubmitted, each at most ``retries``
-    more times (an item lost with a broken pool counts one try, whichever worker died).
+    Results are yielded as they complete. Each worker runs one item at a time; when a worker
+    dies (killed, out of memory, a segfault) only the item it was running is charged a try
+    and run again, at most ``retries`` more times, on a new worker; the other workers carry
+    on. A worker that dies before its first item charges nothing (but workers that keep dying
+    on start-up stop the run). Every worker ends within moments of its driver, even one killed
+    by ``kill -9``; the fork server and multiprocessing's resource tracker then exit too.
 
     Args:
         workers: processes (default: the number of CPUs).
@@ -131,8 +287,8 @@ class LocalExecutor:
         self, workers: int | None = None, retries: int = 2, threads_per_worker: int = 1
     ) -> None:
         _check_count("workers", workers, 1)
-        _check_count("retries", retries, 0)
-        _check_count("threads_per_worker", threads_per_worker, 1)
+        _check_count("retries", retries, 0, optional=False)
+        _check_count("threads_per_worker", threads_per_worker, 1, optional=False)
         self.workers = workers or os.cpu_count() or 1
         self.retries = retries
         self.threads_per_worker = threads_per_worker
@@ -141,48 +297,155 @@ class LocalExecutor:
         self, fn: Callable[..., Any], items: Sequence[tuple[Any, ...]]
     ) -> Iterator[tuple[int, Any]]:
         """Run ``fn(*args)`` for each item in the pool; yield ``(index, output)`` as each ends."""
+        if not items:
+            return
         modules = _experiment_modules()
+        ctx = _context(modules)
         tries = [0] * len(items)
-        todo = list(range(len(items)))
-        while todo:
-            pool = ProcessPoolExecutor(
-                max_workers=min(self.workers, len(todo)),
-                mp_context=_context(modules),
-                initializer=_prepare_worker,
-                initargs=(self.threads_per_worker, modules),
-            )
-            futures: dict[Future[Any], int] = {pool.submit(fn, *items[i]): i for i in todo}
-            lost: list[int] = []
-            finished = False
-            try:
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in sorted(done, key=futures.__getitem__):
-                        i = futures[fut]
+        queue: deque[int] = deque(range(len(items)))
+        slots: list[_Slot] = []
+        start_failures = 0  # workers in a row that died before their first item
+        lost: list[tuple[int, int | None]] = []  # items given up: (index, last exit code)
+        finished = False
+        try:
+            while queue or any(s.item is not None for s in slots):
+                busy = sum(s.item is not None for s in slots)
+                while len(slots) < min(self.workers, busy + len(queue)):
+                    slots.append(self._start(ctx, fn, modules))
+                for slot in slots:
+                    if slot.ready and slot.item is None and queue:
+                        i = queue.popleft()
                         try:
-                            output = fut.result()
-                        except BrokenProcessPool:
-                            lost.append(i)
+                            slot.conn.send((i, items[i]))
+                        except OSError:  # the worker just died: its sentinel says so below
+                            queue.appendleft(i)
                             continue
-                        yield i, output
-                finished = True
-            finally:
-                # on an error (or an abandoned generator) do not wait for the running items
-                pool.shutdown(wait=finished, cancel_futures=True)
-            for i in lost:
-                tries[i] += 1
-                if tries[i] > self.retries:
-                    raise _lost(i, items[i], tries[i])
-            if lost:
-                log.warning("a worker died; running %d lost item(s) again", len(lost))
-            todo = sorted(lost)
+                        slot.item = i
+                handles: list[Any] = [s.conn for s in slots] + [s.process.sentinel for s in slots]
+                ready = set(wait_for(handles))
+                for slot in list(slots):
+                    dead = slot.process.sentinel in ready
+                    if slot.conn in ready:
+                        try:
+                            while slot.conn.poll():
+                                kind, index, payload = self._receive(slot, items)
+                                if kind == _READY:
+                                    start_failures = 0
+                                elif kind == _DONE:
+                                    yield index, payload
+                        except (EOFError, OSError):
+                            dead = True
+                    if dead:
+                        slots.remove(slot)
+                        code = _reap(slot)
+                        if slot.item is not None:
+                            i = slot.item
+                            tries[i] += 1
+                            if tries[i] > self.retries:
+                                lost.append((i, code))  # reported once the others are done
+                                continue
+                            log.warning(
+                                "the worker running item %d died (exit code %s); running it "
+                                "again (try %d of %d)",
+                                i,
+                                code,
+                                tries[i] + 1,
+                                self.retries + 1,
+                            )
+                            queue.appendleft(i)
+                        elif not slot.ready:
+                            start_failures += 1
+                            if start_failures > self.workers * (self.retries + 1):
+                                raise GdscopeError(
+                                    f"{start_failures} worker processes in a row died before "
+                                    f"running anything (last exit code {code}): check the "
+                                    "memory available and that the experiment modules import "
+                                    "cleanly, or use executor='serial' to see the error."
+                                )
+            finished = True
+        finally:
+            _stop(slots, gently=finished)
+        if lost:
+            i, code = lost[0]
+            error = _lost(i, items[i], tries[i], code)
+            if len(lost) > 1:
+                others = ", ".join(str(j) for j, _ in lost[1:])
+                error = GdscopeError(f"{error} Items {others} were lost the same way.")
+            raise error
+
+    def _start(self, ctx: Any, fn: Callable[..., Any], modules: Sequence[str]) -> _Slot:
+        mine, theirs = ctx.Pipe()
+        process = ctx.Process(
+            target=_worker_main,
+            args=(theirs, fn, self.threads_per_worker, list(modules), os.getpid()),
+            name="gdscope-worker",
+        )
+        process.start()
+        theirs.close()  # only the worker holds its end: EOF here when it dies
+        return _Slot(process, mine)
+
+    def _receive(self, slot: _Slot, items: Sequence[tuple[Any, ...]]) -> tuple[str, int, Any]:
+        """Read one message from a worker: ``(kind, index, output)``; raise a task's error."""
+        try:
+            kind, index, payload, trace = slot.conn.recv()
+        except (EOFError, OSError):
+            raise
+        except Exception as e:  # a result or an exception that cannot be unpickled here
+            what = f"item {slot.item} {items[slot.item]!r}" if slot.item is not None else "a worker"
+            raise GdscopeError(
+                f"{what}: its result could not be read back in the driver "
+                f"({type(e).__name__}: {e}); return plain, picklable data."
+            ) from e
+        if kind == _READY:
+            slot.ready = True
+        elif kind == _FAILED:
+            raise GdscopeError(
+                f"a worker process could not start: {payload}. Check that the experiment "
+                f"modules import cleanly (worker traceback below).\n{trace}"
+            )
+        else:
+            slot.item = None
+            if kind == _RAISED:
+                raise payload from _RemoteTraceback(f"\n'''\n{trace}'''")
+        return kind, index, payload
 
     def __repr__(self) -> str:
         return (
             f"LocalExecutor(workers={self.workers}, retries={self.retries}, "
             f"threads_per_worker={self.threads_per_worker})"
         )
+
+
+def _reap(slot: _Slot, timeout: float = 5.0) -> int | None:
+    """Join a dead worker (its exit code) and release its pipe."""
+    slot.process.join(timeout)
+    if slot.process.exitcode is None:
+        slot.process.kill()
+        slot.process.join(timeout)
+    slot.conn.close()
+    code = slot.process.exitcode
+    if code is not None:
+        slot.process.close()
+    return code
+
+
+def _stop(slots: Sequence[_Slot], gently: bool, timeout: float = 5.0) -> None:
+    """End every worker: ask idle ones to exit (``gently``), kill the rest; join all."""
+    for slot in slots:
+        if gently and slot.item is None:
+            with suppress(OSError):
+                slot.conn.send(None)
+        else:
+            slot.process.kill()
+    deadline = time.monotonic() + timeout
+    for slot in slots:
+        slot.process.join(max(0.0, deadline - time.monotonic()))
+        if slot.process.exitcode is None:
+            slot.process.kill()
+            slot.process.join(timeout)
+        slot.conn.close()
+        if slot.process.exitcode is not None:
+            slot.process.close()
 
 
 def _ray_call(modules: Sequence[str], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -275,7 +538,7 @@ class RayExecutor:
         self, address: str | None = None, workers: int | None = None, retries: int = 2
     ) -> None:
         _check_count("workers", workers, 1)
-        _check_count("retries", retries, 0)
+        _check_count("retries", retries, 0, optional=False)
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise InvalidArgumentError(
                 f"address={address!r} must be 'auto', 'HOST:PORT' or 'ray://HOST:PORT', or None "
