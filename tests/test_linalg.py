@@ -616,10 +616,15 @@ def test_hutchpp_bad_samples(bad):
 
 
 def test_estimate_interval():
+    """``interval(level)`` uses the Student-t quantile on the estimate's degrees of freedom (the
+    old ``interval(z)`` took a normal multiplier positionally; it is now ``z=`` by keyword)."""
     est = hutchinson(DenseOperator(random_sym(10)), 8)
-    lo, hi = est.interval(2.0)
+    assert est.dof == 7
+    lo, hi = est.interval(z=2.0)
     assert lo == pytest.approx(est.value - 2 * est.stderr)
     assert hi == pytest.approx(est.value + 2 * est.stderr)
+    lo, hi = est.interval()
+    assert hi - est.value == pytest.approx(2.3646243 * est.stderr, rel=1e-6)  # t_{7, 0.975}
 
 
 # ====================================================================== SLQ

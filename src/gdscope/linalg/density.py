@@ -11,6 +11,7 @@ density that still integrates to 1.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError
+from gdscope.linalg._validate import check_int, check_operator, check_seed, describe
 from gdscope.linalg.lanczos import lanczos_tridiag
 from gdscope.linalg.operator import LinearOperator
-from gdscope.linalg.trace import Estimate
+from gdscope.linalg.trace import Estimate, _mean_se
 
 __all__ = ["Density", "slq", "spectral_sum"]
 
@@ -44,6 +46,20 @@ class Density:
 
     def pdf(self, grid: Tensor, sigma: float | None = None) -> Tensor:
         """Gaussian-smoothed density on ``grid`` (default ``σ`` = 1% of the support width)."""
+        if not isinstance(grid, Tensor):
+            raise InvalidArgumentError(
+                f"grid must be a 1-D tensor of eigenvalue positions, got {describe(grid)}: pass "
+                "e.g. torch.linspace(lo, hi, 1001)."
+            )
+        if sigma is not None and (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, numbers.Real)
+            or not (math.isfinite(sigma) and sigma > 0)
+        ):
+            raise InvalidArgumentError(
+                f"sigma must be a positive finite width (or None for 1% of the support), got "
+                f"{describe(sigma)}."
+            )
         lo, hi = self.support
         sigma = sigma or max(0.01 * (hi - lo), 1e-12)
         grid = grid.double()
@@ -55,7 +71,13 @@ class Density:
         return out / (len(self.nodes) * sigma * math.sqrt(2 * math.pi))
 
     def mass(self, lo: float, hi: float) -> float:
-        """Fraction of eigenvalues the quadrature puts in ``[lo, hi]``."""
+        """Fraction of eigenvalues the quadrature puts in ``[lo, hi]``: a point estimate without
+        an error bar (its sampling error falls as ``1/√num_vectors``)."""
+        for name, x in (("lo", lo), ("hi", hi)):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(x):
+                raise InvalidArgumentError(f"{name} must be a real number, got {describe(x)}.")
+        if lo > hi:
+            raise InvalidArgumentError(f"lo={lo} > hi={hi}: pass lo <= hi.")
         tot = sum(
             w[(th >= lo) & (th <= hi)].sum().item()
             for th, w in zip(self.nodes, self.weights, strict=True)
@@ -65,10 +87,10 @@ class Density:
 
 def slq(op: LinearOperator, num_vectors: int = 8, steps: int = 64, *, seed: int = 0) -> Density:
     """Spectral density of ``op`` by SLQ with ``num_vectors`` Rademacher vectors."""
-    if num_vectors < 1 or steps < 1:
-        raise InvalidArgumentError(
-            f"num_vectors={num_vectors} and steps={steps} must both be >= 1."
-        )
+    check_operator(op)
+    num_vectors = check_int("num_vectors", num_vectors, 1)
+    steps = check_int("steps", steps, 1)
+    seed = check_seed(seed)
     t0, mv0 = time.perf_counter(), op.matvecs
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
@@ -81,13 +103,35 @@ def slq(op: LinearOperator, num_vectors: int = 8, steps: int = 64, *, seed: int 
 
 
 def spectral_sum(density: Density, f: Callable[[Tensor], Tensor]) -> Estimate:
-    """``tr f(A) = Σ_i f(λ_i)`` from SLQ quadrature, with a standard error over vectors."""
-    per_vector = (
-        torch.stack(
-            [(w * f(th)).sum() for th, w in zip(density.nodes, density.weights, strict=True)]
+    """``tr f(A) = Σ_i f(λ_i)`` from SLQ quadrature, with a standard error over vectors.
+
+    Each vector gives ``zᵀf(A)z ≈ P Σ_j τ_j² f(θ_j)`` (Hutchinson on ``f(A)``); the standard
+    error is Hutchinson's conservative one (:mod:`gdscope.linalg.trace`), with
+    ``‖f(A)z‖² ≈ P Σ_j τ_j² f(θ_j)²`` from the same quadrature, and ``num_vectors − 1`` degrees
+    of freedom for :meth:`Estimate.interval`. It covers the sampling error only, not the
+    quadrature error (small for smooth ``f`` and enough steps; large near a singularity of
+    ``f`` inside the spectrum). One vector: infinite standard error.
+    """
+    if not isinstance(density, Density):
+        raise InvalidArgumentError(
+            f"density must be a Density (from slq or hessian_density), got {describe(density)}."
         )
-        * density.size
-    )
-    nv = per_vector.numel()
-    se = per_vector.std(unbiased=True).item() / math.sqrt(nv) if nv > 1 else math.inf
-    return Estimate(per_vector.mean().item(), se, nv, density.matvecs, density.seconds, "slq")
+    if not callable(f):
+        raise InvalidArgumentError(
+            f"f must be a function of a tensor of eigenvalues, got {describe(f)}: pass e.g. "
+            "f=torch.log or f=lambda x: x."
+        )
+    forms, sq = [], []
+    for th, w in zip(density.nodes, density.weights, strict=True):
+        fx = f(th)
+        if not isinstance(fx, Tensor) or fx.shape != th.shape:
+            raise InvalidArgumentError(
+                f"f must map a tensor of nodes to a tensor of the same shape {tuple(th.shape)}, "
+                f"got {describe(fx)}: use torch functions elementwise."
+            )
+        fx = fx.double()
+        forms.append((w * fx).sum() * density.size)
+        sq.append((w * fx**2).sum() * density.size)
+    value, se = _mean_se(torch.stack(forms), torch.stack(sq))
+    nv = len(forms)
+    return Estimate(value, se, nv, density.matvecs, density.seconds, "slq", nv - 1)

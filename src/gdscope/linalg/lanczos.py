@@ -591,9 +591,11 @@ def lanczos_tridiag(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor,
     spectral measure of ``A`` seen from ``v0/‖v0‖`` (the weights sum to 1). Stops early at an
     invariant subspace.
     """
+    check_operator(op)
     P = op.shape[0]
-    steps = min(steps, P)
-    q = v0.reshape(-1).to(op.device, op.dtype)
+    v0 = check_vector("v0", v0, P)[:, 0]
+    steps = min(check_int("steps", steps, 1), P)
+    q = v0.to(op.device, op.dtype)
     q = q / torch.linalg.vector_norm(q)
     Q = [q]
     alphas: list[Tensor] = []
