@@ -17,6 +17,7 @@ whose mean reduction divides by ``n·k``, so the output-space curvature is ``Q =
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -117,6 +118,8 @@ class Problem:
             )
         self._full_batch = _as_full_batch(data)
         self._loader = None if self._full_batch is not None else data
+        if self._loader is not None:
+            _check_loader(self._loader)
         self._n: int | None = None
         self._k: int | None = None
         self._classes: int | None = None  # cross-entropy: size of the class dimension
@@ -152,7 +155,10 @@ class Problem:
                     f"the model returns {type(out).__name__}, not a tensor: wrap it so that "
                     "forward returns one tensor of outputs (n, ...)."
                 )
-            if self.loss_name == "cross_entropy" and out.ndim >= 2:
+            ce = self.loss_name == "cross_entropy" or isinstance(
+                self._loss_arg, nn.CrossEntropyLoss
+            )
+            if ce and out.ndim >= 2:
                 self._classes = int(out.shape[1])
                 self._check_class_targets(y, where)
             self.loss_fn(out, y2)
@@ -224,6 +230,10 @@ class Problem:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= C:
             bad = (y < 0) | (y >= C)
+            if isinstance(self._loss_arg, nn.CrossEntropyLoss):  # its ignore_index is deliberate
+                bad &= y != self._loss_arg.ignore_index
+            if not bool(bad.any()):
+                return
             idx = tuple(int(v) for v in torch.nonzero(bad)[0])
             at = f"sample {idx[0]}" + (f" (index {idx})" if len(idx) > 1 else "")
             raise InvalidArgumentError(
@@ -638,6 +648,32 @@ def _check_device(device: object) -> torch.device:
                 "(or None for the model's device)."
             ) from err
     return dev
+
+
+def _check_loader(data: Any) -> None:
+    """Refuse one-shot iterators; warn when a DataLoader drops samples."""
+    if isinstance(data, Iterator) or iter(data) is data:
+        raise InvalidArgumentError(
+            f"data is a one-shot iterator ({type(data).__name__}): it can be read only once, but "
+            "every evaluation of the loss iterates over all the data again (the second pass "
+            "would see nothing, or only what the first left). Pass a list of (x, y) batches, a "
+            "DataLoader, or (X, Y) tensors."
+        )
+    if getattr(data, "drop_last", False):
+        dataset = getattr(data, "dataset", None)
+        size = getattr(data, "batch_size", None)
+        try:
+            dropped = len(dataset) % size if dataset is not None and size else None
+        except TypeError:
+            dropped = None
+        if dropped != 0:
+            warnings.warn(
+                f"data is a DataLoader with drop_last=True: "
+                f"{'some' if dropped is None else dropped} sample(s) of the data set are left "
+                "out of every measurement. Pass drop_last=False to measure on all of them.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _resolve_loss(loss: str | LossFn | nn.Module, reduction: str) -> tuple[str, LossFn]:

@@ -544,3 +544,45 @@ def test_zoo_numpy_integer_seed_accepted():
     X1, _ = gs.zoo.sphere(4, 3, seed=np.int64(5))
     X2, _ = gs.zoo.sphere(4, 3, seed=5)
     assert torch.equal(X1, X2)
+
+
+@pytest.mark.parametrize(("index", "label"), [(4, K_OUT), (0, -1), (17, 50)])
+def test_problem_cross_entropy_module_labels_checked(index, label):
+    X, y = class_data()
+    y = y.clone()
+    y[index] = label
+    with pytest.raises(InvalidArgumentError, match=rf"targets.*class label {label} at sample"):
+        gs.Problem(make_mlp(), nn.CrossEntropyLoss(), (X, y))
+
+
+def test_problem_cross_entropy_module_ignore_index_allowed():
+    """nn.CrossEntropyLoss(ignore_index=...) labels are the user's explicit choice."""
+    X, y = class_data()
+    y = y.clone()
+    y[2] = -7
+    prob = gs.Problem(make_mlp(), nn.CrossEntropyLoss(ignore_index=-7), (X, y))
+    assert torch.isfinite(prob.loss())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda X, Y: ((X[i : i + 5], Y[i : i + 5]) for i in range(0, N, 5)),
+        lambda X, Y: iter([(X, Y)]),
+        lambda X, Y: zip(X.split(5), Y.split(5), strict=True),
+        lambda X, Y: iter(DataLoader(TensorDataset(X, Y), batch_size=5)),
+    ],
+    ids=["generator", "list-iterator", "zip", "loader-iterator"],
+)
+def test_problem_one_shot_iterator_refused(make):
+    """A generator used to lose its first batch to the validation pass."""
+    X, Y = regression_data()
+    with pytest.raises(InvalidArgumentError, match=r"data is a one-shot iterator"):
+        gs.Problem(make_mlp(), "mse", make(X, Y))
+
+
+def test_problem_drop_last_warns_about_dropped_samples():
+    X, Y = regression_data()
+    with pytest.warns(UserWarning, match=r"drop_last=True: 2 sample"):
+        prob = gs.Problem(make_mlp(), "mse", DataLoader(TensorDataset(X, Y), 6, drop_last=True))
+    assert prob.n == 18
