@@ -10,14 +10,17 @@ stochastic Lanczos quadrature as an estimate with a standard error (exact when d
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
 import torch
 
 from gdscope.curvature.hessian import dense_hessian, hessian_density, hessian_eigs
+from gdscope.curvature.products import check_params, check_problem
 from gdscope.errors import InvalidArgumentError
 from gdscope.linalg import Estimate, spectral_sum
+from gdscope.linalg._validate import check_int, check_seed, check_tol, describe
 from gdscope.problem import Params, Problem
 
 __all__ = ["GDMapReport", "gd_map"]
@@ -69,8 +72,23 @@ def gd_map(
     Larger ones count eigenvalues above ``1/lr`` with Lanczos (up to ``max_count`` of them,
     beyond which the sign is undetermined) and estimate ``log|det|`` by SLQ.
     """
-    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise InvalidArgumentError(f"lr={lr!r} must be a positive finite step size.")
+    check_problem(prob)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise InvalidArgumentError(
+            f"lr must be a positive finite step size (a float), got {describe(lr)}: pass e.g. "
+            "lr=0.1."
+        )
+    if not (math.isfinite(float(lr)) and lr > 0):
+        raise InvalidArgumentError(
+            f"lr={float(lr)!r} must be a positive finite step size: pass e.g. lr=0.1."
+        )
+    dense_limit = check_int("dense_limit", dense_limit, 0)
+    tol = check_tol(tol)
+    max_count = check_int("max_count", max_count, 1)
+    slq_vectors = check_int("slq_vectors", slq_vectors, 1)
+    slq_steps = check_int("slq_steps", slq_steps, 1)
+    seed = check_seed(seed)
+    params = check_params(prob, params)
     t0 = time.perf_counter()
     if prob.num_params <= dense_limit:
         return _dense(prob, float(lr), params, t0)

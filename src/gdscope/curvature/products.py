@@ -16,19 +16,77 @@ loss's output Hessian (``q·I`` for MSE, a Hessian-vector product in output spac
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 from torch.func import jvp
 
-from gdscope.errors import InvalidArgumentError, NonFiniteError
+from gdscope.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from gdscope.linalg._validate import check_bool, check_choice, describe
 from gdscope.linalg.operator import CallableOperator
 from gdscope.problem import Params, Problem
 
 __all__ = ["CURVATURES", "curvature_operator"]
 
 CURVATURES = ("hessian", "ggn")
+
+
+def check_problem(prob: object) -> None:
+    """``prob`` is a :class:`~gdscope.problem.Problem`."""
+    if not isinstance(prob, Problem):
+        raise InvalidArgumentError(
+            f"prob must be a gdscope.Problem, got {describe(prob)}: build one with "
+            "gs.Problem(model, loss, (X, Y))."
+        )
+
+
+def check_params(prob: Problem, params: object) -> Params | None:
+    """``params``: ``None`` (the model's current parameters) or a dict from parameter names of
+    ``prob`` to tensors of their shapes; names left out keep their current values."""
+    if params is None:
+        return None
+    if not isinstance(params, Mapping):
+        raise InvalidArgumentError(
+            f"params must be a dict of parameter tensors (name -> tensor, as from "
+            f"prob.unflatten(theta)) or None, got {describe(params)}."
+        )
+    unknown = [n for n in params if n not in prob.names]
+    if unknown:
+        shown = ", ".join(repr(n) for n in prob.names[:6])
+        more = ", ..." if len(prob.names) > 6 else ""
+        raise InvalidArgumentError(
+            f"params has {len(unknown)} name(s) that are not trainable parameters of the "
+            f"problem's model: {unknown[:5]!r}; use names from prob.names ({shown}{more})."
+        )
+    current = prob.params
+    out: Params = {}
+    for n in prob.names:
+        if n not in params:
+            out[n] = current[n]
+            continue
+        t = params[n]
+        want = tuple(current[n].shape)
+        if not isinstance(t, Tensor):
+            raise InvalidArgumentError(
+                f"params[{n!r}] must be a tensor of shape {want}, got {describe(t)}."
+            )
+        if t.is_complex() or not t.is_floating_point():
+            raise InvalidArgumentError(
+                f"params[{n!r}] has dtype {t.dtype}: pass a real floating tensor of shape {want}."
+            )
+        if tuple(t.shape) != want:
+            raise ShapeMismatchError(
+                f"params[{n!r}] has shape {tuple(t.shape)}, the parameter has shape {want}: pass "
+                "tensors shaped like the model's parameters (prob.unflatten(theta) does)."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"params[{n!r}] contains NaN or inf: curvature is only defined at finite "
+                "parameters (restore an earlier checkpoint)."
+            )
+        out[n] = t
+    return out
 
 
 def _snapshot(prob: Problem, params: Params | None) -> Params:
@@ -185,10 +243,12 @@ def curvature_operator(
     The parameters are snapshotted: training the model afterwards does not change the operator.
     ``check`` runs :meth:`Problem.check` first (determinism, train-mode BatchNorm).
     """
-    if curvature not in CURVATURES:
-        raise InvalidArgumentError(
-            f"curvature={curvature!r} is not supported: use one of {CURVATURES}."
-        )
+    check_problem(prob)
+    check_choice("curvature", curvature, CURVATURES)
+    if cache_graph is not None:
+        check_bool("cache_graph", cache_graph)
+    check_bool("check", check)
+    params = check_params(prob, params)
     if check:
         prob.check()
     snap = _snapshot(prob, params)

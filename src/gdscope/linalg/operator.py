@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
+from gdscope.linalg._validate import check_int, describe
 
 __all__ = ["CallableOperator", "DenseOperator", "LinearOperator"]
 
@@ -48,11 +49,25 @@ class _Base:
     device: torch.device
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        if size < 1:
-            raise InvalidArgumentError(f"operator size must be positive, got {size}.")
-        self.shape = (int(size), int(size))
+        size = check_int("size", size, 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InvalidArgumentError(
+                f"dtype must be a real floating torch.dtype, got {describe(dtype)}: pass e.g. "
+                "dtype=torch.float64."
+            )
+        if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+            raise InvalidArgumentError(
+                f"device must be a torch.device or a name such as 'cpu', got {describe(device)}."
+            )
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"device={device!r} is not a device ({err}): pass e.g. 'cpu' or 'cuda:0'."
+            ) from err
+        self.shape = (size, size)
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = dev
         self.matvecs = 0
 
     def _apply(self, V: Tensor) -> Tensor:  # (P, b) -> (P, b)
@@ -89,8 +104,27 @@ class DenseOperator(_Base):
     """A dense symmetric matrix as an operator (tests, small problems)."""
 
     def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor):
+            raise InvalidArgumentError(
+                f"matrix must be a square torch tensor, got {describe(matrix)}: pass "
+                "torch.as_tensor(matrix, dtype=torch.float64)."
+            )
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ShapeMismatchError(f"matrix must be square, got shape {tuple(matrix.shape)}.")
+        if matrix.is_complex() or not matrix.is_floating_point():
+            raise InvalidArgumentError(
+                f"matrix has dtype {matrix.dtype}: pass a real floating matrix (matrix.double())."
+            )
+        if not bool(torch.isfinite(matrix).all()):
+            raise InvalidArgumentError("matrix contains NaN or inf: pass a finite matrix.")
+        scale = matrix.abs().max().item() if matrix.numel() else 0.0
+        asym = (matrix - matrix.T).abs().max().item() if matrix.numel() else 0.0
+        if asym > 100 * matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale:
+            raise InvalidArgumentError(
+                f"matrix is not symmetric (max |A − Aᵀ| = {asym:.3g} against max |A| = "
+                f"{scale:.3g}): every solver here assumes a symmetric operator; pass "
+                "0.5 * (A + A.T) if that is what you mean."
+            )
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
 
@@ -113,6 +147,15 @@ class CallableOperator(_Base):
         device: torch.device | str,
         block_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        if not callable(fn):
+            raise InvalidArgumentError(
+                f"fn must be a function v -> A v on flat vectors, got {describe(fn)}."
+            )
+        if block_fn is not None and not callable(block_fn):
+            raise InvalidArgumentError(
+                f"block_fn must be a function V -> A V on (P, b) blocks or None, got "
+                f"{describe(block_fn)}."
+            )
         super().__init__(size, dtype, device)
         self.fn = fn
         self.block_fn = block_fn
