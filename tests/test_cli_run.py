@@ -148,7 +148,8 @@ def test_missing_data_files_exit_2_and_store_nothing(tmp_path):
         res = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
         assert res.exit_code == 2, res.output
         assert message in " ".join(res.output.split())
-        assert _experiments(tmp_path / "out" / "runs.db") == []
+        # nothing is left behind: no empty runs.db (it used to stay), no empty folder
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_failing_task_propagates_and_stores_nothing(tmp_path):

@@ -75,7 +75,11 @@ def test_default_names_and_lookup_by_name(store):
     assert store.run(a).name == f"run-{a}"
     first = store.create_run("same", environment=ENV)
     second = store.create_run("same", environment=ENV)
-    assert store.run("same").id == second != first
+    # a name several runs share is ambiguous: an error listing their ids (it used to pick the
+    # latest silently)
+    with pytest.raises(InvalidArgumentError, match=rf"ambiguous.*ids {first}, {second}.*an id"):
+        store.run("same")
+    assert store.run(second).name == "same"
     with pytest.raises(InvalidArgumentError, match=rf"no run 'nope'.*{a} \(run-{a}\).*same"):
         store.run("nope")
     with pytest.raises(InvalidArgumentError, match="no run 99"):
@@ -243,7 +247,9 @@ def test_csv_export(store, tmp_path):
     ]
     with open(store.to_csv(tmp_path / "b.csv", run_id=b)) as f:
         assert [r["run_name"] for r in csv.DictReader(f)] == ["b"]
-    with pytest.raises(StoreError, match="cannot write"):
+    # a bad path is a bad argument (InvalidArgumentError; it was a StoreError before the one
+    # output-path check, gdscope.store.check_output)
+    with pytest.raises(InvalidArgumentError, match=r"path=.*missing.*does not exist"):
         store.to_csv(tmp_path / "missing" / "x.csv")
 
 

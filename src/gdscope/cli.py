@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gdscope.errors import GdscopeError
+from gdscope.errors import ConfigError, GdscopeError
 
 app = typer.Typer(
     name="gdscope",
@@ -20,14 +21,38 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# no :emoji: codes: a run named ":warning:" prints as written
+console = Console(emoji=False)
 
 _MARK = {True: "[green]✔ holds[/]", False: "[red]✘ fails[/]", None: "[yellow]? undetermined[/]"}
 _SHORT_MARK = {True: "[green]✔[/]", False: "[red]✘[/]", None: "[yellow]?[/]"}
 
+# ANSI/VT escape sequences (CSI, OSC, other ESC sequences), then any other C0/C1 control
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(value: object, *, one_line: bool = False) -> str:
+    """Any user or store text, safe to print through rich: the one helper for all of it.
+
+    ANSI escape sequences are removed; other control characters (``\\r``, bell, C1, and with
+    ``one_line`` also newlines and tabs) become ``�``; lone surrogates become ``�``; rich markup
+    (``[bold]``, ``[/]``) is escaped so it prints as written.
+    """
+    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    text = _ANSI.sub("", text)
+    text = (_CONTROL_ONE_LINE if one_line else _CONTROL).sub("\ufffd", text)
+    return escape(text)
+
+
+def _mark(holds: object, marks: dict[bool | None, str] = _MARK) -> str:
+    """A verdict's mark; anything but True/False is undetermined."""
+    return marks[holds] if holds is True or holds is False else marks[None]
+
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/] {escape(str(e))}")
+    console.print(f"[red]error:[/] {_safe(e)}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -45,20 +70,18 @@ def demo(
     t0 = time.perf_counter()
     try:
         result = run_demo(
-            out, config, progress=True, on_run=lambda name: console.rule(f"[bold]{name}")
+            out,
+            config,
+            progress=True,
+            on_run=lambda name: console.rule(f"[bold]{_safe(name, one_line=True)}"),
         )
     except GdscopeError as e:
         _fail(e)
         return
     for name, verdicts in result.runs.items():
-        table = Table(title=name, show_lines=False)
-        for col in ("claim", "predicted", "measured", "verdict"):
-            table.add_column(col, overflow="fold")
-        for v in verdicts:
-            table.add_row(v.claim, v.predicted, v.measured, _MARK[v.holds])
-        console.print(table)
-    console.print(f"store:  {result.store_path}")
-    console.print(f"report: {result.report_path}")
+        console.print(_verdict_table(name, verdicts))
+    console.print(f"store:  {_safe(result.store_path)}", highlight=False)
+    console.print(f"report: {_safe(result.report_path)}", highlight=False)
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
@@ -67,24 +90,38 @@ def runs(store: Path = typer.Option(Path("runs.db"), help="The SQLite store.")) 
     """List the runs in a store."""
     from gdscope.store import Store
 
-    if not store.exists():
-        _fail(FileNotFoundError(f"no store at {store}: pass --store PATH"))
+    _need_store(store)
     try:
-        with Store(store) as s:
-            table = Table(title=str(store))
+        with Store(store, readonly=True) as s:
+            table = Table(title=_safe(store, one_line=True))
             for col in ("id", "name", "status", "last step", "created"):
-                table.add_column(col)
+                table.add_column(col, overflow="fold")
             for r in s.runs():
                 table.add_row(
                     str(r.id),
-                    r.name,
-                    r.status_label,
+                    _safe(r.name, one_line=True),
+                    _safe(r.status_label, one_line=True),
                     "" if r.last_step is None else str(r.last_step),
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+                    _created(r.created_at),
                 )
             console.print(table)
     except GdscopeError as e:
         _fail(e)
+
+
+def _need_store(store: Path) -> None:
+    """Refuse a missing store (a read command creates nothing)."""
+    if not store.is_file():
+        what = "is a directory" if store.is_dir() else "does not exist"
+        _fail(FileNotFoundError(f"no store at {store}: it {what}; pass --store PATH of a store"))
+
+
+def _created(when: object) -> str:
+    """A stored Unix time as local date and time (an unreadable value as is)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _safe(when, one_line=True)
 
 
 @app.command()
@@ -100,12 +137,11 @@ def report(
     from gdscope.report import write_experiment_report, write_report
     from gdscope.store import Store
 
-    if not store.exists():
-        _fail(FileNotFoundError(f"no store at {store}: pass --store PATH"))
+    _need_store(store)
     if experiment and (len(run) != 1 or not run[0].isdigit()):
         _fail(ValueError(f"--experiment takes one experiment id, got {' '.join(run)!r}"))
     try:
-        with Store(store) as s:
+        with Store(store, readonly=True) as s:
             if experiment:
                 path = write_experiment_report(s, int(run[0]), out)
             else:
@@ -114,10 +150,15 @@ def report(
     except GdscopeError as e:
         _fail(e)
         return
-    console.print(f"report: {path}")
+    console.print(f"report: {_safe(path)}", highlight=False)
 
 
 _SET_HELP = "Override a config field, e.g. --set data.n=64 --set 'widths=[32, 64]' (repeatable)."
+# rich markup would swallow a bare [sweep]: help texts escape it
+_GRID_HELP = (
+    "Vary a field over values, e.g. --grid 'seed=[0, 1]' (repeatable; the same as --set "
+    "'sweep.grid.seed=[0, 1]'): the points are the product, with any \\[sweep] table's points."
+)
 _EXECUTOR_HELP = "Where the work runs: serial (this process), local (a process pool) or ray."
 _ADDRESS_HELP = "Ray cluster address (with --executor ray); default: start a private local Ray."
 _WORKERS_HELP = "Worker processes (local) or CPUs of the local Ray (default: all CPUs)."
@@ -136,11 +177,11 @@ def _close(executor: Any) -> None:
 
 
 def _verdict_table(title: str, verdicts: list[Any]) -> Table:
-    table = Table(title=title)
+    table = Table(title=_safe(title, one_line=True))
     for col in ("claim", "predicted", "measured", "verdict"):
         table.add_column(col, overflow="fold")
     for v in verdicts:
-        table.add_row(escape(v.claim), escape(v.predicted), escape(v.measured), _MARK[v.holds])
+        table.add_row(_safe(v.claim), _safe(v.predicted), _safe(v.measured), _mark(v.holds))
     return table
 
 
@@ -161,7 +202,7 @@ def _list_experiments() -> None:
         scale = " ".join(
             f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in exp.paper_scale.items()
         )
-        table.add_row(escape(name), escape(exp.summary), escape(scale))
+        table.add_row(_safe(name), _safe(exp.summary), _safe(scale))
     console.print(table)
 
 
@@ -205,7 +246,7 @@ def run_command(
             out=out,
             executor=ex,
             on_task=lambda o: console.print(
-                f"task {escape(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
+                f"task {_safe(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
             ),
         )
     except GdscopeError as e:
@@ -216,15 +257,24 @@ def run_command(
     console.print(
         _verdict_table(f"{result.name} (experiment {result.experiment_id})", result.verdicts)
     )
-    for key, path in result.paths.items():
-        console.print(f"{key + ':':8} {path}")
+    _print_paths(result.paths)
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+def _print_paths(paths: dict[str, Path]) -> None:
+    for key, path in paths.items():
+        console.print(f"{key + ':':8} {_safe(path)}", highlight=False)
 
 
 @app.command()
 def sweep(
-    config: Path = typer.Argument(..., help="A TOML experiment config with a [sweep] table."),
+    config: str = typer.Argument(
+        ...,
+        help="A TOML experiment config with a \\[sweep] table, or a built-in experiment "
+        "(see gdscope run --list) with --grid.",
+    ),
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    grid: list[str] = typer.Option([], "--grid", help=_GRID_HELP),
     out: Path = typer.Option(
         Path("gdscope_out"), help="Folder for runs.db, sweep.json and sweep.html."
     ),
@@ -235,28 +285,40 @@ def sweep(
         None, help="The sweep's name in the store (default: from its points).", show_default=False
     ),
 ) -> None:
-    """Run every point of a sweep (skipping those already stored) and compare them."""
+    """Run every point of a sweep (skipping those already stored) and compare them.
+
+    The points come from the config's \\[sweep] table and from --grid, e.g.
+    gdscope sweep width --grid 'seed=[0, 1]'.
+    """
     from gdscope.runner import SweepPoint, run_sweep
 
     def progress(p: SweepPoint) -> None:
-        what = escape(_values(p.values))
+        what = _safe(_values(p.values))
         if p.status == "failed":
             console.print(f"[red]✘ point {p.index} failed[/] ({what})", highlight=False)
         else:
-            marks = " ".join(_SHORT_MARK[v["holds"]] for v in p.verdicts)
+            marks = " ".join(_mark(v.get("holds"), _SHORT_MARK) for v in p.verdicts)
             console.print(f"point {p.index} ({what}): {marks}", highlight=False)
 
+    overrides = list(set_)
+    for item in grid:
+        field, sep, values = item.partition("=")
+        if not sep or not field.strip():
+            _fail(
+                ConfigError(f"--grid {item!r}: expected FIELD=[values], e.g. --grid 'seed=[0, 1]'")
+            )
+        overrides.append(f"sweep.grid.{field.strip()}={values}")
     t0 = time.perf_counter()
     ex = None
     try:
         ex = _executor(executor, address, workers)
-        result = run_sweep(config, set_, out=out, executor=ex, name=name, on_point=progress)
+        result = run_sweep(config, overrides, out=out, executor=ex, name=name, on_point=progress)
     except GdscopeError as e:
         _fail(e)
         return
     finally:
         _close(ex)
-    table = Table(title=f"sweep {result.name} ({result.experiment})")
+    table = Table(title=_safe(f"sweep {result.name} ({result.experiment})", one_line=True))
     for col in ("point", "values", "status", "verdicts"):
         table.add_column(col, overflow="fold")
     for p in result.points:
@@ -266,12 +328,11 @@ def sweep(
             if p.status != "failed"
             else ""
         )
-        table.add_row(str(p.index), escape(_values(p.values)), p.status, summary)
+        table.add_row(str(p.index), _safe(_values(p.values)), p.status, summary)
     console.print(table)
     for p in result.failed:
-        console.print(f"[red]point {p.index} failed:[/] {escape(p.error or '')}", highlight=False)
-    for key, path in result.paths.items():
-        console.print(f"{key + ':':8} {path}")
+        console.print(f"[red]point {p.index} failed:[/] {_safe(p.error or '')}", highlight=False)
+    _print_paths(result.paths)
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
     if result.failed:
         raise typer.Exit(code=1)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gdscope.errors import InvalidArgumentError
 from gdscope.kernels import ntk
 from gdscope.probes import (
     AccuracyProbe,
@@ -38,7 +39,7 @@ from gdscope.probes import (
 )
 from gdscope.problem import Problem
 from gdscope.report import Verdict, summarize_run, write_report
-from gdscope.store import Store
+from gdscope.store import Store, check_output
 from gdscope.theory import Prediction, fit_rates, predict, stability
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
@@ -76,13 +77,28 @@ def run_demo(
     progress: bool = False,
     on_run: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Train one run per learning rate, write ``runs.db`` and ``report.html`` under ``out``."""
+    """Train one run per learning rate, write ``runs.db`` and ``report.html`` under ``out``.
+
+    ``out`` is a folder (created if needed). Before anything trains, ``out/report.html`` is
+    checked: it may be new or a page gdscope wrote, never the store or another file.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(
+            f"out={str(out)!r} is a file, not a folder: pass a folder (new or existing) for "
+            "runs.db and report.html, e.g. --out demo_out."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"out={str(out)!r}: cannot create the folder ({e}); pass a writable path."
+        ) from e
+    store_path = out / "runs.db"
+    check_output(out / "report.html", "html", protect=[store_path], arg="out")
     X, Y = digits(config.samples, seed=config.seed)
     sizes = [X.shape[1], config.width, config.width, Y.shape[1]]
     kernel = _initial_kernel(mlp(sizes, "tanh", seed=config.seed), X, Y)
-    store_path = out / "runs.db"
     verdicts: dict[str, list[Verdict]] = {}
     run_ids: list[int] = []
     with Store(store_path) as store:

@@ -33,7 +33,8 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,7 @@ from gdscope.experiments import (
     Figure,
     TaskOutput,
     config_hash,
+    experiment_names,
     load_toml,
     parse_assignments,
     resolve,
@@ -55,7 +57,7 @@ from gdscope.experiments import (
     to_dict,
 )
 from gdscope.experiments.config import merge
-from gdscope.store import RunPayload, Store
+from gdscope.store import OutputKind, RunPayload, Store, check_output, write_output
 from gdscope.verdict import Verdict
 
 __all__ = [
@@ -248,31 +250,106 @@ def _start(executor: Executor | None) -> None:
         start()
 
 
-def _out_dir(out: PathLike) -> Path:
+def _out_dir(out: PathLike) -> tuple[Path, bool]:
+    """``(folder, made)``: the output folder, created if needed, and whether this call made it."""
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InvalidArgumentError(
+            f"out={str(out)!r} is a file, not a folder: pass a folder (new or existing) for "
+            "the outputs, e.g. --out gdscope_out."
+        )
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidArgumentError(
             f"out={str(out)!r}: cannot create the output folder ({e}); pass a writable path."
         ) from e
-    return path
+    return path, made
 
 
-def _open_store(store: StoreLike | None, out: Path | None) -> tuple[Store | None, bool]:
-    """``(store, owned)``: the store to write (``out/runs.db`` by default) and whether to close."""
-    if isinstance(store, Store):
-        return store, False
-    if store is not None:
-        return Store(store), True
-    if out is not None:
-        return Store(out / "runs.db"), True
-    return None, False
+@dataclass
+class _Workspace:
+    """Where a command writes: its output folder and store, and what it created itself."""
+
+    folder: Path | None
+    db: Store | None
+    store_path: Path | None
+    created_store: bool
+
+    def protect(self) -> list[Path]:
+        return [self.store_path] if self.store_path is not None else []
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write ``folder/name`` (never over the store or a file gdscope did not write)."""
+        assert self.folder is not None
+        text = json.dumps(data, indent=2, default=str) + "\n"
+        return write_output(self.folder / name, text, "json", protect=self.protect(), arg="out")
+
+    def store_kept(self) -> bool:
+        """False when the store is one this command created and nothing was stored in it."""
+        return not (self.created_store and self.db is not None and self.db.is_empty())
 
 
-def _write_json(path: Path, data: Any) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+@contextmanager
+def _workspace(
+    out: PathLike | None,
+    store: StoreLike | None,
+    files: Mapping[str, OutputKind],
+    executor: Executor | None,
+) -> Iterator[_Workspace]:
+    """Check every output path, start the executor, open the store; undo what is left empty.
+
+    The output files (``files``, under ``out``) are checked before anything runs: none may be
+    the store, and an existing one must be an output gdscope wrote. On exit a store this call
+    created and left empty (a failed command) is removed, and so is an output folder it created
+    and left empty.
+    """
+    folder, made = _out_dir(out) if out is not None else (None, False)
+    ws = _Workspace(folder, None, None, False)
+    owned = False
+    try:
+        if isinstance(store, Store):
+            ws.db = store
+            ws.store_path = store.path if isinstance(store.path, Path) else None
+        elif store is not None and str(store) != ":memory:":
+            ws.store_path = Path(store)
+        elif store is None and folder is not None:
+            ws.store_path = folder / "runs.db"
+        if folder is not None:
+            for name, kind in files.items():
+                check_output(folder / name, kind, protect=ws.protect(), arg="out")
+        _start(executor)
+        if ws.db is None and (store is not None or folder is not None):
+            path = ws.store_path if ws.store_path is not None else ":memory:"
+            ws.created_store = ws.store_path is not None and not ws.store_path.exists()
+            ws.db = Store(path)
+            owned = True
+        yield ws
+    finally:
+        if owned and ws.db is not None:
+            try:
+                remove = not ws.store_kept()
+            except GdscopeError:
+                remove = False
+            ws.db.close()
+            if remove and ws.store_path is not None:
+                for suffix in ("", "-wal", "-shm"):
+                    ws.store_path.with_name(ws.store_path.name + suffix).unlink(missing_ok=True)
+        if made and folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """``--set`` strings or a mapping as a nested mapping; the experiment cannot be overridden."""
+    data = dict(overrides) if isinstance(overrides, Mapping) else parse_assignments(overrides)
+    if "experiment" in data:
+        raise ConfigError(
+            f"--set experiment={data['experiment']!r}: the experiment is chosen by the "
+            "EXPERIMENT argument (or the config's experiment field), not by --set. Run "
+            f"gdscope run {data['experiment']} (with your other --set options) instead."
+        )
+    return data
 
 
 def run_experiment(
@@ -307,12 +384,11 @@ def run_experiment(
                 "sweep: this config is a sweep (it has a [sweep] table): run it with run_sweep "
                 "(gdscope sweep CONFIG), or remove the table."
             )
-    exp, cfg = resolve(config, overrides)
+    exp, cfg = resolve(config, _overrides(overrides))
     _check_ready(cfg, not isinstance(executor, RayExecutor))
-    _start(executor)
-    folder = _out_dir(out) if out is not None else None
-    db, owned = _open_store(store, folder)
-    try:
+    files: dict[str, OutputKind] = {"verdict.json": "json", "report.html": "html"}
+    with _workspace(out, store, files, executor) as ws:
+        folder, db = ws.folder, ws.db
         outputs = run_tasks(exp, cfg, executor, on_task)
         point = _package(exp, cfg, outputs, time.perf_counter() - t0)
         paths: dict[str, Path] = {}
@@ -325,15 +401,12 @@ def run_experiment(
         if db is not None and exp_id is not None:
             run_ids = db.experiment(exp_id).run_ids
         if folder is not None:
-            paths["verdict"] = _write_json(folder / "verdict.json", point.verdicts)
+            paths["verdict"] = ws.write_json("verdict.json", point.verdicts)
             if db is not None and exp_id is not None:
                 # imported here: the report imports gdscope, whose __init__ imports this module
                 from gdscope.report.experiment import write_experiment_report
 
                 paths["report"] = write_experiment_report(db, exp_id, folder / "report.html")
-    finally:
-        if owned and db is not None:
-            db.close()
     return ExperimentResult(
         name=exp.name,
         config=point.config,
@@ -397,6 +470,12 @@ def _sweep_spec(spec: Any) -> list[dict[str, Any]]:
     if not isinstance(grid_table, Mapping):
         raise ConfigError(f"sweep.grid: expected a table of FIELD = [values], got {grid_table!r}.")
     grid = _flatten(grid_table)
+    if "grid" in spec and not grid:
+        raise ConfigError(
+            f"sweep.grid: {grid_table!r} is empty, a grid with no points (the sweep would run "
+            "only the base config): add FIELD = [values], e.g. grid = { seed = [0, 1] }, or "
+            "remove grid and list points."
+        )
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(
@@ -431,13 +510,21 @@ def _sweep_spec(spec: Any) -> list[dict[str, Any]]:
 
 
 def _load(config: PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping as is, a TOML file read, a built-in experiment's name as its base config."""
     if isinstance(config, Mapping):
         return dict(config)
-    if isinstance(config, Path) or str(config).endswith(".toml"):
+    text = str(config)
+    if text.endswith(".toml") or Path(text).is_file() or text not in experiment_names():
         return load_toml(config)
-    raise ConfigError(
-        f"config={str(config)!r}: a sweep needs a TOML file (or a mapping) with a [sweep] table; "
-        "to run one experiment by name use run_experiment (gdscope run)."
+    return {"experiment": text}
+
+
+def _sweep_advice(experiment: Any) -> str:
+    """A command that runs a sweep of ``experiment`` (every experiment has a ``seed``)."""
+    name = experiment if isinstance(experiment, str) and experiment else "NAME"
+    return (
+        f"gdscope sweep {name} --grid 'seed=[0, 1]' (--grid FIELD=[values], repeatable; or "
+        "--set 'sweep.grid.seed=[0, 1]')"
     )
 
 
@@ -463,14 +550,12 @@ def plan_sweep(
     first invalid point, or naming two points that are the same config. ``cuda_here`` also
     requires CUDA on this machine for points on a CUDA device.
     """
-    data = _load(config)
-    if not isinstance(overrides, Mapping):
-        overrides = parse_assignments(overrides)
-    data = merge(data, overrides)
+    data = merge(_load(config), _overrides(overrides))
     if "sweep" not in data:
         raise ConfigError(
-            "sweep: missing; a sweep config needs a [sweep] table with grid and/or points (e.g. "
-            "[sweep] grid = { lr = [0.1, 0.2] }). To run one experiment use gdscope run."
+            "sweep: missing; a sweep needs the points to run: add a [sweep] table to the "
+            "config (e.g. [sweep] grid = { seed = [0, 1] }), or give them on the command line: "
+            f"{_sweep_advice(data.get('experiment'))}. To run one experiment use gdscope run."
         )
     all_values = _sweep_spec(data.pop("sweep"))
     exp, base = resolve(data)
@@ -536,11 +621,10 @@ def run_sweep(
     """
     t0 = time.perf_counter()
     plan = plan_sweep(config, overrides, name, cuda_here=not isinstance(executor, RayExecutor))
-    _start(executor)
-    folder = _out_dir(out)
-    owned = not isinstance(store, Store)
-    db = store if isinstance(store, Store) else Store(store or folder / "runs.db")
-    try:
+    files: dict[str, OutputKind] = {"sweep.json": "json", "sweep.html": "html"}
+    with _workspace(out, store, files, executor) as ws:
+        assert ws.db is not None
+        db = ws.db
         points = list(plan.points)
         stored = {e.config_hash: e for e in db.experiments(plan.name)}
         for i, p in enumerate(points):
@@ -575,24 +659,24 @@ def run_sweep(
             except GdscopeError as e:
                 error = e
         result = SweepResult(plan.name, plan.experiment, points, {}, time.perf_counter() - t0)
-        paths = _write_sweep_files(result, db, folder)
-    finally:
-        if owned:
-            db.close()
+        paths = _write_sweep_files(result, ws)
     if error is not None:
         raise error
     return dataclasses.replace(result, paths=paths, seconds=time.perf_counter() - t0)
 
 
-def _write_sweep_files(result: SweepResult, db: Store, folder: Path) -> dict[str, Path]:
+def _write_sweep_files(result: SweepResult, ws: _Workspace) -> dict[str, Path]:
     from gdscope.report.experiment import write_sweep_report  # see run_experiment
 
+    db, folder = ws.db, ws.folder
+    assert db is not None and folder is not None
     paths: dict[str, Path] = {}
-    if isinstance(db.path, Path):
+    if isinstance(db.path, Path) and ws.store_kept():
         paths["store"] = db.path
-    paths["json"] = _write_json(
-        folder / "sweep.json",
+    paths["json"] = ws.write_json(
+        "sweep.json",
         {
+            "generator": "gdscope",
             "sweep": result.name,
             "experiment": result.experiment,
             "points": [p.to_dict() for p in result.points],

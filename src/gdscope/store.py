@@ -27,6 +27,7 @@ stays ``running`` with no ``finished_at`` and is shown as *incomplete*.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -41,19 +42,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from gdscope.errors import GdscopeError, InvalidArgumentError, StoreError
 
-__all__ = ["ExperimentInfo", "MetricRow", "RunInfo", "RunPayload", "Store", "environment_info"]
+__all__ = [
+    "HTML_MARKER",
+    "ExperimentInfo",
+    "MetricRow",
+    "RunInfo",
+    "RunPayload",
+    "Store",
+    "check_output",
+    "environment_info",
+    "write_output",
+]
 
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "completed", "failed", "diverged")
 ITERATES = ("before", "after")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 CSV_COLUMNS = ("run_id", "run_name", "step", "iterate_index", "name", "value", "probe", "iterate")
+#: In the ``<head>`` of every HTML page gdscope writes: such a page may be overwritten.
+HTML_MARKER = "<meta name='generator' content='gdscope'>"
+#: The key (value ``"gdscope"``) gdscope writes into its own JSON objects (``sweep.json``).
+JSON_GENERATOR = "generator"
+#: Bytes of an existing page read to recognise it as gdscope's.
+_SNIFF_BYTES = 65536
+OutputKind = Literal["html", "json", "csv"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -212,17 +230,186 @@ def _value(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-class Store:
-    """A results store in one SQLite file (or ``":memory:"``); safe to share between threads."""
+# ---------------------------------------------------------------------------------- output files
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (resolved, symlinks followed; may not exist yet)."""
+    ra, rb = a.expanduser().resolve(), b.expanduser().resolve()
+    if ra == rb:
+        return True
+    try:
+        return os.path.samefile(ra, rb)
+    except OSError:
+        return False
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+def _protected(path: Path, store: Path) -> bool:
+    """Whether writing ``path`` would write over the store ``store`` or its journal files."""
+    return any(
+        _same_file(path, store.with_name(store.name + suffix))
+        for suffix in ("", "-wal", "-shm", "-journal")
+    )
+
+
+def _is_gdscope_output(path: Path, kind: OutputKind) -> bool:
+    """Whether the existing file ``path`` is a ``kind`` output gdscope wrote (so replaceable)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return False
+    if kind == "html":
+        text = head.decode("utf-8", "replace")
+        legacy = text.startswith("<!DOCTYPE html>") and "<p class='generated'>" in text
+        return HTML_MARKER in text or (legacy and " by gdscope " in text)
+    if kind == "csv":
+        return head.split(b"\n", 1)[0].rstrip(b"\r") == ",".join(CSV_COLUMNS).encode()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if isinstance(data, dict):  # sweep.json (older ones had no generator key)
+        return data.get(JSON_GENERATOR) == "gdscope" or {"sweep", "experiment", "points"} <= set(
+            data
+        )
+    # verdict.json: a list of verdicts, each with claim, predicted, measured and holds
+    return isinstance(data, list) and all(
+        isinstance(v, dict) and {"claim", "predicted", "measured", "holds"} <= set(v) for v in data
+    )
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    kind: OutputKind,
+    *,
+    protect: Iterable[str | os.PathLike[str]] = (),
+    arg: str = "path",
+) -> Path:
+    """``path`` as a Path, if gdscope may write its ``kind`` output there; else refuse.
+
+    Every file gdscope writes (HTML pages, ``verdict.json``, ``sweep.json``, CSV exports) goes
+    through this check. Refused, with :class:`InvalidArgumentError` naming ``arg``: a path in a
+    directory that does not exist, a directory, a path that is (or links to) a store in
+    ``protect`` or its journal files, any SQLite database, and any other existing file that is
+    not a ``kind`` output gdscope wrote (recognised by :data:`HTML_MARKER`, the
+    ``"generator": "gdscope"`` key or the verdict list of ``verdict.json``, the CSV header).
+    """
+    out = Path(path)
+    what = {"html": "the report", "json": "the JSON output", "csv": "the CSV export"}[kind]
+    shown = f"cannot write {what} to {arg}={str(path)!r}:"
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(
+            f"{shown} the directory {out.parent} does not exist. Create it first or pass "
+            "another path."
+        )
+    for store in protect:
+        if str(store) != ":memory:" and _protected(out, Path(store)):
+            raise InvalidArgumentError(
+                f"{shown} it is the store {store} (or one of its files), and writing there would "
+                f"destroy every run in it. Pass another {arg}, e.g. a new .{kind} file."
+            )
+    if out.is_dir():
+        raise InvalidArgumentError(
+            f"{shown} it is a directory; pass the path of a .{kind} file to write."
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_file():
+            raise InvalidArgumentError(
+                f"{shown} it exists and is not a regular file; pass the path of a new .{kind} file."
+            )
+        with out.open("rb") as f:
+            sqlite = f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+        if sqlite:
+            raise InvalidArgumentError(
+                f"{shown} it is an SQLite database (a store?) and writing there would destroy "
+                f"it. Pass another {arg}, e.g. a new .{kind} file."
+            )
+        if not _is_gdscope_output(out, kind):
+            raise InvalidArgumentError(
+                f"{shown} it exists and is not a {kind} file gdscope wrote, so it is not "
+                f"overwritten. Move it away or pass another {arg}."
+            )
+    return out
+
+
+def write_output(
+    path: str | os.PathLike[str],
+    text: str,
+    kind: OutputKind,
+    *,
+    protect: Iterable[str | os.PathLike[str]] = (),
+    arg: str = "path",
+) -> Path:
+    """Write ``text`` to ``path`` after :func:`check_output`, atomically (never half a file).
+
+    A symlink to an earlier gdscope output is followed: the file it points to is replaced.
+    """
+    out = check_output(path, kind, protect=protect, arg=arg)
+    target = out.resolve() if out.is_symlink() else out
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InvalidArgumentError(
+            f"{arg}={str(path)!r}: cannot write it ({e}). Pass a path in an existing, writable "
+            "directory."
+        ) from e
+    return out
+
+
+def _check_text(value: Any, arg: str, *, name: bool = False) -> str:
+    """A string SQLite can store: UTF-8 encodable; for ``name``, also printable and not an id."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            f"{arg}={value!r} ({type(value).__name__}) must be a string: pass text."
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(
+            f"{arg}={value!r} holds a character UTF-8 cannot encode ({e.reason} at position "
+            f"{e.start}, e.g. a lone surrogate from a mis-decoded file name): pass valid text."
+        ) from e
+    if name:
+        bad = [c for c in value if ord(c) < 32 or 127 <= ord(c) < 160]
+        if bad:
+            raise InvalidArgumentError(
+                f"{arg}={value!r} holds the control character {bad[0]!r}: names are printed "
+                "in terminals and pages; pass printable text."
+            )
+        if value.strip().isdigit():
+            raise InvalidArgumentError(
+                f"{arg}={value!r} reads as a run id: gdscope report {value} would look up id "
+                f"{value.strip()}. Pass a name with a letter in it, e.g. 'run-{value.strip()}'."
+            )
+    return value
+
+
+class Store:
+    """A results store in one SQLite file (or ``":memory:"``); safe to share between threads.
+
+    ``readonly=True`` opens an existing store for reading only (SQLite ``mode=ro``): it works on
+    a read-only file or directory, creates nothing and refuses every write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = str(path) if str(path) == ":memory:" else Path(path)
+        self.readonly = bool(readonly)
         if isinstance(self.path, Path):
-            _check_path(self.path)
+            _check_path(self.path, self.readonly)
+        elif self.readonly:
+            raise InvalidArgumentError(
+                "readonly=True needs the path of an existing store, not ':memory:'."
+            )
         self._lock = threading.RLock()
         self._known_runs: set[int] = set()
         try:
-            self._con: sqlite3.Connection | None = _connect(self.path)
+            if self.readonly:
+                assert isinstance(self.path, Path)
+                self._con: sqlite3.Connection | None = _connect_readonly(self.path)
+            else:
+                self._con = _connect(self.path)
         except sqlite3.Error as e:
             raise StoreError(
                 f"cannot open the store {self.path}: {e}. Pass the path of a gdscope SQLite "
@@ -265,7 +452,15 @@ class Store:
         config: dict[str, Any] | None = None,
         environment: dict[str, Any] | None = None,
     ) -> int:
-        """Start a run (status ``running``); return its id. Default name ``run-<id>``."""
+        """Start a run (status ``running``); return its id. Default name ``run-<id>``.
+
+        ``name`` must be printable text (no control characters or lone surrogates) and not all
+        digits (that reads as a run id). Several runs may share a name (a repeated demo, the
+        same run in several sweep points); looking one up by such a name is then an error that
+        lists their ids.
+        """
+        if name is not None:
+            _check_text(name, "name", name=True)
         env = environment_info() if environment is None else environment
         with self._transaction() as con:
             cur = con.execute(
@@ -289,6 +484,8 @@ class Store:
                 self._known_runs.add(run_id)
             values = []
             for row in rows:
+                _check_text(row.name, "MetricRow.name")
+                _check_text(row.probe, f"metric {row.name!r}: probe")
                 if row.iterate not in ITERATES:
                     raise InvalidArgumentError(
                         f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
@@ -324,6 +521,10 @@ class Store:
         mime: str = "application/octet-stream",
     ) -> None:
         """Store (or replace) a named blob with a run; ``str`` data is stored as UTF-8."""
+        _check_text(name, "name")
+        _check_text(mime, "mime")
+        if isinstance(data, str):
+            _check_text(data, "data")
         self.run(run_id)
         blob = data.encode() if isinstance(data, str) else bytes(data)
         with self._transaction() as con:
@@ -448,9 +649,24 @@ class Store:
         return [_run_info(r) for r in self._query(f"{_RUNS} ORDER BY id")]
 
     def run(self, run: int | str) -> RunInfo:
-        """A run by id, or by name (the latest of several runs sharing it)."""
+        """A run by id, or by name; a name several runs share is an error listing their ids."""
         if isinstance(run, str):
-            rows = self._query(f"{_RUNS} WHERE name = ? ORDER BY id DESC LIMIT 1", (run,))
+            try:
+                run.encode("utf-8")
+            except UnicodeEncodeError:
+                rows = []
+            else:
+                rows = self._query(f"{_RUNS} WHERE name = ? ORDER BY id", (run,))
+            if len(rows) > 1:
+                ids = ", ".join(str(r[0]) for r in rows)
+                raise InvalidArgumentError(
+                    f"run {run!r} is ambiguous in {self.path}: {len(rows)} runs share that name "
+                    f"(ids {ids}). Pass an id instead, e.g. gdscope report {rows[-1][0]}."
+                )
+        elif isinstance(run, bool) or not isinstance(run, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"run={run!r} ({type(run).__name__}) must be a run id (int) or name (str)."
+            )
         else:
             rows = self._query(f"{_RUNS} WHERE id = ?", (int(run),))
         if not rows:
@@ -459,6 +675,10 @@ class Store:
                 f"no run {run!r} in {self.path}. Available runs (id, name): {available}."
             )
         return _run_info(rows[0])
+
+    def is_empty(self) -> bool:
+        """Whether the store holds no run and no experiment."""
+        return not self._query("SELECT 1 FROM runs UNION ALL SELECT 1 FROM experiments LIMIT 1")
 
     def metric_names(self, run_id: int) -> list[str]:
         """Names of the metrics a run has, sorted."""
@@ -520,19 +740,19 @@ class Store:
         return pd.DataFrame(self._long_rows(run_id), columns=list(CSV_COLUMNS))
 
     def to_csv(self, path: str | os.PathLike[str], run_id: int | None = None) -> Path:
-        """Write metrics in long format (columns: :data:`CSV_COLUMNS`) to ``path``."""
-        path = Path(path)
+        """Write metrics in long format (columns: :data:`CSV_COLUMNS`) to ``path``.
+
+        ``path`` may be a new file or a CSV this method wrote; the store itself and any other
+        existing file are refused (:func:`check_output`).
+        """
+        protect = [self.path] if isinstance(self.path, Path) else []
+        check_output(path, "csv", protect=protect)
         rows = self._long_rows(run_id)
-        try:
-            with path.open("w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(CSV_COLUMNS)
-                writer.writerows(rows)
-        except OSError as e:
-            raise StoreError(
-                f"cannot write {path}: {e}. Pass a path in a writable directory."
-            ) from e
-        return path
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
+        return write_output(path, buf.getvalue(), "csv", protect=protect)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -572,9 +792,31 @@ def _connect(path: str | Path) -> sqlite3.Connection:
     return con
 
 
-def _check_path(path: Path) -> None:
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open an existing store read-only (``mode=ro``), even in a read-only directory."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        # a WAL store whose -shm cannot be created (read-only directory): read the file as is
+        con = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None)
+    con.execute("PRAGMA query_only=ON")
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"runs", "metrics"} <= tables:
+        con.close()
+        raise StoreError(
+            f"{path} is an SQLite database but not a gdscope store (no runs table): pass the "
+            "path of a store gdscope wrote."
+        )
+    return con
+
+
+def _check_path(path: Path, readonly: bool = False) -> None:
     """Refuse, naming the fix, a path SQLite would fail on late or silently overwrite."""
     parent = path.parent
+    if readonly and not path.is_file():
+        raise StoreError(f"no store at {path}: pass the path of an existing store (--store PATH).")
     if not parent.is_dir():
         raise StoreError(
             f"cannot create the store {path}: the directory {parent} does not exist. "
@@ -588,7 +830,7 @@ def _check_path(path: Path) -> None:
                     "store, or of a new file."
                 )
     target = path if path.exists() else parent
-    if not os.access(target, os.W_OK):
+    if not readonly and not os.access(target, os.W_OK):
         raise StoreError(
             f"cannot write the store {path}: {target} is not writable. Fix its permissions "
             "or pass a path in a writable directory."

@@ -23,12 +23,13 @@ from gdscope.errors import ConfigError
 from gdscope.report import plots
 from gdscope.report.html import (
     _CSS,
-    _MARK,
     _check_out,
     _e,
     _figures_section,
+    _img,
     _kv,
     _labels,
+    _mark,
     _swatch,
     _table,
     _write_page,
@@ -51,8 +52,9 @@ pre.error { background: #fbeaea; padding: 0.5em; white-space: pre-wrap; font-siz
 def write_experiment_report(
     store: Store, experiment_id: int, path: str | os.PathLike[str], title: str | None = None
 ) -> Path:
-    """Write the page of stored experiment ``experiment_id`` to ``path``."""
-    out = _check_out(path)
+    """Write the page of stored experiment ``experiment_id`` to ``path`` (a new file or a page
+    gdscope wrote; never the store or another file)."""
+    out = _check_out(path, store)
     info = store.experiment(experiment_id)
     summary = _summary(info.name)
     head = f"{info.name}: {summary}" if summary else info.name
@@ -65,7 +67,9 @@ def write_experiment_report(
         _config_section(info),
         *_runs_sections(store, info.run_ids),
     ]
-    return _write_page(out, title or f"gdscope · {info.name}", sections, _CSS + _EXTRA_CSS)
+    return _write_page(
+        out, title or f"gdscope · {info.name}", sections, _CSS + _EXTRA_CSS, store=store
+    )
 
 
 def write_sweep_report(
@@ -82,7 +86,7 @@ def write_sweep_report(
     fields the sweep set), ``error`` and, optionally, the full ``config``; they are listed with
     their errors.
     """
-    out = _check_out(path)
+    out = _check_out(path, store)
     infos = store.experiments(sweep)
     names = sorted({i.name for i in infos})
     configs = {i.id: _flatten(i.config) for i in infos}
@@ -103,7 +107,9 @@ def write_sweep_report(
     if failures:
         sections.append(_failures_section(failures))
     sections += [_point_section(info, configs[info.id], varied) for info in infos]
-    return _write_page(out, title or f"gdscope · sweep {sweep}", sections, _CSS + _EXTRA_CSS)
+    return _write_page(
+        out, title or f"gdscope · sweep {sweep}", sections, _CSS + _EXTRA_CSS, store=store
+    )
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -126,7 +132,13 @@ def _summary(name: str) -> str:
 
 
 def _plots(figures: Sequence[Mapping[str, str]]) -> list[plots.Plot]:
-    return [plots.Plot(f["name"], f["caption"], f["uri"]) for f in figures]
+    """Stored figure dicts as plots (a malformed entry gets an empty, refused ``uri``)."""
+    return [
+        plots.Plot(str(f.get("name", "")), str(f.get("caption", "")), f.get("uri", ""))
+        if isinstance(f, Mapping)
+        else plots.Plot("", "", "")
+        for f in figures
+    ]
 
 
 def _details(details: Any) -> str:
@@ -139,10 +151,10 @@ def _details(details: Any) -> str:
 def _verdict_rows(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for v in verdicts:
-        css, mark = _MARK[v.get("holds")]
+        css, mark = _mark(v.get("holds"))
         rows.append(
-            f"<tr><td>{_e(v['claim'])}</td><td>{_e(v['predicted'])}</td>"
-            f"<td>{_e(v['measured'])}{_details(v.get('details'))}</td>"
+            f"<tr><td>{_e(v.get('claim', ''))}</td><td>{_e(v.get('predicted', ''))}</td>"
+            f"<td>{_e(v.get('measured', ''))}{_details(v.get('details'))}</td>"
             f"<td class='{css}'>{mark}</td></tr>"
         )
     return rows
@@ -243,8 +255,8 @@ def _matrix_section(
             if v is None:
                 cells.append("<td></td>")
                 continue
-            css, mark = _MARK[v.get("holds")]
-            cells.append(f"<td class='{css}' title='{_e(v['measured'])}'>{mark[0]}</td>")
+            css, mark = _mark(v.get("holds"))
+            cells.append(f"<td class='{css}' title='{_e(v.get('measured', ''))}'>{mark[0]}</td>")
         seconds = "" if info.seconds is None else f"{info.seconds:.1f}"
         rows.append(
             f"<tr id='row-{info.id}'><td><a href='#point-{info.id}'>{info.id}</a></td>"
@@ -290,11 +302,7 @@ def _failures_section(failures: Sequence[Mapping[str, Any]]) -> str:
 
 def _point_section(info: ExperimentInfo, config: Mapping[str, Any], varied: Sequence[str]) -> str:
     label = ", ".join(f"{_e(k)}={_value(config, k)}" for k in varied)
-    figures = "".join(
-        f"<figure class='plot' data-name='{_e(p.name)}'><img src='{p.uri}' alt='{_e(p.caption)}'>"
-        f"<figcaption>{_e(p.caption)}</figcaption></figure>"
-        for p in _plots(info.figures)
-    )
+    figures = "".join(_img(p) for p in _plots(info.figures))
     return (
         f"<section class='point' id='point-{info.id}'><h3>Point {info.id}"
         f"{': ' + label if label else ''}</h3>{_verdicts_table(info.verdicts)}{figures}</section>"

@@ -26,7 +26,7 @@ from gdscope.report.summary import (
     stored_prediction,
     summarize_run,
 )
-from gdscope.store import RunInfo, Store
+from gdscope.store import HTML_MARKER, RunInfo, Store, check_output, write_output
 from gdscope.theory import orbit_from_store
 
 __all__ = ["write_report"]
@@ -80,8 +80,12 @@ def write_report(
     path: str | os.PathLike[str],
     title: str = "gdscope report",
 ) -> Path:
-    """Write one self-contained HTML report of ``runs`` (ids or names) to ``path``."""
-    out = _check_out(path)
+    """Write one self-contained HTML report of ``runs`` (ids or names) to ``path``.
+
+    ``path`` may be a new file or a page gdscope wrote; the store and any other file are
+    refused (:func:`gdscope.store.check_output`).
+    """
+    out = _check_out(path, store)
     infos = list({info.id: info for info in (store.run(r) for r in runs)}.values())
     if not infos:
         raise InvalidArgumentError("runs is empty: pass at least one run id or name.")
@@ -125,41 +129,71 @@ def write_report(
             small=True,
         ),
     ]
-    return _write_page(out, title, sections)
+    return _write_page(out, title, sections, store=store)
 
 
-def _check_out(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path, refused (naming the fix) when its directory does not exist."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise InvalidArgumentError(
-            f"cannot write the report to {out}: the directory {out.parent} does not exist. "
-            "Create it first or pass another path."
-        )
-    return out
+def _protect(store: Store | None) -> list[Path]:
+    return [store.path] if store is not None and isinstance(store.path, Path) else []
 
 
-def _write_page(out: Path, title: str, sections: Sequence[str], css: str = _CSS) -> Path:
-    """Write one self-contained page of ``sections`` (inline ``css`` and the figure check)."""
+def _check_out(path: str | os.PathLike[str], store: Store | None = None) -> Path:
+    """``path`` as a Path, if a page may be written there (never over ``store``); else refuse.
+
+    The one output-path check of every page (run, experiment, sweep): see
+    :func:`gdscope.store.check_output`.
+    """
+    return check_output(path, "html", protect=_protect(store), arg="out")
+
+
+def _write_page(
+    out: Path,
+    title: str,
+    sections: Sequence[str],
+    css: str = _CSS,
+    *,
+    store: Store | None = None,
+) -> Path:
+    """Write one self-contained page of ``sections`` (inline ``css`` and the figure check).
+
+    The page carries :data:`~gdscope.store.HTML_MARKER`, so a later report may replace it.
+    """
     page = (
-        f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n{HTML_MARKER}\n"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
         f"<title>{_e(title)}</title>\n<style>{css}</style>\n</head>\n<body>\n"
         + "\n".join(sections)
         + f"\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )
-    try:
-        out.write_text(page, encoding="utf-8")
-    except OSError as e:
-        raise InvalidArgumentError(
-            f"cannot write the report to {out}: {e}. Pass a path in an existing, writable "
-            "directory."
-        ) from e
-    return out
+    return write_output(out, page, "html", protect=_protect(store), arg="out")
+
+
+def _mark(holds: Any) -> tuple[str, str]:
+    """The CSS class and mark of a verdict's ``holds``; anything but True/False is undetermined."""
+    return _MARK[holds] if holds is True or holds is False else _MARK[None]
 
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+#: The only figure URIs a page embeds: inline PNG (what gdscope draws) and SVG images.
+IMAGE_URI_PREFIXES = ("data:image/png;base64,", "data:image/svg+xml")
+
+
+def _img(p: plots.Plot) -> str:
+    """A figure's ``<figure>``: its ``uri`` checked (inline PNG or SVG only) and escaped."""
+    uri = p.uri
+    if not isinstance(uri, str) or not uri.startswith(IMAGE_URI_PREFIXES):
+        shown = repr(uri[:60] + ("…" if len(uri) > 60 else "")) if isinstance(uri, str) else uri
+        raise InvalidArgumentError(
+            f"figure {str(p.name)!r}: uri={shown} is not an inline image; a page embeds only "
+            f"{' or '.join(IMAGE_URI_PREFIXES)} URIs (what gdscope draws). Draw the figure "
+            "with gdscope (gdscope.experiments.Figure.of) or remove it."
+        )
+    return (
+        f"<figure class='plot' data-name='{_e(p.name)}'><img src='{_e(uri)}' "
+        f"alt='{_e(p.caption)}'><figcaption>{_e(p.caption)}</figcaption></figure>"
+    )
 
 
 def _labels(infos: Sequence[RunInfo]) -> list[str]:
@@ -209,7 +243,7 @@ def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _verdict_row(v: Verdict) -> str:
-    css, mark = _MARK[v.holds]
+    css, mark = _mark(v.holds)
     text = v.details if isinstance(v.details, str) else _details_text(v.details)
     details = f"<div class='details'>{_e(text)}</div>" if text else ""
     return (
@@ -239,11 +273,7 @@ def _verdicts_section(
 def _figures_section(
     section_id: str, heading: str, intro: str, figures: Sequence[plots.Plot], small: bool = False
 ) -> str:
-    body = "".join(
-        f"<figure class='plot' data-name='{_e(p.name)}'><img src='{p.uri}' alt='{_e(p.caption)}'>"
-        f"<figcaption>{_e(p.caption)}</figcaption></figure>"
-        for p in figures
-    )
+    body = "".join(_img(p) for p in figures)
     if small:
         body = f"<div class='small-multiples'>{body}</div>"
     note = _e(intro) if figures else "No run recorded these metrics."
@@ -320,7 +350,7 @@ def _stability_section(
     rows = []
     for info, label in zip(infos, labels, strict=True):
         rep = info.summary.get("stability")
-        if rep:
+        if rep and isinstance(rep, Mapping):
             cells = (
                 rep.get("lr"),
                 rep.get("sharpness"),
@@ -328,12 +358,10 @@ def _stability_section(
                 rep.get("count_above"),
                 rep.get("smallest"),
             )
-            nums = "".join(
-                f"<td class='num'>{'' if c is None else _e(f'{c:.4g}')}</td>" for c in cells
-            )
+            nums = "".join(f"<td class='num'>{_num(c)}</td>" for c in cells)
             rows.append(
                 f"<tr><td>{_swatch(label, colors)}</td>{nums}"
-                f"<td class='{_MARK[rep.get('gd_stable')][0]}'>{_MARK[rep.get('gd_stable')][1]}"
+                f"<td class='{_mark(rep.get('gd_stable'))[0]}'>{_mark(rep.get('gd_stable'))[1]}"
                 f"</td><td>{_e(_yes_no(rep.get('is_saddle')))}</td></tr>"
             )
     stability = (
@@ -373,6 +401,15 @@ def _stability_section(
         f"<section id='stability'><h2>Stability and orbits</h2>{intro}{stability}{orbit_table}"
         "</section>"
     )
+
+
+def _num(value: Any) -> str:
+    """A stored number to 4 significant digits, escaped; anything else as escaped text."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _e(f"{value:.4g}")
+    return _e(value)
 
 
 def _yes_no(value: bool | None) -> str:
