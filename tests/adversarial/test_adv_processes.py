@@ -15,6 +15,7 @@ The helpers here (the /proc process walk, the driver script) are shared with
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -192,15 +193,124 @@ def start_driver(folder: Path, config: Path, out: Path, workers: int = 2) -> sub
     )
 
 
-def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+def wait_for(predicate, timeout: float, ended=None) -> bool:
+    """Poll ``predicate`` until it holds, ``timeout`` passes or ``ended()`` says to stop."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        if proc is not None and proc.poll() is not None:
+        if ended is not None and ended():
             return predicate()
         time.sleep(0.05)
     return False
+
+
+# ---------------------------------------------------------------------------- a zygote
+ZYGOTE = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+
+
+    def child(request):
+        out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = sys.stdout
+        code = 0
+        try:
+            if request["kind"] == "driver":
+                from gdscope.cli import app
+
+                app(request["argv"], prog_name="gdscope")
+            else:
+                sys.argv = ["child", *request["argv"]]
+                exec(compile(open(request["script"]).read(), request["script"], "exec"), {})
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        os._exit(code)
+
+
+    if __name__ == "__main__":
+        import torch, torch._dynamo  # noqa: E401,F401  (what every child needs, paid once)
+        import gdscope.cli, gdscope.runner, gdscope.tracker  # noqa: E401,F401
+        import advprocexp  # noqa: F401
+        print(json.dumps({"ready": os.getpid()}), flush=True)
+        for line in sys.stdin:
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                child(request)
+            print(json.dumps({"pid": pid}), flush=True)
+            _, status = os.waitpid(pid, 0)
+            print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
+    """
+)
+
+
+class Zygote:
+    """A process that imports torch and gdscope once, then forks each child the tests kill.
+
+    A forked driver is a real ``gdscope sweep`` process (its fork server, workers and
+    resource tracker are started as from a shell); only the interpreter's start-up is shared.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "advprocexp.py").write_text(HELPER)
+        (folder / "zygote.py").write_text(ZYGOTE)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(folder), str(SRC), os.environ.get("PYTHONPATH", "")]
+            ),
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "200",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, str(folder / "zygote.py")],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert "ready" in self._read(), "the zygote did not start"
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "the zygote died"
+        return json.loads(line)
+
+    def start(self, kind: str, argv: list[str], output: Path, script: Path | None = None) -> int:
+        """Fork a child (``kind`` ``driver`` or ``script``); its pid. Then call :meth:`wait`."""
+        assert self.proc.stdin is not None
+        request = {"kind": kind, "argv": argv, "output": str(output), "script": str(script)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return int(self._read()["pid"])
+
+    def wait(self) -> int:
+        """The exit code of the last child (``-9`` when killed), once it has ended."""
+        return int(self._read()["status"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 # ---------------------------------------------------------------------------- 1. orphans
@@ -211,7 +321,10 @@ def test_a_killed_sweep_driver_leaves_no_process_behind(tmp_path):
     procs: dict[int, tuple[int, str]] = {}
     try:
         # both workers are inside a (long) task
-        assert wait_for(lambda: len(list(flags.iterdir())) >= 2, 180, proc), proc.communicate()
+        started = wait_for(
+            lambda: len(list(flags.iterdir())) >= 2, 180, lambda: proc.poll() is not None
+        )
+        assert started, proc.communicate()
         procs = descendants(proc.pid)
         kinds = " ".join(cmd for _, cmd in procs.values())
         assert "forkserver" in kinds and "resource_tracker" in kinds, kinds
