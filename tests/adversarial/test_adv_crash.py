@@ -11,9 +11,10 @@
     end every point is stored exactly once, the store is intact after every kill, and no
     process of a killed driver (workers, fork server, resource tracker) survives it.
 
-The fast tests kill 3 tracked runs and 2 sweep drivers; the ``slow`` ones 50 tracked runs and 20 sweep drivers, and
-write their figures (kills, steps checked, orphans found) to ``crash_figures.json`` in their
-temporary folder, and print them (``pytest -m slow -s``).
+The fast tests kill 3 tracked runs and 2 sweep drivers; the ``slow`` ones 50 tracked runs and
+20 sweep drivers, and write their figures (kills, steps checked, orphans found) to
+``crash_figures.json`` in their temporary folder, and print them (``pytest -m slow -s``).
+Every killed process is forked from a zygote that imported torch and gdscope once.
 """
 
 from __future__ import annotations
