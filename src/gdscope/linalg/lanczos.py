@@ -407,7 +407,10 @@ def _verify_multiplicity(
         room = P - Z.shape[0]
         if used >= budget:
             reason = "max_matvecs"
-            note = f"multiplicity not verified: the budget of {budget} products was spent"
+            note = (
+                f"multiplicity not verified: the budget of {budget} products for the check was "
+                "spent; raise max_matvecs"
+            )
             break
         end = "both" if len(pending) == 2 and room >= 2 else min(pending)
         ends = ["smallest", "largest"] if end == "both" else [end]
@@ -422,8 +425,8 @@ def _verify_multiplicity(
         if not bool(d.conv.all()) and d.reason != "stagnated":
             reason = d.reason
             note = (
-                f"multiplicity not verified: the deflated restart stopped ({d.reason}) after "
-                f"{d.matvecs} products"
+                f"multiplicity not verified: the budget ran out in the deflated restart after "
+                f"{d.matvecs} products; raise max_matvecs"
             )
             break
         resZ = torch.linalg.vector_norm(AZ - theta[:, None] * Z, dim=1)
