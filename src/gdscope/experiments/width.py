@@ -43,7 +43,7 @@ rounding (docs/theory.md §2, the sharp test).
 
 **Cost.** Two NTK Grams per task (``K_0`` on the ``n`` training points, ``K_T`` on the drift
 subset) and the training dominate; :func:`gdscope.ntk` contracts ``zoo.NTKLinear`` layers with
-its structured rule. The defaults (``n = 128``, widths 64–1024, 3 trials) take about 1.7 minutes
+its structured rule. The defaults (``n = 128``, widths 64–1024, 6 trials) take about 3.5 minutes
 on one CPU core; ``paper_scale`` is the GPU version.
 """
 
@@ -158,7 +158,7 @@ def _at_least(value: int, low: int, name: str, why: str = "") -> None:
 
 @dataclass(frozen=True)
 class WidthConfig(NTKSweepConfig):
-    """The ``width`` experiment (defaults: about 1.5 minutes on one CPU core).
+    """The ``width`` experiment (defaults: about 3.5 minutes on one CPU core).
 
     ``kernel_samples``: training points of the kernel-drift subset; ``tail``: fraction of the loss
     curve the rates are fitted on; ``level``: confidence level of the slope intervals;
@@ -168,7 +168,7 @@ class WidthConfig(NTKSweepConfig):
 
     data: DataConfig = field(default_factory=lambda: DataConfig(n=128))
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    trials: int = 3
+    trials: int = 6
     kernel_samples: int = 32
     tail: float = 0.5
     level: float = 0.95
@@ -354,7 +354,7 @@ class Width(Experiment):
         "device": "cuda",
         "data.n": 256,
         "widths": [64, 128, 256, 512, 1024, 2048],
-        "trials": 3,
+        "trials": 6,
         "steps": 1000,
         "kernel_samples": 64,
     }
