@@ -586,3 +586,19 @@ def test_problem_drop_last_warns_about_dropped_samples():
     with pytest.warns(UserWarning, match=r"drop_last=True: 2 sample"):
         prob = gs.Problem(make_mlp(), "mse", DataLoader(TensorDataset(X, Y), 6, drop_last=True))
     assert prob.n == 18
+
+
+@pytest.mark.parametrize("where", ["x", "param"])
+def test_ntk_operator_refuses_nonfinite(where):
+    from gdscope.errors import NonFiniteError
+    from gdscope.kernels.operator import ntk_operator
+
+    model = torch.nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    if where == "x":
+        x[2, 1] = float("nan")
+    else:
+        with torch.no_grad():
+            model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="x" if where == "x" else "weight"):
+        ntk_operator(model, x)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp
 
 from gdscope.errors import InvalidArgumentError, NonDeterministicError, ShapeMismatchError
-from gdscope.kernels.functional import ModelFunction
+from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
 from gdscope.linalg.operator import CallableOperator
 
 __all__ = ["ntk_operator"]
@@ -35,9 +35,11 @@ def _prepare_inputs(fn: ModelFunction, x: Tensor) -> Tensor:
         raise ShapeMismatchError("x is a scalar: pass a batch of inputs with samples along dim 0.")
     if x.shape[0] == 0:
         raise InvalidArgumentError("x is empty (0 samples): pass at least one input.")
+    check_finite(x, "x")
     x = x.to(fn.device)
     if x.is_floating_point():
         x = x.to(fn.dtype)
+        check_finite(x, f"x (cast to the model's {fn.dtype})")
     return x
 
 
@@ -77,6 +79,7 @@ def ntk_operator(
             f"modules {drop} are dropout layers in train mode: the network is random, so its "
             "NTK is not defined (every product would see another network). Call model.eval()."
         )
+    check_finite_params(fn.model, fn.names)
     x = _prepare_inputs(fn, x)
     params = {n: p.detach().clone() for n, p in fn.params.items()}
 
