@@ -44,12 +44,13 @@ def test_verdicts_and_figures_have_the_documented_structure(smoke):
         "The modified shortcut trains fastest",
         "Skip connections train faster than no shortcut",
         "With skips the block-Jacobian singular values are closer to 1",
-        "With skips the block Jacobian is better conditioned",
+        "With skips the block Jacobian's smallest singular value stays away from 0",
     ]
     for v in judgement.verdicts:
         assert v.holds in (True, False, None)
         assert "mean ± std over 2 trials" in v.measured
         assert {"metric", "values", "comparisons"} <= set(v.details)
+        assert v.theorem and v.reason and v.section.startswith("4-")
     assert [f.name for f in judgement.figures] == ["skips-training", "skips-jacobian-histograms"]
     json.dumps(results, allow_nan=False)
     for r in results:
@@ -82,6 +83,8 @@ def test_initial_block_jacobian_matches_a_direct_computation(smoke):
         assert j0["min"] == pytest.approx(sv.min().item(), rel=1e-9)
         cond = np.median(torch.log10(sv.max(1).values / sv.min(1).values).numpy())
         assert j0["log_cond"] == pytest.approx(cond, rel=1e-9)
+        smin = np.median(torch.log10(sv.min(1).values).numpy())
+        assert j0["log_smin"] == pytest.approx(smin, rel=1e-9)
         assert j0["log_dev"] == pytest.approx(np.median(torch.log10(sv).abs().numpy()), rel=1e-9)
 
 
@@ -92,6 +95,13 @@ def test_without_skips_the_block_jacobian_vanishes(smoke):
     # at init σ ≈ 1e-2.5 without shortcuts; the modified shortcut keeps them within a decade
     assert min(none) > 2 and max(modified) < 1.2
     assert judgement.verdicts[2].holds is True
+    # and their smallest singular value is orders of magnitude below the modified shortcut's
+    smin = {
+        sc: [r["jacobian"][0]["log_smin"] for r in results if r["shortcut"] == sc]
+        for sc in ("none", "modified")
+    }
+    assert max(smin["none"]) < min(smin["modified"]) - 1
+    assert judgement.verdicts[3].holds is True
 
 
 def test_compare_needs_the_difference_to_exceed_the_combined_spread():

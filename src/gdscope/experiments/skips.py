@@ -1,4 +1,4 @@
-"""Skip connections: training speed and block-Jacobian singular values (THEORY §4).
+"""Skip connections: training speed and block-Jacobian singular values (docs/theory.md §4).
 
 Small pre-activation ResNets (:func:`gdscope.zoo.preact_resnet`) with the four shortcut variants
 ``"none"``, ``"identity"``, ``"projection"`` and ``"modified"`` (``s^{D/2}·AvgPool_s`` plus the
@@ -16,10 +16,12 @@ batches; the data use ``seed``):
 * the singular values of the **block Jacobian** ``J_i = ∂ logits(x_i) / ∂ z_i``, ``z_i`` the
   output of block ``block`` on sample ``x_i`` (:class:`~gdscope.probes.certificates.
   BlockJacobianProbe`, ``jacobian_samples`` fixed inputs), at initialization and after each
-  epoch: a histogram of ``log10 σ`` on fixed bins, quantiles, and two scalar metrics:
+  epoch: a histogram of ``log10 σ`` on fixed bins, quantiles, and scalar metrics:
   ``log_dev`` = median over all singular values of ``|log10 σ|`` (distance from 1; 0 when all
-  are 1) and ``log_cond`` = median over samples of ``log10(σ_max(J_i)/σ_min(J_i))`` (per-sample
-  conditioning; 0 when ``J_i`` is a scaled isometry).
+  are 1), ``log_smin`` = median over samples of ``log10 σ_min(J_i)`` (the quantity a PL-type
+  lower bound on the gradient needs away from 0) and ``log_cond`` = median over samples of
+  ``log10(σ_max(J_i)/σ_min(J_i))`` (reported, not judged: uniformly tiny singular values have a
+  small ratio, so it does not measure what the claim is about).
 
 **Normalization.** ``norm="none"`` (default) or ``"weight"`` keep samples independent. With
 ``norm="batch"`` the model trains in train mode (batch statistics), while the Jacobian probe
@@ -160,7 +162,8 @@ def _data(cfg: SkipsConfig, ctx: TaskContext) -> tuple[Tensor, Tensor]:
 
 
 def _sv_summary(sv: Tensor) -> dict[str, Any]:
-    """Histogram of ``log10 σ`` on :data:`LOG_EDGES`, quantiles, ``log_dev`` and ``log_cond``.
+    """Histogram of ``log10 σ`` on :data:`LOG_EDGES`, quantiles, ``log_dev``, ``log_cond`` and
+    ``log_smin`` (median over samples of ``log10 σ_min(J_i)``).
 
     A sample whose Jacobian is zero has ``σ_max/σ_min = inf``; values that are not finite (a
     run blowing up) are reported as ``None`` and the histogram counts the finite ones.
@@ -181,6 +184,7 @@ def _sv_summary(sv: Tensor) -> dict[str, Any]:
         "max": flat.max().item(),
         "log_dev": float(np.median(np.abs(logs))),
         "log_cond": float(np.median(np.log10(ratio.numpy()))),
+        "log_smin": float(np.median(np.log10(low.numpy()))),
     }
     return {"counts": counts.tolist(), **{k: _num(v) for k, v in stats.items()}}
 
@@ -301,7 +305,7 @@ class SkipsExperiment(Experiment):
         by = {sc: [r for r in results if r["shortcut"] == sc] for sc in variants}
         loss = {sc: _final_losses(rs) for sc, rs in by.items()}
         dev = {sc: [_mean_metric(r, "log_dev") for r in rs] for sc, rs in by.items()}
-        cond = {sc: [_mean_metric(r, "log_cond") for r in rs] for sc, rs in by.items()}
+        smin = {sc: [_mean_metric(r, "log_smin") for r in rs] for sc, rs in by.items()}
         verdicts: list[Verdict] = []
         skips = [sc for sc in variants if sc != "none"]
         if "modified" in variants and len(variants) > 1:
@@ -314,6 +318,7 @@ class SkipsExperiment(Experiment):
                     "final-epoch training loss",
                     loss,
                     [(o, "modified") for o in others],
+                    _MODIFIED_THEOREM,
                 )
             )
         if "none" in variants and skips:
@@ -325,6 +330,7 @@ class SkipsExperiment(Experiment):
                     "final-epoch training loss",
                     loss,
                     pairs,
+                    _SPEED_THEOREM,
                 ),
                 _row(
                     "With skips the block-Jacobian singular values are closer to 1",
@@ -333,14 +339,16 @@ class SkipsExperiment(Experiment):
                     "log_dev",
                     dev,
                     pairs,
+                    _ISOMETRY_THEOREM,
                 ),
                 _row(
-                    "With skips the block Jacobian is better conditioned",
-                    "log_cond = median over samples of log10(σ_max(J_i)/σ_min(J_i)) lower for "
-                    "every skip variant than for 'none' (averaged over epochs)",
-                    "log_cond",
-                    cond,
-                    pairs,
+                    "With skips the block Jacobian's smallest singular value stays away from 0",
+                    "log_smin = median over samples of log10 σ_min(J_i) higher for every skip "
+                    "variant than for 'none' (averaged over epochs)",
+                    "log_smin",
+                    smin,
+                    [(sc, "none") for sc in skips],
+                    _SMIN_THEOREM,
                 ),
             ]
         figures = [_training_figure(cfg, by), _histogram_figure(cfg, by)]
@@ -348,6 +356,34 @@ class SkipsExperiment(Experiment):
 
 
 # ---------------------------------------------------------------------- judging helpers
+_SPEED_THEOREM = (
+    "Skip connections make the loss landscape regular globally, not only near initialization "
+    "(a PL-type inequality along the run), so GD/SGD makes faster progress per step than on the "
+    "same network without them. Tested from identical initial weights, with the same batches: "
+    "the final-epoch training loss of each skip variant is compared with 'none' by the "
+    "difference of means against the combined spread over trials."
+)
+_MODIFIED_THEOREM = (
+    "MacDonald et al.: replacing the downsampling shortcut by s^{D/2}·AvgPool_s (plus the "
+    "projection), whose pooled path has unit singular values, keeps the network's Jacobian "
+    "well conditioned through the stage transitions, which the convergence bound rewards with "
+    "faster training. Tested as a training-speed ordering from identical initial weights."
+)
+_ISOMETRY_THEOREM = (
+    "With an identity path, the Jacobian of the logits with respect to a block's output is the "
+    "identity plus the residual branches' contribution, so its singular values cluster around 1 "
+    "(near-isometry); without it they are products of the layers' Jacobians and spread over "
+    "decades. log_dev = median |log10 σ| measures the distance of the spectrum from 1."
+)
+_SMIN_THEOREM = (
+    "The convergence arguments for residual networks lower-bound the gradient by the smallest "
+    "singular value of the Jacobian of the output with respect to the hidden features "
+    "(‖∇L‖² ≥ c·σ_min²·L, a PL-type inequality): skips keep σ_min bounded away from 0. "
+    "log_smin = median over samples of log10 σ_min(J_i) tests that quantity directly (a ratio "
+    "σ_max/σ_min would not: uniformly tiny singular values have a small ratio)."
+)
+
+
 def _final_losses(rs: list[dict[str, Any]]) -> list[float]:
     """Final-epoch losses over trials; a diverged trial counts as ``inf``."""
     return [math.inf if r["final_loss"] is None else r["final_loss"] for r in rs]
@@ -394,6 +430,7 @@ def _row(
     metric: str,
     values: dict[str, list[float]],
     pairs: list[tuple[str, str]],
+    theorem: str,
 ) -> Verdict:
     """One verdict from ``(higher, lower)`` pairs: the variant predicted to have the higher
     ``values`` (per variant, per trial), and the one predicted lower."""
@@ -418,6 +455,20 @@ def _row(
         f"{c['lower']} vs {c['higher']}: d = {_fmt(c['d'])} vs spread {_fmt(c['spread'])}"
         for c in comparisons
     )
+    decided = [c for c in comparisons if c["holds"] is not None]
+    if holds_all is True:
+        reason = "every predicted ordering holds by more than the combined spread over trials"
+    elif holds_all is False:
+        bad = next(c for c in comparisons if c["holds"] is False)
+        reason = (
+            f"{bad['lower']} is not below {bad['higher']}: the reverse ordering exceeds the "
+            "combined spread over trials"
+        )
+    else:
+        reason = (
+            f"{len(comparisons) - len(decided)} of {len(comparisons)} comparisons are within the "
+            "spread over trials: more trials decide"
+        )
     return Verdict(
         claim,
         predicted + " by more than the combined spread √(s_a² + s_b²)",
@@ -428,6 +479,9 @@ def _row(
             "values": {v: [_num(x) for x in values[v]] for v in shown},
             "comparisons": comparisons,
         },
+        reason=reason,
+        theorem=theorem,
+        section="4-regularity-skip-connections-cross-entropy-at-infinity",
     )
 
 
@@ -472,18 +526,21 @@ def _training_figure(cfg: SkipsConfig, by: dict[str, list[dict[str, Any]]]) -> F
         epochs = list(range(1, cfg.epochs + 1))
         _band(axes[0], epochs, [r["epoch_loss"] for r in rs], color, sc)
         jx = list(range(cfg.epochs + 1))
-        for ax, key in ((axes[1], "log_dev"), (axes[2], "log_cond")):
+        for ax, key in ((axes[1], "log_dev"), (axes[2], "log_smin")):
             _band(ax, jx, [[j[key] for j in r["jacobian"]] for r in rs], color, sc)
     axes[0].set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
     axes[1].set(xlabel="epoch (0 = init)", ylabel="median |log10 σ|", title="distance from 1")
-    axes[2].set(xlabel="epoch (0 = init)", ylabel="median log10 σ_max/σ_min", title="conditioning")
+    axes[2].set(
+        xlabel="epoch (0 = init)", ylabel="median log10 σ_min", title="smallest singular value"
+    )
     axes[0].set_title("training loss")
     axes[0].legend(fontsize=8)
     return Figure.of(
         fig,
         "skips-training",
         "Per shortcut variant, mean over trials with ±std bands: the training loss per epoch, "
-        "and two summaries of the block-Jacobian singular values (0 would be an isometry).",
+        "the median distance of the block-Jacobian singular values from 1 (0 would be an "
+        "isometry), and the median smallest singular value per sample.",
     )
 
 
