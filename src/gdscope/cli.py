@@ -31,6 +31,7 @@ _SHORT_MARK = {True: "[green]✔[/]", False: "[red]✘[/]", None: "[yellow]?[/]"
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _CONTROL_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _safe(value: object, *, one_line: bool = False) -> str:
@@ -40,7 +41,7 @@ def _safe(value: object, *, one_line: bool = False) -> str:
     ``one_line`` also newlines and tabs) become ``�``; lone surrogates become ``�``; rich markup
     (``[bold]``, ``[/]``) is escaped so it prints as written.
     """
-    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    text = _SURROGATE.sub("\ufffd", str(value))
     text = _ANSI.sub("", text)
     text = (_CONTROL_ONE_LINE if one_line else _CONTROL).sub("\ufffd", text)
     return escape(text)
@@ -336,3 +337,7 @@ def sweep(
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
     if result.failed:
         raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":  # python -m gdscope.cli
+    app()

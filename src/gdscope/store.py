@@ -793,14 +793,23 @@ def _connect(path: str | Path) -> sqlite3.Connection:
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open an existing store read-only (``mode=ro``), even in a read-only directory."""
+    """Open an existing store read-only, creating no file, even in a read-only directory.
+
+    A store with no ``-wal`` file has no open connection and all its data in the main file:
+    it is read as is (``immutable=1``: no locks, no ``-shm``/``-wal`` files left behind). A
+    store being written (its ``-wal`` exists) is opened with ``mode=ro``, which sees the
+    writer's committed steps; where even that fails (a read-only directory without ``-shm``),
+    the main file is read as is.
+    """
     uri = f"{path.resolve().as_uri()}?mode=ro"
-    try:
-        con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
-        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError:
-        # a WAL store whose -shm cannot be created (read-only directory): read the file as is
+    if not path.with_name(path.name + "-wal").exists():
         con = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None)
+    else:
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            con = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None)
     con.execute("PRAGMA query_only=ON")
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not {"runs", "metrics"} <= tables:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -175,6 +176,11 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"{path}: expected a finite number, got {value!r} (a config is hashed as JSON, "
+                "which has no nan or inf); pass a number."
+            )
         return float(value)
     if hint is str:
         if not isinstance(value, str):
