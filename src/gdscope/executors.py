@@ -172,8 +172,6 @@ def _watch_driver(driver_pid: int, sentinel: int | None, poll: float = 1.0) -> N
     only the driver holds: it becomes readable (EOF) the moment the driver dies, however it
     dies. The PID is polled as well, in case there is no sentinel.
     """
-    from multiprocessing.connection import wait as wait_for
-
     while True:
         if sentinel is not None:
             if wait_for([sentinel], timeout=poll):
