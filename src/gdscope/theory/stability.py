@@ -474,8 +474,7 @@ def _lanczos_spectrum(
             tol,
             block_size=min(2, P),
             return_vectors=True,
-            seed=seed,
-            max_matvecs=max(500, 60 * k),
+            seed=seed,  # default budget: max(500, 60k) for the solve, its own for the check
         )
         matvecs += res.matvecs
         vals = res.values
