@@ -11,7 +11,7 @@ from torch import nn
 from conftest import make_mlp, regression_data
 from gdscope.errors import InvalidArgumentError
 from gdscope.kernels.disparity import disparity, function_space_disparity
-from gdscope.kernels.eigs import ntk_eigs
+from gdscope.kernels.eigs import ntk_eigs, rank_tolerance
 
 DT = torch.float64
 
@@ -103,7 +103,9 @@ def test_fallback_to_ntk_eigs_when_jacobian_does_not_fit():
     assert rep.sigma_min == pytest.approx(svd.sigma_min, rel=1e-4)
     assert rep.full_rank is True and rep.rank == 18
     assert rep.lambda_min_residual is not None
-    assert rep.tol >= math.sqrt(rep.eig.tol) * rep.sigma_max * (1 - 1e-12)
+    # the same rank rule as the SVD path (and ntk_eigs): no tolerance raised to sqrt(tol_eig)
+    assert rep.tol == pytest.approx(rank_tolerance(18, 165, DT, rep.sigma_max), rel=1e-12)
+    assert abs(rep.sigma_min - svd.sigma_min) <= rep.sigma_min_error + svd.sigma_min_error
     assert "did not fit" in repr(rep)
     Xd = X.clone()
     Xd[1] = Xd[3]

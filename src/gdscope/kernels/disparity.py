@@ -27,8 +27,19 @@ import torch
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError
-from gdscope.kernels.eigs import NTKEigResult, _dense_gram, _model_inputs, ntk_eigs
-from gdscope.kernels.functional import ModelFunction, check_finite_params, jacobian
+from gdscope.kernels.eigs import (
+    DEFAULT_MEMORY,
+    NTKEigResult,
+    _dense_gram,
+    _dtype_name,
+    _model_inputs,
+    jacobian_svdvals,
+    ntk_eigs,
+    rank_tolerance,
+    rank_verdict,
+    structural_deficiency,
+)
+from gdscope.kernels.functional import ModelFunction, check_finite_params
 from gdscope.kernels.operator import _prepare_inputs
 
 __all__ = [
@@ -37,8 +48,6 @@ __all__ = [
     "disparity",
     "function_space_disparity",
 ]
-
-DEFAULT_MEMORY = 2**30  # bytes allowed for the float64 Jacobian before falling back
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,10 @@ class DisparityReport:
         sigma_max: the largest singular value.
         rank: numerical rank (singular values above ``tol``); ``None`` when undetermined
             (``ntk_eigs`` fallback short of full rank).
-        full_rank: ``rank == nk`` (equivalently ``λ_min(K) > tol²``); ``None`` when undetermined.
-        tol: the rank tolerance on singular values.
+        full_rank: ``rank == nk`` (equivalently ``λ_min(K) > tol²``); ``None`` when undetermined
+            (the ``ntk_eigs`` fallback could not resolve ``λ_min``: ``note`` says so).
+        tol: the rank tolerance on singular values: by default the rule shared with
+            :func:`~gdscope.kernels.eigs.ntk_eigs`, :func:`~gdscope.kernels.eigs.rank_tolerance`.
         tol_rule: how ``tol`` was chosen, in words.
         method: ``"svd"`` (float64 SVD of ``J``) or ``"ntk_eigs"`` (``J`` did not fit: ``σ`` from
             ``sqrt`` of the NTK's extreme eigenvalues, with their bounds and residuals).
@@ -63,6 +74,9 @@ class DisparityReport:
         lambda_min_residual: ``‖K v − λ_min v‖`` of the fallback (``None`` for ``"svd"``).
         eig: the :class:`~gdscope.kernels.eigs.NTKEigResult` of the fallback.
         dtype: the model's dtype (its ``eps`` enters the default tolerance).
+        sigma_min_error: absolute error bound of ``σ_min``: ``eps(dtype)·‖J‖_F`` for the SVD (the
+            rounding of ``J`` in the model's dtype); from the fallback's ``λ_min ± δ``.
+        note: why the rank is undetermined / how it was decided (``""`` if nothing to say).
     """
 
     singular_values: Tensor | None
@@ -78,6 +92,8 @@ class DisparityReport:
     lambda_min_residual: float | None
     eig: NTKEigResult | None
     dtype: torch.dtype
+    sigma_min_error: float | None = None
+    note: str = ""
 
     def __repr__(self) -> str:
         P, nk = self.shape
@@ -92,11 +108,11 @@ class DisparityReport:
         full = {True: "full rank", False: "NOT full rank", None: "full rank undetermined"}[
             self.full_rank
         ]
-        note = ""
+        note = f"; {self.note}" if self.note else ""
         if self.method == "ntk_eigs":
-            note = (
+            note += (
                 "; J did not fit in memory: σ = sqrt(eig K), which resolves only "
-                "σ ≳ sqrt(tol_eig)·σ_max (half the digits of an SVD)"
+                "σ ≳ sqrt(δ) (half the digits of an SVD)"
             )
         return (
             f"{head}: {smin}, σ_max = {self.sigma_max:.6g}, rank {rank} of {nk} at tol "
@@ -135,14 +151,19 @@ def disparity(
             computed in the model's precision, so its entries carry relative errors of order
             ``eps(dtype)`` and singular values below ``~eps(dtype)·σ_max`` are indistinguishable
             from zero; for a float64 model this is ``eps_float64``, for float32 ``eps_float32``.
+            This is the one rank rule :func:`~gdscope.kernels.eigs.ntk_eigs` uses too
+            (:func:`~gdscope.kernels.eigs.rank_tolerance`; on the kernel ``λ ≤ tol²``), so the
+            two never contradict each other.
         memory: bytes allowed for the float64 ``J`` (``n·k·P·8``; the SVD needs about as much
             again). Default 1 GiB. Above it the report falls back to :func:`ntk_eigs`.
 
     Returns:
         :class:`DisparityReport`. With ``method="svd"`` the singular values are as accurate as
         ``J``; with the ``"ntk_eigs"`` fallback ``σ_min = sqrt(λ_min(K))`` is only resolved down
-        to ``sqrt(tol_eig)·σ_max`` (the rank tolerance is raised to that and the report says so),
-        and it is an upper bound when ``λ_min`` did not converge.
+        to ``sqrt(δ)`` with ``δ`` the resolution of ``K`` in the model's dtype: below it the
+        rank is **undetermined** (``full_rank=None``, ``note`` says so, exactly as
+        :func:`ntk_eigs` says ``singular=None``), never "rank deficient"; ``σ_min`` is an upper
+        bound when ``λ_min`` did not converge.
 
     >>> import torch
     >>> lin = torch.nn.Linear(4, 1, bias=False).double()
@@ -162,13 +183,12 @@ def disparity(
     n, P = x.shape[0], fn.num_params
     nk = n * k
     eps = torch.finfo(fn.dtype).eps
-    rule_default = f"max(nk, P)·eps·σ_max with eps = eps({fn.dtype}) = {eps:.3g}"
+    rule_default = f"max(nk, P)·eps·σ_max with eps = eps({_dtype_name(fn.dtype)}) = {eps:.3g}"
 
     if nk * P * 8 <= budget:
-        J = jacobian(fn, x).to(torch.float64)
-        sv = torch.linalg.svdvals(J).cpu()
+        sv = jacobian_svdvals(fn, x, k)
         smax = float(sv[0])
-        thr = max(nk, P) * eps * smax if tol is None else float(tol)
+        thr = rank_tolerance(nk, P, fn.dtype, smax) if tol is None else float(tol)
         rank = int((sv > thr).sum())
         smin = float(sv[nk - 1]) if nk <= P else 0.0
         return DisparityReport(
@@ -185,26 +205,30 @@ def disparity(
             lambda_min_residual=None,
             eig=None,
             dtype=fn.dtype,
+            sigma_min_error=eps * float(torch.linalg.vector_norm(sv)),  # eps·‖J‖_F
         )
 
-    eig = ntk_eigs(fn, x, which="both")
-    lam_min, lam_max = eig.lambda_min, eig.lambda_max
-    smax = math.sqrt(max(lam_max, 0.0))
-    smin = math.sqrt(max(lam_min, 0.0))
-    base = max(nk, P) * eps * smax if tol is None else float(tol)
-    resolution = math.sqrt(eig.tol * max(lam_max, 0.0))
-    thr = max(base, resolution)
-    rule = (rule_default if tol is None else "given") + (
-        f", raised to the resolution sqrt(tol_eig·λ_max) (tol_eig = {eig.tol:.1e}) of σ from eig K"
-        if resolution > base
-        else ""
-    )
-    if eig.singular or smin <= thr:
-        full_rank: bool | None = False  # the true σ_min is at most the (bound) reported
+    eig = ntk_eigs(fn, x, which="both", memory=budget)  # J does not fit: K's eigenvalues
+    lam_max = max(float(eig.lambda_max or 0.0), 0.0)
+    raw = float(eig.values[0])  # as computed (eig.lambda_min is 0 when singular)
+    delta = float(eig.lambda_min_error or 0.0)
+    smax = math.sqrt(lam_max)
+    thr = rank_tolerance(nk, P, fn.dtype, smax) if tol is None else float(tol)
+    why = structural_deficiency(x, n, k, P, False)
+    note = eig.note
+    if why is not None:
+        full_rank: bool | None = False
+    elif tol is None:
+        full_rank = None if eig.singular is None else not eig.singular
     elif eig.lambda_min_is_upper_bound:
-        full_rank = None
+        full_rank = False if raw + eig.resolution <= thr**2 else None
     else:
-        full_rank = True
+        verdict = rank_verdict(raw, delta, thr**2)
+        full_rank = None if verdict is None else not verdict
+        note = "" if verdict is not None else f"λ_min = {raw:.3e} ± {delta:.2e} straddles tol²"
+    smin = 0.0 if why is not None else math.sqrt(max(raw, 0.0))
+    hi = math.sqrt(max(raw, 0.0) + delta)
+    lo = math.sqrt(max(raw - delta, 0.0))
     return DisparityReport(
         singular_values=None,
         sigma_min=smin,
@@ -212,13 +236,15 @@ def disparity(
         rank=nk if full_rank else None,
         full_rank=full_rank,
         tol=thr,
-        tol_rule=rule,
+        tol_rule=rule_default if tol is None else "given",
         method="ntk_eigs",
         shape=(P, nk),
         sigma_min_is_upper_bound=eig.lambda_min_is_upper_bound,
         lambda_min_residual=eig.lambda_min_residual,
         eig=eig,
         dtype=fn.dtype,
+        sigma_min_error=0.0 if why is not None else max(hi - smin, smin - lo),
+        note=note,
     )
 
 
