@@ -40,6 +40,7 @@ def test_verdict_structure(smoke):
     for v in judgement.verdicts:
         assert v.holds in (True, False, None)
         assert v.predicted and v.measured
+        assert v.theorem and v.reason and v.section == "1-kernel-certificates"
     assert [f.name for f in judgement.figures] == [
         "disparity_sigma_min",
         "disparity_rank",

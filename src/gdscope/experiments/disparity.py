@@ -1,4 +1,4 @@
-"""``disparity``: rank and ``σ_min`` of the disparity matrix along GD, across widths (THEORY §1).
+"""``disparity``: rank and ``σ_min`` of the disparity matrix along GD, across widths (theory §1).
 
 The data-restricted disparity matrix is ``Jᵀ`` (``P × nk``): the canonical coordinates are the
 outputs on the ``n`` training points, so GD can move every output in every direction iff ``Jᵀ``
@@ -217,12 +217,39 @@ class Disparity(Experiment):
         return Judgement(verdicts, figures)
 
 
+_SECTION = "1-kernel-certificates"
+_SINGULAR_THEOREM = (
+    "Over-parameterization theory (Du et al.; Allen-Zhu, Li & Song; Liu, Zhu & Belkin): when the "
+    "network has many more parameters than outputs to fit (P ≫ nk), the Jacobian J has full row "
+    "rank nk at initialization and keeps it along GD, so the disparity matrix Jᵀ never loses "
+    "rank. With P < nk full rank is impossible. The rule counts measured steps whose rank (by the "
+    "float64 SVD of J and the shared rank rule) is below nk."
+)
+_IMPLICATION_THEOREM = (
+    "With full rank along the run, σ_min(J) > 0 and for MSE the PL inequality "
+    "‖∇L‖²/(2L) ≥ qσ_min² holds, so GD at a stable step size converges linearly to zero loss. "
+    "The rule checks the conclusion on every full-rank run; a run still falling at the end needs "
+    "more steps (undetermined), one whose loss stopped falling contradicts the claim."
+)
+_BOUNDED_THEOREM = (
+    "Du et al.: for wide enough networks λ_min(K_t) ≥ λ_min(K_0)/2 along the whole run "
+    "(equivalently σ_min(t) ≥ σ_min(0)/√2), which is what makes the linear rate hold globally."
+)
+_GROWTH_THEOREM = (
+    "As the width grows the kernel along the run tends to the infinite-width kernel Θ∞, so "
+    "min_t σ_min(t) tends to sqrt(λ_min(Θ∞)) > 0; narrow nets (P close to nk) sit near a rank "
+    "drop. The rule tests that min_t σ_min rises with width (log-log slope above 0 with its "
+    "interval)."
+)
+
+
 def _runs(results: list[dict[str, Any]]) -> str:
     return ", ".join(f"m={r['width']} seed {r['seed']}" for r in results)
 
 
 def _singular_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) -> Verdict:
     claim = "over-parameterized nets keep a full-rank disparity matrix along training"
+    common = {"theorem": _SINGULAR_THEOREM, "section": _SECTION}
     frac = {
         m: sum(v) / len(v)
         for m, v in group_by_width(results, lambda r: r["singular_event"]).items()
@@ -244,19 +271,47 @@ def _singular_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) -> Ve
         },
     }
     if not over:
-        return Verdict(claim, predicted, measured + "; no over-parameterized width", None, details)
+        why = f"no width has P ≥ {cfg.overparam_factor:g}·nk"
+        return Verdict(
+            claim,
+            predicted,
+            measured + "; no over-parameterized width",
+            None,
+            details,
+            reason=why,
+            assumption=f"over-parameterization: {why}",
+            **common,
+        )
     bad = [r for r in over if r["singular_event"]]
     if bad:
-        return Verdict(claim, predicted, measured + f"; singular: {_runs(bad)}", False, details)
-    if any(r["rank_undetermined"] for r in over):
+        why = f"a rank drop at an over-parameterized width: {_runs(bad)}"
         return Verdict(
-            claim, predicted, measured + "; some ranks undetermined (J too large)", None, details
+            claim,
+            predicted,
+            measured + f"; singular: {_runs(bad)}",
+            False,
+            details,
+            reason=why,
+            **common,
         )
-    return Verdict(claim, predicted, measured, True, details)
+    if any(r["rank_undetermined"] for r in over):
+        why = "some ranks could not be resolved (J too large for the float64 SVD)"
+        return Verdict(
+            claim,
+            predicted,
+            measured + "; some ranks undetermined (J too large)",
+            None,
+            details,
+            reason=why,
+            **common,
+        )
+    why = "every measured step of every over-parameterized run has rank nk"
+    return Verdict(claim, predicted, measured, True, details, reason=why, **common)
 
 
 def _implication_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) -> Verdict:
     claim = "full rank along the run ⇒ convergence to zero loss (PL with μ = qσ_min²)"
+    common = {"theorem": _IMPLICATION_THEOREM, "section": _SECTION}
     predicted = f"every run with full rank throughout reaches L_T ≤ {cfg.loss_tol:g}·L_0"
     full = [r for r in results if r["full_rank_throughout"] and not r["diverged"]]
     diverged = [r for r in results if r["diverged"]]
@@ -270,7 +325,17 @@ def _implication_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) ->
     }
     note = f" ({len(diverged)} diverged runs left out: {_runs(diverged)})" if diverged else ""
     if not full:
-        return Verdict(claim, predicted, "no run kept full rank throughout" + note, None, details)
+        why = "no run kept full rank throughout, so the premise is never met"
+        return Verdict(
+            claim,
+            predicted,
+            "no run kept full rank throughout" + note,
+            None,
+            details,
+            reason=why,
+            assumption=why,
+            **common,
+        )
     short = [r for r in full if not r["converged"]]
     worst = max(r["loss_final"] / r["loss0"] for r in full)
     measured = (
@@ -283,7 +348,13 @@ def _implication_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) ->
     stalled = [r for r in short if not r["still_falling"]]
     if stalled:
         return Verdict(
-            claim, predicted, measured + f"; stalled: {_runs(stalled)}" + note, False, details
+            claim,
+            predicted,
+            measured + f"; stalled: {_runs(stalled)}" + note,
+            False,
+            details,
+            reason="a full-rank run's loss stopped falling short of zero",
+            **common,
         )
     if short:
         return Verdict(
@@ -292,22 +363,28 @@ def _implication_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) ->
             measured + f"; still falling at T (needs more steps): {_runs(short)}" + note,
             None,
             details,
+            reason="full-rank runs still falling at the end: more steps decide",
+            **common,
         )
-    return Verdict(claim, predicted, measured + note, True, details)
+    why = "every full-rank run reached the loss tolerance"
+    return Verdict(claim, predicted, measured + note, True, details, reason=why, **common)
 
 
 def _bounded_verdict(results: list[dict[str, Any]]) -> Verdict:
     claim = "σ_min of the disparity matrix stays bounded away from 0 on over-parameterized nets"
     predicted = "min_t σ_min(t) ≥ σ_min(0)/√2 (λ_min(K_t) ≥ λ_min(K_0)/2) in every such run"
     over = [r for r in results if r["overparameterized"]]
+    common = {"theorem": _BOUNDED_THEOREM, "section": _SECTION}
     if not over:
-        return Verdict(claim, predicted, "no over-parameterized width", None)
+        why = "no over-parameterized width"
+        return Verdict(claim, predicted, why, None, reason=why, assumption=why, **common)
     ratios = {
         m: min(v)
         for m, v in group_by_width(
             over, lambda r: r["sigma_min_min"] / r["sigma0"] if r["sigma0"] > 0 else 0.0
         ).items()
     }
+    holds = all(v >= 1 / math.sqrt(2) for v in ratios.values())
     measured = "smallest min_t σ_min(t)/σ_min(0): " + ", ".join(
         f"{v:.3g} (m={m})" for m, v in ratios.items()
     )
@@ -315,8 +392,12 @@ def _bounded_verdict(results: list[dict[str, Any]]) -> Verdict:
         claim,
         predicted,
         measured,
-        all(v >= 1 / math.sqrt(2) for v in ratios.values()),
+        holds,
         {"min_ratio": ratios},
+        reason="σ_min stayed above σ_min(0)/√2 in every run"
+        if holds
+        else "σ_min fell below σ_min(0)/√2 in some over-parameterized run",
+        **common,
     )
 
 
@@ -334,10 +415,10 @@ def _growth_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) -> Verd
     }
     fit = loglog_fit([r["width"] for r in full], [r["sigma_min_min"] for r in full], cfg.level)
     details: dict[str, Any] = {"geometric_mean": mean, "sigma_inf": inf}
+    common = {"theorem": _GROWTH_THEOREM, "section": _SECTION}
     if fit is None:
-        return Verdict(
-            claim, predicted, f"too few full-rank runs to fit ({len(full)})", None, details
-        )
+        why = f"too few full-rank runs to fit ({len(full)})"
+        return Verdict(claim, predicted, why, None, details, reason=why, **common)
     details["fit"] = fit.to_dict()
     lo, hi = fit.ci
     holds = True if lo > 0 else False if hi <= 0 else None
@@ -346,7 +427,12 @@ def _growth_verdict(cfg: DisparityConfig, results: list[dict[str, Any]]) -> Verd
         + ", ".join(f"{v:.3g} (m={m})" for m, v in mean.items())
         + f"; {fit.describe()}"
     )
-    return Verdict(claim, predicted, measured, holds, details)
+    reason = {
+        True: "the slope's interval lies above 0",
+        False: "the slope's interval lies at or below 0",
+        None: "the slope's interval contains 0",
+    }[holds]
+    return Verdict(claim, predicted, measured, holds, details, reason=reason, **common)
 
 
 # ---------------------------------------------------------------------------------- figures
