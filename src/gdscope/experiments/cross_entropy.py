@@ -328,6 +328,35 @@ def _assess(r: dict[str, Any], cfg: CrossEntropyConfig) -> dict[str, Any]:
     return out
 
 
+_THEOREMS = {
+    "loss": (
+        "Soudry et al.; Lyu & Li: on linearly separable data (and, for homogeneous networks, once "
+        "the data are classified correctly) GD on cross-entropy drives the loss to 0 like 1/t; "
+        "no finite parameter attains it, so the global minimum lies at infinity."
+    ),
+    "norm": (
+        "Since the infimum is approached only at infinity, ‖θ_t‖ → ∞; for exponentially tailed "
+        "losses it grows like log t (Soudry et al.). The rule fits ‖θ‖ against log t and against "
+        "t and asks for a positive slope in log t, preferred to t."
+    ),
+    "margin": (
+        "Lyu & Li: for positively homogeneous networks of degree D trained by GD on "
+        "cross-entropy, once the loss is below log 2 the normalized margin "
+        "min_i (f_{y_i} − max_{j≠y_i} f_j)/‖θ‖^D increases (it converges to a KKT point of the "
+        "max-margin problem). Tested on the second half of the run."
+    ),
+    "accuracy": (
+        "The preceding statements presuppose separable data reached by the run: every training "
+        "sample classified correctly, with a positive margin, at the end."
+    ),
+}
+_REASONS = {
+    True: "holds in every run",
+    False: "contradicted in some run (see measured)",
+    None: "undecided in some run (an interval contains the bound or a fit failed)",
+}
+
+
 def _row_verdict(claim: str, predicted: str, rows: list[dict[str, Any]], key: str) -> Verdict:
     holds = [row[key][0] for row in rows]
     if any(h is False for h in holds):
@@ -342,6 +371,9 @@ def _row_verdict(claim: str, predicted: str, rows: list[dict[str, Any]], key: st
         measured="; ".join(row[key][1] for row in rows) or "no runs",
         holds=combined,
         details={"tasks": [{"task": row["tag"], **row[key][2]} for row in rows]},
+        reason=_REASONS[combined],
+        theorem=_THEOREMS[key],
+        section="4-regularity-skip-connections-cross-entropy-at-infinity",
     )
 
 

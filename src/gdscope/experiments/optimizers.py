@@ -397,6 +397,42 @@ def _design_text(r: dict[str, Any]) -> str:
     )
 
 
+_SECTION = "2-optimizer-dynamics-in-the-kernel-regime"
+_LINEAR_THEOREM = (
+    "In the kernel regime the residual evolves by the linear recursion of docs/theory.md §2 "
+    "(GD: e_{t+1} = (1 − a)e_t; heavy ball: e_{t+1} = (1 + β − a)e_t − βe_{t−1}; Nesterov with "
+    "constant β: e_{t+1} = (1 − a)[(1 + β)e_t − βe_{t−1}], a = ηqλ_i), so the loss decays "
+    "linearly at the rate the recursion gives for the kernel's spectrum. The rule fits the "
+    "measured curve's tail rate with its interval and compares it with the rate fitted to the "
+    "exact linearized prediction on the same window."
+)
+_POWER_THEOREM = (
+    "Bu, Xu & Chen: Nesterov's method with β_t = (t − 1)/(t + r − 1) has per-mode envelope "
+    "(1 − a)^{t/2} t^{−r/2}: while a·t ≪ 1 the loss falls as a power law (sublinear), beyond it "
+    "linearly. The rule fits both models on log-spaced steps of [1/√a_min, 1/a_min] and asks "
+    "which the data decisively prefer (ΔAIC > 10)."
+)
+_SPEEDUP_THEOREM = (
+    "Heavy ball with the optimal (β, η) for condition number κ converges at the rate "
+    "(√κ − 1)/(√κ + 1) against GD's (κ − 1)/(κ + 1): its decay exponent is about √κ times "
+    "larger. The rule compares the measured ratio of decay exponents with the predicted one."
+)
+_TRACK_THEOREM = (
+    "For a wide network in the kernel regime the whole loss curve follows the linearized "
+    "model's (Lee et al. 2019), not only its asymptotic rate. The rule bounds the largest gap "
+    "between the measured and predicted curves relative to the initial loss."
+)
+
+
+def _reason(holds: list[bool | None], good: str, bad: str, open_: str) -> str:
+    """One line for a verdict combined over runs."""
+    if any(h is False for h in holds):
+        return bad
+    if holds and all(h is True for h in holds):
+        return good
+    return open_
+
+
 def _linear_verdict(
     name: str,
     runs: list[dict[str, Any]],
@@ -436,6 +472,15 @@ def _linear_verdict(
             "rule": "holds iff exponential is preferred and ρ̂ lies in the measured interval "
             "or |log ρ/log ρ̂ − 1| ≤ rate_rtol",
         },
+        reason=_reason(
+            holds,
+            "every run decays linearly at the predicted rate",
+            "a run diverged, or its rate or its shape (power law preferred) contradicts the "
+            "prediction",
+            "some runs could not be fitted (see measured)",
+        ),
+        theorem=_LINEAR_THEOREM,
+        section=_SECTION,
     )
 
 
@@ -514,6 +559,14 @@ def _power_verdict(runs: list[dict[str, Any]], floor: float) -> Verdict:
             "theory": "per mode the residual envelope is ≈ (1−a)^{t/2} t^{−r/2}; a spread "
             "spectrum sums to the exponent of the predicted curve",
         },
+        reason=_reason(
+            holds,
+            "the power law is decisively preferred in every run's window",
+            "a run diverged or the exponential is decisively preferred in its window",
+            "no window or no decisive preference in some run: longer runs decide",
+        ),
+        theorem=_POWER_THEOREM,
+        section=_SECTION,
     )
 
 
@@ -574,6 +627,14 @@ def _speedup_verdict(
             "rule": "speedup = log ρ_HB / log ρ_GD; holds iff HB's rate interval lies below "
             "GD's and the measured speedup is within 2·rate_rtol of the predicted one",
         },
+        reason=_reason(
+            holds,
+            "heavy ball is faster by the predicted factor in every seed",
+            "heavy ball is not faster, or not by the predicted factor, in some seed",
+            "the rate intervals overlap in some seed",
+        ),
+        theorem=_SPEEDUP_THEOREM,
+        section=_SECTION,
     )
 
 
@@ -606,6 +667,13 @@ def _track_verdict(results: list[dict[str, Any]], tol: float, width: int, train:
         measured=(f"max_t |L_t − L̂_t| / L_0 = {worst:.3g} (worst: {where})" if gaps else "no runs"),
         holds=None if not gaps else bool(worst <= tol),
         details={"gaps": rows, "track_tol": tol},
+        reason="no runs"
+        if not gaps
+        else f"largest gap {worst:.2g} ≤ {tol:g}·L_0"
+        if worst <= tol
+        else f"largest gap {worst:.2g} > {tol:g}·L_0 ({where})",
+        theorem=_TRACK_THEOREM,
+        section=_SECTION,
     )
 
 
