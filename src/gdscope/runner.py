@@ -57,7 +57,14 @@ from gdscope.experiments import (
     to_dict,
 )
 from gdscope.experiments.config import merge
-from gdscope.store import OutputKind, RunPayload, Store, check_output, write_output
+from gdscope.store import (
+    OutputKind,
+    RunPayload,
+    Store,
+    check_name,
+    check_output,
+    write_output,
+)
 from gdscope.verdict import Verdict
 
 __all__ = [
@@ -580,6 +587,8 @@ def plan_sweep(
         name = f"{exp.name}-{config_hash({'points': [p.config_hash for p in points]})[:12]}"
     elif not isinstance(name, str) or not name.strip():
         raise InvalidArgumentError(f"name={name!r} must be a non-empty string or None.")
+    else:
+        check_name(name)
     return SweepPlan(exp.name, name, points)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "RunInfo",
     "RunPayload",
     "Store",
+    "check_name",
     "check_output",
     "environment_info",
     "write_output",
@@ -358,8 +359,28 @@ def write_output(
     return out
 
 
-def _check_text(value: Any, arg: str, *, name: bool = False) -> str:
-    """A string SQLite can store: UTF-8 encodable; for ``name``, also printable and not an id."""
+def check_name(value: Any, arg: str = "name", *, run: bool = False) -> str:
+    """``value`` if it is a name gdscope can store and print: text, UTF-8 encodable, no control
+    characters; for a ``run`` name also not all digits (that reads as a run id)."""
+    _check_text(value, arg)
+    bad = [c for c in value if ord(c) < 32 or 127 <= ord(c) < 160]
+    if bad:
+        raise InvalidArgumentError(
+            f"{arg}={value!r} holds the control character {bad[0]!r}: names are printed in "
+            "terminals and pages; pass printable text."
+        )
+    if not value.strip():
+        raise InvalidArgumentError(f"{arg}={value!r} is blank: pass a name with some text.")
+    if run and value.strip().isdigit():
+        raise InvalidArgumentError(
+            f"{arg}={value!r} reads as a run id: gdscope report {value.strip()} would look up "
+            f"id {value.strip()}. Pass a name with a letter in it, e.g. 'run-{value.strip()}'."
+        )
+    return value
+
+
+def _check_text(value: Any, arg: str) -> str:
+    """``value`` if it is a string SQLite can store (UTF-8 encodable)."""
     if not isinstance(value, str):
         raise InvalidArgumentError(
             f"{arg}={value!r} ({type(value).__name__}) must be a string: pass text."
@@ -371,18 +392,6 @@ def _check_text(value: Any, arg: str, *, name: bool = False) -> str:
             f"{arg}={value!r} holds a character UTF-8 cannot encode ({e.reason} at position "
             f"{e.start}, e.g. a lone surrogate from a mis-decoded file name): pass valid text."
         ) from e
-    if name:
-        bad = [c for c in value if ord(c) < 32 or 127 <= ord(c) < 160]
-        if bad:
-            raise InvalidArgumentError(
-                f"{arg}={value!r} holds the control character {bad[0]!r}: names are printed "
-                "in terminals and pages; pass printable text."
-            )
-        if value.strip().isdigit():
-            raise InvalidArgumentError(
-                f"{arg}={value!r} reads as a run id: gdscope report {value} would look up id "
-                f"{value.strip()}. Pass a name with a letter in it, e.g. 'run-{value.strip()}'."
-            )
     return value
 
 
@@ -459,8 +468,8 @@ class Store:
         same run in several sweep points); looking one up by such a name is then an error that
         lists their ids.
         """
-        if name is not None:
-            _check_text(name, "name", name=True)
+        if name != "" and name is not None:  # "" or None: the default name run-<id>
+            check_name(name, run=True)
         env = environment_info() if environment is None else environment
         with self._transaction() as con:
             cur = con.execute(

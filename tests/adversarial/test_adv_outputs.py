@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 
 from gdscope.errors import ConfigError, InvalidArgumentError
+from gdscope.executors import SerialExecutor
 from gdscope.experiments import (
     DataConfig,
     Experiment,
@@ -329,13 +330,11 @@ def test_run_sweep_refuses_foreign_outputs_before_running(tmp_path, name, text):
     Tiny.ran.clear()
     config = {"experiment": NAME, "sweep": {"grid": {"scale": [1.0, 2.0]}}}
     with pytest.raises(InvalidArgumentError, match=r"\bout\b"):
-        run_sweep(config, out=out, executor=None)
+        run_sweep(config, out=out, executor=SerialExecutor())
     assert Tiny.ran == [] and _snapshot(out) == before
 
 
 def test_sweep_json_carries_the_generator_key_and_is_replaced(tmp_path):
-    from gdscope.executors import SerialExecutor
-
     config = {"experiment": NAME, "sweep": {"grid": {"scale": [1.0, 2.0]}}}
     run_sweep(config, out=tmp_path, executor=SerialExecutor())
     assert json.loads((tmp_path / "sweep.json").read_text())["generator"] == "gdscope"
@@ -375,7 +374,9 @@ def test_overrides_cannot_switch_the_experiment(tmp_path, overrides):
 )
 def test_an_empty_grid_is_refused(tmp_path, spec):
     with pytest.raises(ConfigError, match=r"sweep\.grid:.*empty"):
-        run_sweep({"experiment": NAME, "sweep": spec}, out=tmp_path / "o")
+        run_sweep(
+            {"experiment": NAME, "sweep": spec}, out=tmp_path / "o", executor=SerialExecutor()
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -418,3 +419,22 @@ def test_a_data_error_keeps_an_existing_store(tmp_path):
     with pytest.raises(ConfigError):
         run_experiment(NAME, ["data.name=no-such-data-set"], out=out)
     assert (out / "runs.db").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a\udc80", "UTF-8 cannot encode"),
+        ("x\x1b[2J", "control character"),
+        ("line\nbreak", "control character"),
+        ("", "non-empty string"),
+        ("  ", "non-empty string"),
+        (7, "non-empty string"),
+    ],
+)
+def test_sweep_names_must_be_printable_text(tmp_path, name, message):
+    config = {"experiment": NAME, "sweep": {"grid": {"scale": [1.0]}}}
+    with pytest.raises(InvalidArgumentError, match=r"\bname\b") as info:
+        run_sweep(config, out=tmp_path / "o", name=name, executor=SerialExecutor())
+    assert message in str(info.value)
+    assert not (tmp_path / "o").exists()

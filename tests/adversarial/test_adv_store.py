@@ -45,6 +45,8 @@ BAD_NAMES = [
     (b"bytes", "must be a string"),
     (["list"], "must be a string"),
     (3.5, "must be a string"),
+    ("   ", "is blank"),
+    ("\t", "control character"),
 ]
 
 
