@@ -22,7 +22,15 @@ its name (default: the experiment's name and a hash of its points' hashes). A re
 sweep skips the points already stored (to extend a sweep, rerun it under the same ``name``),
 and a point whose worker died and was run again is stored once. Only this process (the
 driver) writes the store: one transaction per point, as each arrives; a point that raises is
-reported and leaves nothing in the store.
+reported and leaves nothing in the store. A built-in experiment's name is a sweep config too,
+with the sweep given as overrides: ``run_sweep("width", ["sweep.grid.seed=[0, 1]"])``
+(``gdscope sweep width --grid 'seed=[0, 1]'``); an empty ``grid`` is refused.
+
+Output files are checked before anything runs (:func:`gdscope.store.check_output`): none may
+be the store, and an existing one must be an output gdscope wrote (``verdict.json``'s list of
+verdicts, ``sweep.json``'s ``"generator": "gdscope"``, a page's generator meta tag). A command
+that fails removes the store and output folder it created if it left them empty, and ``--set
+experiment=...`` is refused (the experiment is the config's, not an override's).
 """
 
 from __future__ import annotations
