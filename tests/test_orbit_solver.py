@@ -126,8 +126,24 @@ def test_two_parameter_network_orbit_and_dense_multipliers():
         ({"lr": 1.0, "max_iter": 0}, "max_iter"),
         ({"lr": 1.0, "start": torch.zeros(3)}, "start"),
         ({"lr": 1.0, "start": torch.tensor([float("nan")])}, "start"),
+        ({"lr": 1.0, "lsmr_iter": 0}, "lsmr_iter"),
+        ({"lr": 1.0, "max_hvps": 1.5}, "max_hvps"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         solve_orbit(_quartic_problem(), **kwargs)
+
+
+def test_cost_caps_stop_newton_and_say_so():
+    X = torch.tensor([[1.0], [-0.5]], dtype=DT)
+    Y = torch.tensor([[1.0], [-0.3]], dtype=DT)
+    prob = gs.Problem(TwoParam(), "mse", (X, Y))
+    start = prob.flatten(prob.params).clone()  # far from any orbit: Newton needs many steps
+    capped = solve_orbit(prob, 1.5, 2, start=start, max_hvps=1)
+    assert not capped.converged and len(capped.history) == 2  # one Newton step, then the cap
+    assert any("max_hvps" in n for n in capped.notes)
+    assert capped.hvps <= 2 * 2 * 2 * 2 + 2  # one LSMR solve (P = 2: at most 8 iterations)
+    short = solve_orbit(prob, 1.5, 2, start=start, max_iter=2, lsmr_iter=1)
+    assert short.hvps <= 2 * (2 * 2 * 2 + 4)  # ≤ 2 Newton steps of 1 LSMR iteration (+ setup)
+    assert len(short.history) <= 2

@@ -163,12 +163,19 @@ def solve_orbit(
     multipliers: int = 6,
     tangent_tol: float = 1e-6,
     dense_limit: int = 600,
+    lsmr_iter: int | None = None,
+    max_hvps: int | None = None,
 ) -> OrbitSolution:
     """Solve ``G^period(θ) = θ`` for GD at ``lr`` by Newton's method from ``start``.
 
     ``start`` (flat, default: the model's current parameters) should lie near the orbit, e.g. an
     iterate of a run that :func:`gdscope.theory.detect_orbit` found nearly periodic. Converged
     when ``‖F(θ)‖ ≤ tol·max(diameter, ‖θ‖)``; see the module docstring for the multipliers.
+
+    Cost controls for large models: ``lsmr_iter`` caps the LSMR iterations of one Newton step
+    (each costs ``2·period`` Hessian-vector products; default ``4·P``), ``max_hvps`` stops Newton
+    once that many products have been spent (with a note; the multipliers of a converged orbit
+    are computed regardless). ``history`` holds ``‖F‖/scale`` before every Newton step.
     """
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise InvalidArgumentError(f"lr={lr!r}: the step size must be a finite number > 0.")
@@ -178,6 +185,11 @@ def solve_orbit(
         raise InvalidArgumentError(f"tol={tol!r}: a relative tolerance in (0, 1), e.g. 1e-10.")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise InvalidArgumentError(f"max_iter={max_iter!r}: must be an int >= 1.")
+    for name, value in (("lsmr_iter", lsmr_iter), ("max_hvps", max_hvps)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise InvalidArgumentError(f"{name}={value!r}: must be None or an int >= 1.")
     t0 = time.perf_counter()
     gd = _Map(prob, float(lr))
     theta = _flat_start(prob, start)
@@ -199,8 +211,12 @@ def solve_orbit(
             converged = True
             it -= 1
             break
+        if max_hvps is not None and gd.hvps >= max_hvps:
+            notes.append(f"stopped at iteration {it}: {gd.hvps} HVPs spent (max_hvps={max_hvps})")
+            break
         A = gd.monodromy(pts[:-1])
-        delta = lsmr(A, -(pts[-1] - pts[0]), atol=1e-14, btol=1e-14, maxiter=4 * theta.size)[0]
+        inner = 4 * theta.size if lsmr_iter is None else lsmr_iter
+        delta = lsmr(A, -(pts[-1] - pts[0]), atol=1e-14, btol=1e-14, maxiter=inner)[0]
         step = 1.0
         while step > 1e-6:
             cand = theta + step * delta
