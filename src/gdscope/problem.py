@@ -33,7 +33,7 @@ from gdscope.errors import (
     StatefulModuleError,
 )
 
-__all__ = ["LOSSES", "Params", "Problem", "check_finite", "check_finite_params"]
+__all__ = ["LOSSES", "Params", "Problem", "check_device", "check_finite", "check_finite_params"]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -107,7 +107,7 @@ class Problem:
                 "(none with requires_grad=True): nothing to measure."
             )
         first = next(p for p in model.parameters() if p.requires_grad)
-        self.device = _check_device(device) if device is not None else first.device
+        self.device = check_device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
         self._convert = self.device != first.device or self.dtype != first.dtype
         self._loss_arg = loss
@@ -613,7 +613,7 @@ def check_finite_params(model: nn.Module, names: list[str] | None = None) -> Non
         )
 
 
-def _check_device(device: object) -> torch.device:
+def check_device(device: object) -> torch.device:
     """``device`` as a ``torch.device`` that exists here, else a clear error."""
     if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
         raise InvalidArgumentError(

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
 from gdscope.linalg._validate import check_int, describe
+from gdscope.problem import check_device
 
 __all__ = ["CallableOperator", "DenseOperator", "LinearOperator"]
 
@@ -55,16 +56,7 @@ class _Base:
                 f"dtype must be a real floating torch.dtype, got {describe(dtype)}: pass e.g. "
                 "dtype=torch.float64."
             )
-        if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
-            raise InvalidArgumentError(
-                f"device must be a torch.device or a name such as 'cpu', got {describe(device)}."
-            )
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as err:
-            raise InvalidArgumentError(
-                f"device={device!r} is not a device ({err}): pass e.g. 'cpu' or 'cuda:0'."
-            ) from err
+        dev = check_device(device)
         self.shape = (size, size)
         self.dtype = dtype
         self.device = dev
