@@ -452,6 +452,69 @@ def _ray_call(modules: Sequence[str], fn: Callable[..., Any], args: tuple[Any, .
     return fn(*args)
 
 
+# A process that outlives the driver and kills what the driver's private Ray started: Ray's own
+# agents (DashboardAgent, RuntimeEnvAgent) are grandchildren of the driver that survive its
+# ``kill -9``. It records the driver's descendants while the driver lives (pid and start time,
+# so a reused pid is never touched) and SIGKILLs the survivors once its stdin (a pipe only the
+# driver holds) reaches end of file: the driver died, or closed the executor.
+_RAY_WATCHDOG = r"""
+import os, select, signal, sys, time
+driver, me = int(sys.argv[1]), os.getpid()
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return int(rest[1]), int(rest[19])  # ppid, start time
+    except (OSError, IndexError, ValueError):
+        return None
+
+def below(root):
+    kids = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit() and (st := stat(int(e))) is not None:
+            kids.setdefault(st[0], []).append(int(e))
+    out, todo = {}, list(kids.get(root, []))
+    while todo:
+        pid = todo.pop()
+        st = stat(pid)
+        if st is not None and pid not in out and pid != me:
+            out[pid] = st[1]
+            todo += kids.get(pid, [])
+    return out
+
+seen = {}
+while True:
+    seen.update(below(driver))
+    ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+    if ready and not os.read(sys.stdin.fileno(), 1):
+        break
+time.sleep(1.0)  # let a clean ray.shutdown() finish first
+for pid, start in seen.items():
+    st = stat(pid)
+    if st is not None and st[1] == start:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _start_ray_watchdog() -> Any:
+    """Start the watchdog for this driver's private Ray (Linux); ``None`` elsewhere."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-c", _RAY_WATCHDOG, str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -547,6 +610,7 @@ class RayExecutor:
         self.retries = retries
         self._ray: Any = None
         self._owns_ray = False
+        self._watchdog: Any = None
 
     def start(self) -> None:
         """Connect to Ray (or start a local one) now; idempotent."""
@@ -564,6 +628,7 @@ class RayExecutor:
         }
         if self.address is None:
             paths = _user_paths()
+            self._watchdog = _start_ray_watchdog()
             with _loopback_only(ray):
                 ray.init(
                     address="local",
@@ -629,6 +694,12 @@ class RayExecutor:
         if self._ray is not None and self._owns_ray:
             self._ray.shutdown()
         self._ray, self._owns_ray = None, False
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:  # end of its stdin: it kills whatever Ray left behind
+            with suppress(OSError):
+                watchdog.stdin.close()
+            with suppress(Exception):
+                watchdog.wait(timeout=10)
 
     def __enter__(self) -> RayExecutor:
         return self

@@ -510,3 +510,43 @@ def test_ray_executor_close_shuts_down_its_private_ray():
         ex.close()
     assert not ray.is_initialized()
     assert survivors(started, grace=30) == []
+
+
+RAY_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from gdscope.executors import RayExecutor
+    ex = RayExecutor(workers=1)
+    ex.start()
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_killed_ray_driver_leaves_no_process_behind(tmp_path):
+    """Ray's agents outlive a ``kill -9`` of the driver unless the executor's watchdog ends them."""
+    pytest.importorskip("ray")
+    script = tmp_path / "ray_driver.py"
+    script.write_text(RAY_DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    procs: dict[int, tuple[int, str]] = {}
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(3.0)  # Ray's agents start after init returns
+        procs = descendants(proc.pid)
+        assert any("raylet" in cmd for _, cmd in procs.values())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert survivors(procs, grace=30) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tree(procs)
