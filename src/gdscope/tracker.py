@@ -37,7 +37,7 @@ from gdscope.errors import GdscopeError, InvalidArgumentError, NonFiniteError
 from gdscope.probes.base import Probe, ProbeState
 from gdscope.probes.builtin import default_probes
 from gdscope.problem import Problem
-from gdscope.store import MetricRow, Store
+from gdscope.store import MetricRow, Store, check_name
 from gdscope.theory import Prediction
 
 __all__ = ["PREDICTION_POINTS", "Tracker"]
@@ -92,6 +92,8 @@ class Tracker:
                 f"run_name={run_name!r} ({type(run_name).__name__}) must be a non-empty string "
                 "or None (the store names the run run-<id>)."
             )
+        if run_name is not None:
+            check_name(run_name, "run_name", run=True)  # refused now, not at the first step
         if config is not None and not isinstance(config, Mapping):
             raise InvalidArgumentError(
                 f"config={config!r} ({type(config).__name__}) must be a dict of settings or None."

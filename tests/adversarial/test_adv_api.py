@@ -640,3 +640,11 @@ def test_stability_with_a_dataloader_computes_the_sgd_parts():
     assert rep.sgd_mean_square_stable == ref.sgd_mean_square_stable
     assert rep.mean_square_rho == pytest.approx(ref.mean_square_rho, rel=1e-10)
     assert any("DataLoader" in n for n in rep.notes)
+
+
+@pytest.mark.parametrize("name", ["a\x1b[2Jb", "run\r", "x\udc80", "42", "  "])
+def test_tracker_refuses_an_unprintable_run_name_at_construction(name):
+    X, Y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    prob = gs.Problem(torch.nn.Linear(2, 1).double(), "mse", (X, Y))
+    with pytest.raises(InvalidArgumentError, match="run_name"):
+        gs.Tracker(prob, store=None, run_name=name)
