@@ -718,3 +718,22 @@ def test_report_to_dict_is_plain_json():
     assert data["sharpness"] == pytest.approx(rep.sharpness)
     assert data["gd_stable"] == rep.gd_stable and data["lr"] == rep.lr
     assert set(data) == {f.name for f in dataclasses.fields(rep)}
+
+
+@pytest.mark.parametrize("flat_tol", [1e-12, 1e-10, 1e-8, 1e-6])
+def test_normal_space_is_not_inflated_by_round_off(flat_tol):
+    """At an exact minimum the span of the per-sample Hessians of a linear model is k·n-dim.
+
+    Built from eigh(Σ H_i²) it was resolved only to √eps: a flat_tol below ~1e-7 kept round-off
+    directions, so H was "not positive definite" there and the mean-square threshold was lost.
+    """
+    g = torch.Generator().manual_seed(3)
+    n, d, k = 12, 30, 2
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randn(n, k, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, k, bias=False).double()
+    with torch.no_grad():  # the minimum-norm interpolant: an exact global minimum
+        model.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
+    rep = gs.stability(gs.Problem(model, "mse", (X, Y)), 0.1, batch_size=3, flat_tol=flat_tol)
+    assert rep.normal_dim == n * k
+    assert rep.mean_square_threshold is not None and rep.mean_square_threshold > 0

@@ -322,11 +322,13 @@ def build_normal_space(
     if n * P * P <= dense_numbers:
         Hs = curv.dense().double()
         mean_v = Hs.mean(0) @ v.double()
-        G = torch.einsum("iab,ibc->ac", Hs, Hs) / n
-        g, W = torch.linalg.eigh(0.5 * (G + G.T))
-        s = g.clamp_min(0).sqrt()
+        # R = range(Σ H_i²) from the SVD of the stacked H_i, not from eigh(Σ H_i²): squaring
+        # resolves singular values only down to √eps·max (a flat_tol below ~1e-7 then kept
+        # round-off directions, and H was "not positive definite on R")
+        _, s, Wt = torch.linalg.svd(Hs.reshape(n * P, P), full_matrices=False)
+        s = s / math.sqrt(n)
         keep = s > flat_tol * s.max().clamp_min(torch.finfo(torch.float64).tiny)
-        U = W[:, keep]
+        U = Wt.T[:, keep]
         Hr = torch.einsum("pa,ipq,qb->iab", U, Hs, U)
         method = f"dense per-sample Hessians ({n}×{P}²), R = range(Σ H_i²)"
         leak = 0.0
