@@ -24,8 +24,18 @@ app = typer.Typer(
 # no :emoji: codes: a run named ":warning:" prints as written
 console = Console(emoji=False)
 
-_MARK = {True: "[green]✔ holds[/]", False: "[red]✘ fails[/]", None: "[yellow]? undetermined[/]"}
-_SHORT_MARK = {True: "[green]✔[/]", False: "[red]✘[/]", None: "[yellow]?[/]"}
+_MARK = {
+    "holds": "[green]✔ holds[/]",
+    "fails": "[red]✘ fails[/]",
+    "undetermined": "[yellow]? undetermined[/]",
+    "outside": "[blue]○ outside assumptions[/]",
+}
+_SHORT_MARK = {
+    "holds": "[green]✔[/]",
+    "fails": "[red]✘[/]",
+    "undetermined": "[yellow]?[/]",
+    "outside": "[blue]○[/]",
+}
 
 # ANSI/VT escape sequences (CSI, OSC, other ESC sequences), then any other C0/C1 control
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?")
@@ -47,9 +57,13 @@ def _safe(value: object, *, one_line: bool = False) -> str:
     return escape(text)
 
 
-def _mark(holds: object, marks: dict[bool | None, str] = _MARK) -> str:
-    """A verdict's mark; anything but True/False is undetermined."""
-    return marks[holds] if holds is True or holds is False else marks[None]
+def _mark(v: object, marks: dict[str, str] = _MARK) -> str:
+    """A verdict's mark by its status (a Verdict or its dict; holds/fails/undetermined/outside)."""
+    status = v.get("status") if isinstance(v, dict) else getattr(v, "status", None)
+    if status not in marks and isinstance(v, dict):
+        holds = v.get("holds")
+        status = "outside" if v.get("assumption") else {True: "holds", False: "fails"}.get(holds)
+    return marks.get(str(status), marks["undetermined"])
 
 
 def _fail(e: Exception) -> None:
@@ -182,7 +196,7 @@ def _verdict_table(title: str, verdicts: list[Any]) -> Table:
     for col in ("claim", "predicted", "measured", "verdict"):
         table.add_column(col, overflow="fold")
     for v in verdicts:
-        table.add_row(_safe(v.claim), _safe(v.predicted), _safe(v.measured), _mark(v.holds))
+        table.add_row(_safe(v.claim), _safe(v.predicted), _safe(v.measured), _mark(v))
     return table
 
 
@@ -298,7 +312,7 @@ def sweep(
         if p.status == "failed":
             console.print(f"[red]✘ point {p.index} failed[/] ({what})", highlight=False)
         else:
-            marks = " ".join(_mark(v.get("holds"), _SHORT_MARK) for v in p.verdicts)
+            marks = " ".join(_mark(v, _SHORT_MARK) for v in p.verdicts)
             console.print(f"point {p.index} ({what}): {marks}", highlight=False)
 
     overrides = list(set_)

@@ -32,6 +32,7 @@ from gdscope.report.html import (
     _mark,
     _swatch,
     _table,
+    _why,
     _write_page,
 )
 from gdscope.store import ExperimentInfo, Store
@@ -42,7 +43,7 @@ __all__ = ["write_experiment_report", "write_sweep_report"]
 RUN_FIGURES_MAX_RUNS = 20
 
 _EXTRA_CSS = """
-.matrix td.holds, .matrix td.fails, .matrix td.unknown { text-align: center; }
+.matrix td.holds, .matrix td.fails, .matrix td.unknown, .matrix td.outside { text-align: center; }
 .matrix th.claim { max-width: 14em; font-weight: 500; font-size: 0.85em; }
 section.point { border-top: 1px solid #ddd; margin-top: 1.5em; }
 pre.error { background: #fbeaea; padding: 0.5em; white-space: pre-wrap; font-size: 0.85em; }
@@ -151,11 +152,11 @@ def _details(details: Any) -> str:
 def _verdict_rows(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for v in verdicts:
-        css, mark = _mark(v.get("holds"))
+        css, mark = _mark(v)
         rows.append(
             f"<tr><td>{_e(v.get('claim', ''))}</td><td>{_e(v.get('predicted', ''))}</td>"
             f"<td>{_e(v.get('measured', ''))}{_details(v.get('details'))}</td>"
-            f"<td class='{css}'>{mark}</td></tr>"
+            f"<td><span class='{css}'>{mark}</span>{_why(v)}</td></tr>"
         )
     return rows
 
@@ -255,7 +256,7 @@ def _matrix_section(
             if v is None:
                 cells.append("<td></td>")
                 continue
-            css, mark = _mark(v.get("holds"))
+            css, mark = _mark(v)
             cells.append(f"<td class='{css}' title='{_e(v.get('measured', ''))}'>{mark[0]}</td>")
         seconds = "" if info.seconds is None else f"{info.seconds:.1f}"
         rows.append(

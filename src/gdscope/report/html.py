@@ -31,10 +31,12 @@ from gdscope.theory import orbit_from_store
 
 __all__ = ["write_report"]
 
+#: CSS class and mark of each verdict status (docs/theory.md §8).
 _MARK = {
-    True: ("holds", "✔ holds"),
-    False: ("fails", "✘ fails"),
-    None: ("unknown", "? undetermined"),
+    "holds": ("holds", "✔ holds"),
+    "fails": ("fails", "✘ fails"),
+    "undetermined": ("unknown", "? undetermined"),
+    "outside": ("outside", "○ outside the theorem's assumptions"),
 }
 _ENVIRONMENT_KEYS = ("python", "torch", "numpy", "device", "threads", "hostname", "gdscope")
 
@@ -52,8 +54,9 @@ dl.kv { display: grid; grid-template-columns: auto 1fr; gap: 0 0.8em; margin: 0;
 dl.kv dt { color: #555; } dl.kv dd { margin: 0; word-break: break-word; }
 td.env dd { white-space: nowrap; }
 .holds { color: #1a7f37; font-weight: 600; } .fails { color: #c62828; font-weight: 600; }
-.unknown { color: #9a6700; font-weight: 600; }
-.holds, .fails, .unknown { white-space: nowrap; } .details { color: #666; font-size: 0.88em; }
+.unknown { color: #9a6700; font-weight: 600; } .outside { color: #44607a; font-weight: 600; }
+.holds, .fails, .unknown, .outside { white-space: nowrap; }
+.details { color: #666; font-size: 0.88em; }
 figure.plot { margin: 0 0 1.5em; } figure.plot img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 .small-multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
@@ -167,9 +170,28 @@ def _write_page(
     return write_output(out, page, "html", protect=_protect(store), arg="out")
 
 
-def _mark(holds: Any) -> tuple[str, str]:
-    """The CSS class and mark of a verdict's ``holds``; anything but True/False is undetermined."""
-    return _MARK[holds] if holds is True or holds is False else _MARK[None]
+def _status(v: Any) -> str:
+    """A verdict's status from a :class:`Verdict`, its dict, or a bare ``holds`` value."""
+    if isinstance(v, Verdict):
+        return v.status
+    if isinstance(v, Mapping):
+        if v.get("status") in _MARK:
+            return str(v["status"])
+        v = v.get("holds") if not v.get("assumption") else "outside"
+    return {True: "holds", False: "fails", "outside": "outside"}.get(v, "undetermined")
+
+
+def _mark(v: Any) -> tuple[str, str]:
+    """The CSS class and mark of a verdict (or a bare ``holds``: True, False, None)."""
+    return _MARK[_status(v)]
+
+
+def _why(v: Verdict | Mapping[str, Any]) -> str:
+    """The verdict's one-line reason (and, outside its assumptions, which one), escaped."""
+    get = v.get if isinstance(v, Mapping) else lambda k, d="": getattr(v, k, d)
+    parts = [str(get("reason", "") or ""), str(get("assumption", "") or "")]
+    text = " — ".join(p for p in dict.fromkeys(parts) if p)
+    return f"<div class='details'>{_e(text)}</div>" if text else ""
 
 
 def _e(value: Any) -> str:
@@ -243,12 +265,12 @@ def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _verdict_row(v: Verdict) -> str:
-    css, mark = _mark(v.holds)
+    css, mark = _mark(v)
     text = v.details if isinstance(v.details, str) else _details_text(v.details)
     details = f"<div class='details'>{_e(text)}</div>" if text else ""
     return (
         f"<tr><td>{_e(v.claim)}</td><td>{_e(v.predicted)}</td><td>{_e(v.measured)}{details}</td>"
-        f"<td class='{css}'>{mark}</td></tr>"
+        f"<td><span class='{css}'>{mark}</span>{_why(v)}</td></tr>"
     )
 
 
