@@ -12,19 +12,39 @@ Conventions (THEORY §0): outputs are stacked sample-major; ``"mse"`` is PyTorch
 whose mean reduction divides by ``n·k``, so the output-space curvature is ``Q = q·I`` with
 ``q = 2/(n k)`` (mean) or ``q = 2`` (sum). ``"cross_entropy"`` has per-sample blocks
 ``Q_i = diag(p_i) − p_i p_iᵀ`` (divided by ``n`` for the mean).
+
+Losses as PyTorch writes them are recognised as what they are: ``nn.MSELoss``,
+``nn.CrossEntropyLoss`` (``ignore_index``, ``label_smoothing``), ``nn.BCEWithLogitsLoss`` and the
+functional ``F.mse_loss``, ``F.cross_entropy``, ``F.binary_cross_entropy_with_logits`` (also as
+``functools.partial``), with the reduction taken from them. Label smoothing ``ε`` replaces the
+one-hot target by ``(1 − ε) e_y + ε/C``: ``g`` changes, ``Q`` (the softmax Hessian) does not.
+``BCEWithLogitsLoss`` has ``Q = diag(σ(1 − σ))`` divided by ``n·k`` for the mean (PyTorch's
+mean is over all elements). Cross-entropy with ignored labels (``-100``) averages over the
+non-ignored ones *of the whole data set* under ``"mean"``: batch ``b`` weighs ``m_b / m`` with
+``m_b`` its non-ignored labels.
+
+Attention: fused scaled-dot-product kernels have no double backward and no forward-mode AD, so a
+model that uses attention (``nn.MultiheadAttention`` or ``F.scaled_dot_product_attention``,
+detected once) is evaluated by :meth:`Problem.forward` under :func:`math_attention`; the problem's
+``notes`` say so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gdscope.adapters import Adapter
 from gdscope.errors import (
     InvalidArgumentError,
     NonDeterministicError,
@@ -33,12 +53,28 @@ from gdscope.errors import (
     StatefulModuleError,
 )
 
-__all__ = ["LOSSES", "Params", "Problem", "check_device", "check_finite", "check_finite_params"]
+__all__ = [
+    "KNOWN_LOSSES",
+    "LOSSES",
+    "LossSpec",
+    "Params",
+    "Problem",
+    "check_device",
+    "check_finite",
+    "check_finite_params",
+    "math_attention",
+    "uses_attention",
+]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 LOSSES = ("mse", "cross_entropy")
+KNOWN_LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+ATTENTION_NOTE = (
+    "attention evaluated with the math SDPA backend (and nn.MultiheadAttention's fused fast "
+    "path off) for double backward and forward-mode AD"
+)
 _REDUCTIONS = ("mean", "sum")
 _STATEFUL_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _RANDOM_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -50,15 +86,27 @@ class Problem:
     Args:
         model: any ``nn.Module`` with at least one trainable parameter. Its parameters are used
             live (no copy) unless ``dtype``/``device`` ask for a conversion.
-        loss: ``"mse"`` (PyTorch's ``mse_loss``), ``"cross_entropy"``, an ``nn.Module`` loss or a
-            callable ``loss(outputs, targets) -> scalar``. A callable must honour ``reduction``:
-            return the batch mean of per-sample losses for ``"mean"``, their sum for ``"sum"``.
+        loss: ``"mse"`` (PyTorch's ``mse_loss``), ``"cross_entropy"``, ``"bce_with_logits"``,
+            ``nn.MSELoss``/``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` modules, the
+            matching ``torch.nn.functional`` losses (or ``functools.partial`` of them), any
+            other ``nn.Module`` loss or a callable ``loss(outputs, targets) -> scalar``. An
+            unrecognised callable must honour ``reduction``: return the batch mean of
+            per-sample losses for ``"mean"``, their sum for ``"sum"``.
         data: ``(X, Y)`` tensors (full batch) or an iterable of ``(x, y)`` batches such as a
-            ``DataLoader`` (iterated in full for every evaluation of ``L``).
-        reduction: ``"mean"`` or ``"sum"`` over samples.
+            ``DataLoader`` (iterated in full for every evaluation of ``L``); with an
+            ``adapter``, dict batches (or one dict of tensors as the full batch).
+        reduction: ``"mean"`` or ``"sum"``; default the loss module's or partial's own, else
+            ``"mean"``. A value that conflicts with the loss's own is an error.
         device, dtype: where and in which floating type to evaluate (default: the model's).
         allow_stateful: opt in to train-mode BatchNorm-type modules (samples coupled through batch
             statistics). Running statistics are never overwritten: buffers are cloned per call.
+        adapter: a :class:`gdscope.adapters.Adapter` (``gs.adapters.hf()``) for dict batches and
+            models returning output objects; see :mod:`gdscope.adapters`.
+
+    Attributes:
+        loss_spec: the recognised loss (:class:`LossSpec`); ``loss_name`` is its name.
+        notes: how the problem is evaluated when that differs from a plain forward (attention
+            through the math SDPA backend).
 
     >>> import torch
     >>> from torch import nn
@@ -74,20 +122,30 @@ class Problem:
         loss: str | LossFn | nn.Module = "mse",
         data: tuple[Tensor, Tensor] | Iterable[Any] | None = None,
         *,
-        reduction: str = "mean",
+        reduction: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         allow_stateful: bool = False,
+        adapter: Adapter | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}: pass the network "
                 "itself (wrap a plain function in an nn.Module)."
             )
-        if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        if reduction is not None and (
+            not isinstance(reduction, str) or reduction not in _REDUCTIONS
+        ):
             raise InvalidArgumentError(
-                f"reduction={reduction!r} is not supported: use 'mean' or 'sum'."
+                f"reduction={reduction!r} is not supported: use 'mean' or 'sum' (or None for "
+                "the loss's own)."
             )
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise InvalidArgumentError(
+                f"adapter must be a gdscope.adapters.Adapter (e.g. gs.adapters.hf()), got "
+                f"{type(adapter).__name__}."
+            )
+        self.adapter = adapter
         if dtype is not None and (
             not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
         ):
@@ -98,7 +156,6 @@ class Problem:
         if not isinstance(allow_stateful, bool):
             raise InvalidArgumentError(f"allow_stateful={allow_stateful!r} must be True or False.")
         self.model = model
-        self.reduction = reduction
         self.allow_stateful = allow_stateful
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.names:
@@ -111,21 +168,29 @@ class Problem:
         self.dtype = dtype if dtype is not None else first.dtype
         self._convert = self.device != first.device or self.dtype != first.dtype
         self._loss_arg = loss
-        self.loss_name, self._criterion = _resolve_loss(loss, reduction)
+        self.loss_spec, self._criterion = _resolve_loss(loss, reduction)
+        self.loss_name = self.loss_spec.name
+        self.reduction = self.loss_spec.reduction
+        self._attention = uses_attention(model)
+        self.notes: tuple[str, ...] = ()
         if data is None:
             raise InvalidArgumentError(
                 "data is required: pass (X, Y) tensors or a DataLoader of (x, y) batches."
             )
-        self._full_batch = _as_full_batch(data)
+        if adapter is not None and isinstance(data, Mapping):
+            self._full_batch = adapter.split(data, "data")
+        else:
+            self._full_batch = _as_full_batch(data)
         self._loader = None if self._full_batch is not None else data
         if self._loader is not None:
             _check_loader(self._loader)
         self._n: int | None = None
         self._k: int | None = None
         self._classes: int | None = None  # cross-entropy: size of the class dimension
+        self._units: int | None = None  # cross-entropy "mean": non-ignored labels in all data
         self._checked = False
         if self._full_batch is not None:
-            self._n = int(self._full_batch[0].shape[0])
+            self._n = _batch_size(self._full_batch[0])
             if self._n == 0:
                 raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
         check_finite_params(model, self.names)
@@ -145,28 +210,39 @@ class Problem:
             ) from None
         where = "data" if self._full_batch is not None else "batch 0 of data"
         self._check_batch(x, y, where)
-        if x.shape[0] == 0:
+        if _batch_size(x) == 0:
             raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
-        x2, y2 = self._to_device(x[:2]), self._to_device(y[:2], targets=True)
+        x2, y2 = self._to_device(_take(x, slice(0, 2))), self._to_device(y[:2], targets=True)
         with torch.no_grad():
+            if not self._attention:  # hand-written F.scaled_dot_product_attention?
+                with _AttentionCalls() as calls:
+                    self.forward(self.params, x2)
+                self._attention = calls.seen
+            if self._attention:
+                self.notes = (ATTENTION_NOTE,)
             out = self.forward(self.params, x2)
             if not isinstance(out, Tensor):
                 raise InvalidArgumentError(
                     f"the model returns {type(out).__name__}, not a tensor: wrap it so that "
-                    "forward returns one tensor of outputs (n, ...)."
+                    "forward returns one tensor of outputs (n, ...), or pass an adapter "
+                    "(adapter=gs.adapters.hf() takes output.logits)."
                 )
-            ce = self.loss_name == "cross_entropy" or isinstance(
-                self._loss_arg, nn.CrossEntropyLoss
-            )
-            if ce and out.ndim >= 2:
-                self._classes = int(out.shape[1])
+            if self.loss_name == "cross_entropy" and out.ndim >= 2:
+                view, _ = self._loss_view(out, y2)
+                self._classes = int(view.shape[1])
                 self._check_class_targets(y, where)
             self.loss_fn(out, y2)
         self._k = int(out[0].numel())
 
     def _check_batch(self, x: Any, y: Any, where: str) -> None:
         """Finite inputs and targets, as many of each, valid class labels (once ``C`` known)."""
-        for name, t in (("x", x), ("targets", y)):
+        if isinstance(x, Mapping):
+            if not x:
+                raise InvalidArgumentError(f"the inputs in {where} are an empty dict.")
+            items = [(f"x[{k!r}]", t) for k, t in x.items()] + [("targets", y)]
+        else:
+            items = [("x", x), ("targets", y)]
+        for name, t in items:
             if not isinstance(t, Tensor):
                 raise InvalidArgumentError(
                     f"{name} in {where} is a {type(t).__name__}, not a torch.Tensor: make the "
@@ -180,12 +256,18 @@ class Problem:
                 raise InvalidArgumentError(
                     f"{name} in {where} is complex ({t.dtype}): pass real tensors."
                 )
-        if x.shape[0] != y.shape[0]:
+        sizes = {name: int(t.shape[0]) for name, t in items}
+        if len(set(sizes.values())) > 1:
+            if len(items) == 2:
+                raise ShapeMismatchError(
+                    f"{where} has {x.shape[0]} inputs x but {y.shape[0]} targets: pass as many "
+                    "of each."
+                )
             raise ShapeMismatchError(
-                f"{where} has {x.shape[0]} inputs x but {y.shape[0]} targets: pass as many of each."
+                f"{where} has different numbers of samples per entry {sizes}: pass as many of each."
             )
-        check_finite(x, "x", where=where)
-        check_finite(y, "targets", where=where)
+        for name, t in items:
+            check_finite(t, name, where=where)
         if self._classes is not None:
             self._check_class_targets(y, where)
 
@@ -230,8 +312,9 @@ class Problem:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= C:
             bad = (y < 0) | (y >= C)
-            if isinstance(self._loss_arg, nn.CrossEntropyLoss):  # its ignore_index is deliberate
-                bad &= y != self._loss_arg.ignore_index
+            ignore = self.loss_spec.ignore_index
+            if ignore is not None:  # a module's or functional's ignore_index is deliberate
+                bad &= y != ignore
             if not bool(bad.any()):
                 return
             idx = tuple(int(v) for v in torch.nonzero(bad)[0])
@@ -293,7 +376,7 @@ class Problem:
     def n(self) -> int:
         """Number of samples in the data set."""
         if self._n is None:
-            self._n = sum(int(x.shape[0]) for x, _ in self._raw_batches())
+            self._n = sum(_batch_size(x) for x, _ in self._raw_batches())
             if self._n == 0:
                 raise InvalidArgumentError("data is empty (0 samples): pass at least one sample.")
         return self._n
@@ -304,12 +387,12 @@ class Problem:
         if self._k is None:
             x, _ = next(iter(self._raw_batches()))
             with torch.no_grad():
-                out = self.forward(self.params, self._to_device(x[:1]))
+                out = self.forward(self.params, self._to_device(_take(x, slice(0, 1))))
             self._k = int(out[0].numel())
         return self._k
 
     @property
-    def full_batch(self) -> tuple[Tensor, Tensor] | None:
+    def full_batch(self) -> tuple[Any, Tensor] | None:
         """``(X, Y)`` on the problem's device when the data are tensors, else ``None``."""
         if self._full_batch is None:
             return None
@@ -324,6 +407,11 @@ class Problem:
                 "Problem on the subset's loader instead."
             )
         x, y = self._full_batch
+        if isinstance(x, Mapping):
+            raise InvalidArgumentError(
+                "subset of dict-batch data is not supported: build a Problem on the subset's "
+                "batches instead."
+            )
         try:
             idx = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -357,13 +445,85 @@ class Problem:
             device=self.device,
             dtype=self.dtype,
             allow_stateful=self.allow_stateful,
+            adapter=self.adapter,
         )
 
-    def batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
+    def with_data(self, data: tuple[Tensor, Tensor] | Iterable[Any]) -> Problem:
+        """The same model, loss, reduction and adapter on other ``data``."""
+        return Problem(
+            self.model,
+            self._loss_arg,
+            data,
+            reduction=self.reduction,
+            device=self.device,
+            dtype=self.dtype,
+            allow_stateful=self.allow_stateful,
+            adapter=self.adapter,
+        )
+
+    @classmethod
+    def from_hf(
+        cls,
+        model: nn.Module,
+        data: Any,
+        *,
+        loss: str | LossFn | nn.Module | None = None,
+        shift: bool = False,
+        labels: str = "labels",
+        logits: str = "logits",
+        **kwargs: Any,
+    ) -> Problem:
+        """A Problem on a Hugging Face style model and dict batches (see :mod:`gdscope.adapters`).
+
+        ``loss`` defaults to ``nn.CrossEntropyLoss()`` (mean over non-ignored labels, ``-100``
+        ignored), as ``transformers`` computes it; ``shift=True`` for causal LMs.
+        """
+        from gdscope.adapters import hf
+
+        return cls(
+            model,
+            nn.CrossEntropyLoss() if loss is None else loss,
+            data,
+            adapter=hf(labels=labels, logits=logits, shift=shift),
+            **kwargs,
+        )
+
+    def _label_units(self, y: Tensor) -> int | None:
+        """Non-ignored labels of a batch (cross-entropy with ``ignore_index``), else ``None``."""
+        ignore = self.loss_spec.ignore_index
+        if ignore is None or y.is_floating_point():
+            return None
+        if self.adapter is not None and self.adapter.shift and y.ndim >= 2:
+            y = y[:, 1:]
+        return int((y != ignore).sum())
+
+    @property
+    def units(self) -> int | None:
+        """Cross-entropy with ``ignore_index``: non-ignored labels in all the data (the mean's
+        denominator); ``None`` for other losses (the mean is then over samples)."""
+        if self.loss_spec.ignore_index is None:
+            return None
+        if self._units is None:
+            counts = [self._label_units(y) for _, y in self._raw_batches()]
+            if any(c is None for c in counts):
+                return None
+            self._units = sum(counts)  # type: ignore[arg-type]
+            if self._units == 0 and self.reduction == "mean":
+                raise InvalidArgumentError(
+                    f"every label in data equals ignore_index={self.loss_spec.ignore_index}: "
+                    "the mean cross-entropy is 0/0. Pass data with at least one label."
+                )
+        return self._units
+
+    def batches(self) -> Iterator[tuple[Any, Tensor, float]]:
         """Yield ``(x, y, w)`` with ``L = Σ w·L_batch`` (see the module docstring)."""
         n = self.n
+        units = self.units if self.reduction == "mean" else None
         for x, y in self._raw_batches():
-            w = x.shape[0] / n if self.reduction == "mean" else 1.0
+            if units is not None:
+                w = self._label_units(y) / units  # type: ignore[operator]
+            else:
+                w = _batch_size(x) / n if self.reduction == "mean" else 1.0
             yield self._to_device(x), self._to_device(y, targets=True), w
 
     def _raw_batches(self, check: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
@@ -372,6 +532,12 @@ class Problem:
             yield self._full_batch  # checked once, in _validate
             return
         for b, item in enumerate(self._loader):  # type: ignore[union-attr]
+            if self.adapter is not None:
+                x, y = self.adapter.split(item, f"batch {b} of data")
+                if check:
+                    self._check_batch(x, y, f"batch {b} of data")
+                yield x, y
+                continue
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 what = (
                     f"a {type(item).__name__} of {len(item)} elements"
@@ -384,26 +550,44 @@ class Problem:
                     "(inputs, targets): a third element such as per-sample weights would be "
                     "silently ignored, and a loss that takes weights is not supported. Wrap the "
                     "dataset so that it returns (input, target), e.g. "
-                    "TensorDataset(X, Y) or a Dataset whose __getitem__ returns (x, y)."
+                    "TensorDataset(X, Y) or a Dataset whose __getitem__ returns (x, y). For dict "
+                    "batches (input_ids, attention_mask, labels) pass adapter=gs.adapters.hf()."
                 )
             x, y = item
             if check:
                 self._check_batch(x, y, f"batch {b} of data")
             yield x, y
 
-    def _to_device(self, t: Tensor, targets: bool = False) -> Tensor:
+    def _to_device(self, t: Any, targets: bool = False) -> Any:
+        if isinstance(t, Mapping):
+            return {k: self._to_device(v) for k, v in t.items()}
         t = t.to(self.device)
         if t.is_floating_point():
             t = t.to(self.dtype)  # inputs, regression targets, class probabilities
         return t
 
     # ------------------------------------------------------------------ evaluation
-    def forward(self, params: Params, x: Tensor) -> Tensor:
-        """Model outputs at ``params`` (functional; buffers cloned so they never change)."""
+    def attention_context(self) -> contextlib.AbstractContextManager[None]:
+        """:func:`math_attention` when the model uses attention, else a no-op context."""
+        return math_attention() if self._attention else contextlib.nullcontext()
+
+    def forward(self, params: Params, x: Any) -> Tensor:
+        """Model outputs at ``params`` (functional; buffers cloned so they never change).
+
+        Dict inputs are passed as keyword arguments; with an adapter the output is its logits.
+        Attention runs through the math SDPA backend (see :func:`math_attention`).
+        """
         buffers = {n: b.clone() for n, b in self.buffers().items()}
         try:
-            return functional_call(self.model, (params, buffers), (x,))
+            with self.attention_context():
+                if isinstance(x, Mapping):
+                    out = functional_call(self.model, (params, buffers), (), dict(x))
+                else:
+                    out = functional_call(self.model, (params, buffers), (x,))
+            return out if self.adapter is None else self.adapter.logits(out)
         except RuntimeError as e:
+            if isinstance(x, Mapping):
+                raise
             if any(w in str(e) for w in ("shape", "size", "dimension")):
                 raise ShapeMismatchError(
                     f"the model cannot take inputs of per-sample shape {tuple(x.shape[1:])}: {e}. "
@@ -416,8 +600,15 @@ class Problem:
                 ) from e
             raise
 
+    def _loss_view(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.adapter is None:
+            return outputs, targets
+        return self.adapter.loss_view(outputs, targets)
+
     def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The criterion on one batch, with the problem's reduction."""
+        """The criterion on one batch, with the problem's reduction (after the adapter's
+        :meth:`~gdscope.adapters.Adapter.loss_view`)."""
+        outputs, targets = self._loss_view(outputs, targets)
         try:
             return self._criterion(outputs, targets)
         except RuntimeError as e:
@@ -469,10 +660,30 @@ class Problem:
         """Per-sample blocks of ``Q = ∂²L/∂F²`` as ``(n_b, k, k)`` for one batch.
 
         ``weight`` is the batch's ``w`` in ``L = Σ w L_b``. Losses are assumed separable over
-        samples (true for mse, cross_entropy and any per-sample loss).
+        samples (true for mse, cross_entropy, bce_with_logits and any per-sample loss). For
+        cross-entropy with ignored labels the blocks of ignored tokens are zero and the others
+        are divided by the batch's non-ignored labels (``w`` carries their share of all).
         """
         nb = outputs.shape[0]
         flat = outputs.detach().reshape(nb, -1)
+
+        units = self._label_units(targets) if self.reduction == "mean" else None
+        if units is not None:
+            # cross-entropy with ignore_index: the batch mean is over its non-ignored labels,
+            # not over samples; differentiate each sample's *sum* and divide by the count.
+            spec = self.loss_spec
+
+            def per_sample(o: Tensor, t: Tensor) -> Tensor:
+                view = self._loss_view(o.reshape((1, *outputs.shape[1:])), t.unsqueeze(0))
+                return nn.functional.cross_entropy(
+                    *view,
+                    reduction="sum",
+                    ignore_index=spec.ignore_index,  # type: ignore[arg-type]
+                    label_smoothing=spec.label_smoothing,
+                )
+
+            hess = torch.func.vmap(torch.func.hessian(per_sample))(flat, targets)
+            return hess * (weight / units) if units else hess * 0.0
 
         def per_sample(o: Tensor, t: Tensor) -> Tensor:
             return self.loss_fn(o.reshape((1, *outputs.shape[1:])), t.unsqueeze(0))
@@ -513,9 +724,16 @@ class Problem:
         before = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         x, _ = next(iter(self._raw_batches()))
         first = next(p for p in self.model.parameters() if p.requires_grad)
-        x = x.to(first.device)
-        with torch.no_grad():
-            self.model(x.to(first.dtype) if x.is_floating_point() else x)
+
+        def conv(t: Tensor) -> Tensor:
+            t = t.to(first.device)
+            return t.to(first.dtype) if t.is_floating_point() else t
+
+        with torch.no_grad(), self.attention_context():
+            if isinstance(x, Mapping):
+                self.model(**{k: conv(v) for k, v in x.items()})
+            else:
+                self.model(conv(x))
         changed = [
             n
             for n, b in self.model.named_buffers()
@@ -676,31 +894,183 @@ def _check_loader(data: Any) -> None:
             )
 
 
-def _resolve_loss(loss: str | LossFn | nn.Module, reduction: str) -> tuple[str, LossFn]:
+_FUNCTIONAL = {
+    nn.functional.mse_loss: "mse",
+    nn.functional.cross_entropy: "cross_entropy",
+    nn.functional.binary_cross_entropy_with_logits: "bce_with_logits",
+}
+_MODULES = (
+    (nn.MSELoss, "mse"),
+    (nn.CrossEntropyLoss, "cross_entropy"),
+    (nn.BCEWithLogitsLoss, "bce_with_logits"),
+)
+_KNOWN_KEYWORDS = {
+    "mse": ("reduction",),
+    "cross_entropy": ("reduction", "ignore_index", "label_smoothing", "weight"),
+    "bce_with_logits": ("reduction", "weight", "pos_weight"),
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the loss is, as far as gdscope knows it.
+
+    ``name`` is ``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"`` for the losses gdscope
+    recognises (names, ``nn`` modules, ``torch.nn.functional`` functions, ``functools.partial``
+    of them), else the callable's name. ``reduction`` is the problem's (taken from the module or
+    partial when not given). ``label_smoothing`` and ``ignore_index`` are cross-entropy's
+    (``ignore_index`` honoured only for module and functional forms: the string
+    ``"cross_entropy"`` refuses out-of-range labels).
+    """
+
+    name: str
+    reduction: str
+    label_smoothing: float = 0.0
+    ignore_index: int | None = None
+    source: str = "name"  # "name" | "module" | "functional" | "callable"
+
+    @property
+    def known(self) -> bool:
+        return self.name in KNOWN_LOSSES
+
+
+def _loss_fields(loss: Any) -> tuple[str, str, dict[str, Any]] | None:
+    """``(name, source, keywords)`` of a recognised module/functional loss, else ``None``."""
+    for cls, name in _MODULES:
+        if type(loss) is cls:
+            kw: dict[str, Any] = {"reduction": loss.reduction}
+            for attr in ("ignore_index", "label_smoothing", "weight", "pos_weight"):
+                if hasattr(loss, attr):
+                    kw[attr] = getattr(loss, attr)
+            return name, "module", kw
+    func, kw = loss, {}
+    while isinstance(func, functools.partial):
+        if func.args:
+            kind = _FUNCTIONAL.get(func.func)
+            if kind is not None:
+                raise InvalidArgumentError(
+                    f"loss=functools.partial({func.func.__name__}, ...) binds positional "
+                    f"arguments {func.args!r}: bind options by keyword only, e.g. "
+                    f"partial({func.func.__name__}, reduction='sum')."
+                )
+            return None
+        kw = {**func.keywords, **kw}
+        func = func.func
+    try:
+        name = _FUNCTIONAL.get(func)
+    except TypeError:  # unhashable callable
+        name = None
+    if name is None:
+        return None
+    unknown = [k for k in kw if k not in _KNOWN_KEYWORDS[name]]
+    if unknown:
+        raise InvalidArgumentError(
+            f"loss={func.__name__} with keywords {unknown}: gdscope reads "
+            f"{list(_KNOWN_KEYWORDS[name])} for it (the deprecated size_average/reduce are not "
+            "supported: use reduction=)."
+        )
+    return name, "functional", kw
+
+
+def _resolve_loss(loss: Any, reduction: str | None) -> tuple[LossSpec, LossFn]:
+    """The loss's :class:`LossSpec` and the criterion ``(outputs, targets) -> scalar``."""
     if isinstance(loss, str):
+        red = "mean" if reduction is None else reduction
         if loss == "mse":
-            return "mse", _mse_mean if reduction == "mean" else _mse_sum
+            return LossSpec("mse", red), _mse_mean if red == "mean" else _mse_sum
         if loss in ("cross_entropy", "ce"):
-            return "cross_entropy", lambda o, t: nn.functional.cross_entropy(
-                o, t, reduction=reduction
+            return LossSpec("cross_entropy", red), lambda o, t: nn.functional.cross_entropy(
+                o, t, reduction=red
             )
+        if loss in ("bce_with_logits", "bce"):
+            return LossSpec(
+                "bce_with_logits", red
+            ), lambda o, t: nn.functional.binary_cross_entropy_with_logits(o, t, reduction=red)
         raise InvalidArgumentError(
             f"loss={loss!r} is not a known loss name: use one of {LOSSES}, an nn.Module "
-            "loss or a callable loss(outputs, targets)."
+            "loss (nn.MSELoss(), nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss(), ...), a "
+            "torch.nn.functional loss or a callable loss(outputs, targets)."
         )
-    if isinstance(loss, nn.Module):
-        red = getattr(loss, "reduction", None)
-        if red is not None and red != reduction:
+    fields = _loss_fields(loss)
+    if fields is not None:
+        name, source, kw = fields
+        what = type(loss).__name__ if source == "module" else f"{name} (functional)"
+        own = kw.get("reduction")
+        if own is not None and own not in _REDUCTIONS:
             raise InvalidArgumentError(
-                f"loss module {type(loss).__name__} has reduction={red!r} but the problem's "
-                f"reduction is {reduction!r}: make them agree."
+                f"loss {what} has reduction={own!r}: gdscope needs a scalar loss, so use "
+                "reduction='mean' or 'sum' in the loss."
             )
-        return type(loss).__name__, loss
+        if own is not None and reduction is not None and own != reduction:
+            raise InvalidArgumentError(
+                f"loss {what} has reduction={own!r} but Problem(reduction={reduction!r}) was "
+                f"given: they conflict. Drop Problem's reduction= (the loss's is used), or "
+                f"build the loss with reduction={reduction!r}."
+            )
+        red = own or reduction or "mean"
+        for attr in ("weight", "pos_weight"):
+            if kw.get(attr) is not None:
+                raise InvalidArgumentError(
+                    f"loss {what} has {attr}= set: class/positive weights are not supported "
+                    f"(the curvature Q and the predictions assume unweighted losses). Pass "
+                    f"{attr}=None, or a callable loss (then predict and q are unavailable)."
+                )
+        smooth = float(kw.get("label_smoothing", 0.0) or 0.0)
+        if not 0.0 <= smooth <= 1.0:
+            raise InvalidArgumentError(
+                f"loss {what} has label_smoothing={smooth!r}: it must lie in [0, 1]."
+            )
+        ignore = int(kw.get("ignore_index", -100)) if name == "cross_entropy" else None
+        spec = LossSpec(name, red, smooth, ignore, source)
+        if name == "mse":
+            return spec, _mse_mean if red == "mean" else _mse_sum
+        if name == "cross_entropy":
+            return spec, _CrossEntropy(red, smooth, ignore)
+        return spec, lambda o, t: nn.functional.binary_cross_entropy_with_logits(
+            o, t, reduction=red
+        )
+    red = "mean" if reduction is None else reduction
+    if isinstance(loss, nn.Module):
+        own = getattr(loss, "reduction", None)
+        if isinstance(own, str):
+            if own not in _REDUCTIONS:
+                raise InvalidArgumentError(
+                    f"loss module {type(loss).__name__} has reduction={own!r}: gdscope needs a "
+                    "scalar loss, so use reduction='mean' or 'sum' in the loss."
+                )
+            if reduction is not None and own != reduction:
+                raise InvalidArgumentError(
+                    f"loss module {type(loss).__name__} has reduction={own!r} but "
+                    f"Problem(reduction={reduction!r}) was given: they conflict. Drop "
+                    "Problem's reduction= (the module's is used), or make them agree."
+                )
+            red = own
+        return LossSpec(type(loss).__name__, red, source="callable"), loss
     if callable(loss):
-        return getattr(loss, "__name__", "callable"), loss
+        return LossSpec(getattr(loss, "__name__", "callable"), red, source="callable"), loss
     raise InvalidArgumentError(
         f"loss must be a name, an nn.Module or a callable, got {type(loss).__name__}."
     )
+
+
+class _CrossEntropy:
+    """PyTorch's cross-entropy with ``ignore_index``; a batch with every label ignored has loss
+    0 under ``"mean"`` (PyTorch's 0/0 = NaN; such a batch weighs 0 in ``L``)."""
+
+    def __init__(self, reduction: str, label_smoothing: float, ignore_index: int) -> None:
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+
+    def __call__(self, o: Tensor, t: Tensor) -> Tensor:
+        kw = {"ignore_index": self.ignore_index, "label_smoothing": self.label_smoothing}
+        if (
+            self.reduction == "mean"
+            and not t.is_floating_point()
+            and not bool((t != self.ignore_index).any())
+        ):
+            return nn.functional.cross_entropy(o, t, reduction="sum", **kw) * 0.0
+        return nn.functional.cross_entropy(o, t, reduction=self.reduction, **kw)
 
 
 def _mse_operands(o: Tensor, t: Tensor) -> Tensor:
@@ -766,3 +1136,70 @@ def _as_full_batch(data: Any) -> tuple[Tensor, Tensor] | None:
             f"DataLoader, got {type(data).__name__}."
         )
     return None
+
+
+def _batch_size(x: Any) -> int:
+    """Samples in a batch of inputs: a tensor's first dimension, or a dict's first tensor's."""
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, Tensor) and v.ndim:
+                return int(v.shape[0])
+        raise InvalidArgumentError("a dict batch of inputs holds no tensor with a batch dimension.")
+    return int(x.shape[0])
+
+
+def _take(x: Any, idx: Any) -> Any:
+    """``x[idx]`` for a tensor, or for every tensor of a dict batch."""
+    if isinstance(x, Mapping):
+        return {k: v[idx] if isinstance(v, Tensor) and v.ndim else v for k, v in x.items()}
+    return x[idx]
+
+
+_ATTENTION_TYPES = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+_ATTENTION_FUNCS = ("scaled_dot_product_attention", "multi_head_attention")
+
+
+def uses_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds attention modules (``nn.MultiheadAttention``, ``nn.Transformer*``).
+
+    Hand-written ``F.scaled_dot_product_attention`` calls are found by :class:`Problem` on its
+    first forward (a ``TorchFunctionMode`` that records the call).
+    """
+    return any(isinstance(m, _ATTENTION_TYPES) for m in model.modules())
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Evaluate attention with differentiable kernels: the math SDPA backend, and
+    ``nn.MultiheadAttention``'s fused fast path (``_native_multi_head_attention``, taken in
+    eval mode when no input requires grad, e.g. under ``torch.func.jvp``) switched off.
+
+    Fused kernels (flash/efficient attention on CPU) have no double backward and no forward-mode
+    AD; the math backend is a composition of differentiable ops with the same values (up to
+    rounding). The previous settings are restored on exit.
+    """
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+class _AttentionCalls(torch.overrides.TorchFunctionMode):
+    """Records whether a forward calls scaled-dot-product or multi-head attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.seen and any(f in getattr(func, "__name__", "") for f in _ATTENTION_FUNCS):
+            self.seen = True
+        return func(*args, **(kwargs or {}))

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import Tensor
 
 from gdscope.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
@@ -105,7 +106,7 @@ class Prediction:
         stable: MSE: no mode grows (every ``rates[i] ≤ 1``); cross-entropy: the predicted
             loss stayed finite.
         optimizer: what was modelled: class, kind, ``lr`` and the momentum settings.
-        loss_name: ``"mse"`` or ``"cross_entropy"``.
+        loss_name: ``"mse"``, ``"cross_entropy"`` or ``"bce_with_logits"``.
         q: the MSE output curvature (``None`` for cross-entropy).
         reduction: ``"mean"``, ``"sum"`` or ``None`` (MSE given by ``q`` directly).
         notes: caveats (clipped eigenvalues, the scheduled-Nesterov rates, ...).
@@ -550,6 +551,9 @@ def _vector(x: Any, name: str, size: int) -> np.ndarray:
     return arr
 
 
+_PREDICT_LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+
+
 def _parse_loss(loss: Any) -> tuple[str, str | None, float | None]:
     """``(name, reduction, q)`` from ``"mse"``, ``("mse", "sum")``, ``("mse", q)``, ..."""
     if loss is None:
@@ -568,9 +572,12 @@ def _parse_loss(loss: Any) -> tuple[str, str | None, float | None]:
         )
     if name == "ce":
         name = "cross_entropy"
-    if name not in ("mse", "cross_entropy"):
+    if name == "bce":
+        name = "bce_with_logits"
+    if name not in _PREDICT_LOSSES:
         raise InvalidArgumentError(
-            f"loss {name!r} is not supported: predict knows 'mse' and 'cross_entropy'."
+            f"loss {name!r} is not supported: predict knows 'mse', 'cross_entropy' and "
+            "'bce_with_logits'."
         )
     if isinstance(red, str):
         if red not in ("mean", "sum"):
@@ -590,6 +597,12 @@ def _parse_loss(loss: Any) -> tuple[str, str | None, float | None]:
 def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_jtheta: bool):
     if not isinstance(prob, Problem):  # pragma: no cover - caller checks
         raise InvalidArgumentError("expected a gdscope.Problem.")
+    if prob.adapter is not None:
+        raise InvalidArgumentError(
+            "predict needs a model of tensor inputs with (n, k) outputs; the problem has an "
+            "adapter (dict batches): build Problem(model, loss, (X, Y)) with a module that "
+            "maps X to the logits (the NTK is formed on X)."
+        )
     fb = prob.full_batch
     if fb is None:
         raise InvalidArgumentError(
@@ -597,9 +610,10 @@ def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_j
             "the problem holds a DataLoader: build Problem(model, loss, (X, Y)) from the full "
             "training set (the data a full-batch run sees)."
         )
-    if prob.loss_name not in ("mse", "cross_entropy"):
+    if prob.loss_name not in _PREDICT_LOSSES:
         raise InvalidArgumentError(
-            f"predict supports the losses 'mse' and 'cross_entropy'; the problem's loss is "
+            f"predict supports the losses 'mse', 'cross_entropy' and 'bce_with_logits' (as "
+            f"names, nn modules or torch.nn.functional losses); the problem's loss is "
             f"{prob.loss_name!r}."
         )
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -622,11 +636,12 @@ def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_j
     k = f0.shape[1]
     K = ntk(prob.model, X)
     eps = float(torch.finfo(K.dtype).eps)
-    if prob.loss_name == "mse":
+    if prob.loss_name in ("mse", "bce_with_logits"):
         y = Y.reshape(n, -1)
         if y.shape != f0.shape:
             raise ShapeMismatchError(
-                f"mse targets of shape {tuple(Y.shape)} do not match outputs {tuple(f0.shape)}."
+                f"{prob.loss_name} targets of shape {tuple(Y.shape)} do not match outputs "
+                f"{tuple(f0.shape)}."
             )
     else:
         if out.ndim != 2:
@@ -771,6 +786,8 @@ def predict(
             prob, optimizer, x_test, wd > 0
         )
         name = prob.loss_name
+        smoothing = prob.loss_spec.label_smoothing
+        ignore_index = prob.loss_spec.ignore_index
         reduction: str | None = prob.reduction
         qval: float | None = prob.q if name == "mse" else None
         K = _flat_kernel(K_t, "kernel")
@@ -796,12 +813,13 @@ def predict(
         if f0 is None or y is None:
             raise InvalidArgumentError("with a kernel, pass f0 (initial outputs) and y (targets).")
         name, reduction, qval = _parse_loss(loss)
+        smoothing, ignore_index = 0.0, None
         K = _flat_kernel(problem_or_kernel, "kernel")
         nk = K.shape[0]
         f0_arr = _as_array(f0, "f0")
         f0v = _vector(f0_arr, "f0", nk)
         y_arr = _as_array(y, "y")
-        if name == "cross_entropy":
+        if name != "mse":
             if f0_arr.ndim == 2:
                 n, k = f0_arr.shape
             elif y_arr.ndim == 2:
@@ -849,7 +867,7 @@ def predict(
     if Kt is not None:
         pt = np.zeros(Kt.shape[0]) if pt is None else pt
     ntest = 0 if Kt is None else Kt.shape[0]
-    _check_size(steps, n_rec, nk, ntest, name == "cross_entropy", budget, memory is None)
+    _check_size(steps, n_rec, nk, ntest, name != "mse", budget, memory is None)
     rec = _record_steps(steps, record)
     rec_index = {int(s): i for i, s in enumerate(rec)}
 
@@ -939,15 +957,27 @@ def predict(
             notes=tuple(notes),
         )
 
-    # ------------------------------------------------------------------ cross-entropy
+    # ------------------------------------------------------ cross-entropy, BCE with logits
     assert reduction is not None
-    target = _ce_targets(y_arr, n, k)
+    if name == "cross_entropy":
+        target, mask = _ce_targets(y_arr, n, k, ignore_index)
+        if smoothing:  # PyTorch: (1 − ε)·target + ε/C, on every non-ignored row
+            target = np.where(mask[:, None], (1.0 - smoothing) * target + smoothing / k, 0.0)
+        units = int(mask.sum())
+        if units == 0 and reduction == "mean":
+            raise InvalidArgumentError("every target is ignored: the mean cross-entropy is 0/0.")
+        scale = 1.0 / units if reduction == "mean" else 1.0
+    else:
+        target = y_arr.astype(np.float64).reshape(n, k)
+        if not np.all(np.isfinite(target)):
+            raise NonFiniteError("y holds NaN or infinite values.")
+        mask = np.ones(n, bool)
+        scale = 1.0 / (n * k) if reduction == "mean" else 1.0  # PyTorch: mean over all elements
     lam, _, snotes, clipped = _spectrum(K, eps, kernel_rtol, vectors=False)
     notes += snotes
     if clipped:  # iterate with the clipped (positive semi-definite) kernel the warning promised
         lam2, V2 = np.linalg.eigh(K)
         K = (V2 * np.maximum(lam2, 0.0)) @ V2.T
-    scale = 1.0 / n if reduction == "mean" else 1.0
     shift = -f0v + p  # u = F − f0 + Jθ0
     ntest = 0 if Kt is None else Kt.shape[0]
     losses = np.empty(steps + 1)
@@ -958,12 +988,16 @@ def predict(
 
     def ce_parts(F: np.ndarray) -> tuple[float, np.ndarray]:
         Z = F.reshape(n, k)
+        if name == "bce_with_logits":  # ℓ = softplus(z) − y z, ∂ℓ/∂z = σ(z) − y
+            val = float(np.sum(np.logaddexp(0.0, Z) - target * Z))
+            return val * scale, (expit(Z) - target).reshape(-1)
         m = Z.max(axis=1, keepdims=True)
         ex = np.exp(Z - m)
         s = ex.sum(axis=1, keepdims=True)
         lse = (m + np.log(s))[:, 0]
         val = float(np.sum(target.sum(axis=1) * lse - np.sum(target * Z, axis=1)))
-        return val * scale, (ex / s - target).reshape(-1)
+        res = np.where(mask[:, None], ex / s - target, 0.0)
+        return val * scale, res.reshape(-1)
 
     def grad_ce(z: np.ndarray) -> np.ndarray:
         F = z[:nk]
@@ -990,10 +1024,13 @@ def predict(
     with np.errstate(over="ignore", invalid="ignore"):
         _iterate(spec, z0, grad_ce, steps, on_step_ce)
     stable = bool(np.all(np.isfinite(losses)))
+    what = "cross-entropy" if name == "cross_entropy" else "BCE with logits"
     notes.append(
-        "cross-entropy: iterated in function space with the full kernel; no per-mode rates "
+        f"{what}: iterated in function space with the full kernel; no per-mode rates "
         "(Q depends on the outputs); stable means the predicted loss stayed finite."
     )
+    if smoothing:
+        notes.append(f"label smoothing ε={smoothing:g}: targets (1 − ε)·e_y + ε/{k}.")
     return Prediction(
         loss=losses,
         steps=steps,
@@ -1008,14 +1045,17 @@ def predict(
         limit_loss=None,
         stable=stable,
         optimizer=dict(spec.description),
-        loss_name="cross_entropy",
+        loss_name=name,
         q=None,
         reduction=reduction,
         notes=tuple(notes),
     )
 
 
-def _ce_targets(y: np.ndarray, n: int, k: int) -> np.ndarray:
+def _ce_targets(
+    y: np.ndarray, n: int, k: int, ignore_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot (or probability) targets ``(n, k)`` and the mask of non-ignored rows."""
     if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1 and k != 1 and y.dtype.kind in "iub"):
         idx = y.reshape(-1)
         if idx.dtype.kind not in "iub":
@@ -1026,11 +1066,12 @@ def _ce_targets(y: np.ndarray, n: int, k: int) -> np.ndarray:
             idx = idx.astype(np.int64)
         if idx.size != n:
             raise ShapeMismatchError(f"y has {idx.size} labels but there are {n} samples.")
-        if idx.size and (idx.min() < 0 or idx.max() >= k):
+        mask = np.ones(n, bool) if ignore_index is None else idx != ignore_index
+        if idx.size and mask.any() and (idx[mask].min() < 0 or idx[mask].max() >= k):
             raise InvalidArgumentError(f"class indices must lie in [0, {k}).")
         out = np.zeros((n, k))
-        out[np.arange(n), idx] = 1.0
-        return out
+        out[np.arange(n)[mask], idx[mask]] = 1.0
+        return out, mask
     arr = y.astype(np.float64)
     if arr.shape != (n, k):
         raise ShapeMismatchError(
@@ -1039,7 +1080,7 @@ def _ce_targets(y: np.ndarray, n: int, k: int) -> np.ndarray:
         )
     if not np.all(np.isfinite(arr)):
         raise NonFiniteError("y holds NaN or infinite values.")
-    return arr
+    return arr, np.ones(n, bool)
 
 
 def _record_arg(steps: int, record: Any) -> int | np.ndarray:
