@@ -147,7 +147,7 @@ def test_user_strings_are_escaped(report):
 
 
 def test_sections_and_figures(report):
-    for section in ("runs", "verdicts", "figures", "timing", "other"):
+    for section in ("runs", "verdicts", "figures", "timing", "other", "theory"):
         assert f"<section id='{section}'>" in report
     names = _figure_names(report)
     assert names[:6] == ["loss", "accuracy", "sharpness", "grad_norm", "dist_init", "hessian_trace"]
@@ -189,7 +189,7 @@ def test_incomplete_run_and_duplicate_names(store, tmp_path):
     _log(store, a, "loss", [1.0, 0.5])
     page = write_report(store, [a, b, a], tmp_path / "r.html").read_text()
     assert f"same #{a}" in page and f"same #{b}" in page
-    assert page.count("<h3>") == 2
+    assert page.split("<section id='verdicts'>")[1].split("</section>")[0].count("<h3>") == 2
     assert "incomplete" in page
     assert _figure_names(page) == ["loss"]
     assert "No run recorded these metrics." in page  # the empty "Other metrics" section
@@ -365,6 +365,11 @@ def test_report_renders_in_chromium(built, tmp_path):
     match = re.search(r'data-figures-ok="(\d+)/(\d+)"', dom.stdout)
     assert match, "the report's load script did not run: " + dom.stdout[:500]
     assert (int(match[1]), int(match[2])) == (total, total) and total > 0
+    # every in-page link (claims to their theory sections) lands on an element of the page
+    ids = set(re.findall(r'\bid="([^"]+)"', dom.stdout))
+    hrefs = set(re.findall(r'href="#([^"]+)"', dom.stdout))
+    assert hrefs and hrefs <= ids, hrefs - ids
+    assert "8-from-a-theorem-to-a-verdict" in ids
 
     shot = tmp_path / "shot.png"
     res = subprocess.run(

@@ -29,11 +29,21 @@ from gdscope.report.html import (
     _img,
     _kv,
     _labels,
-    _mark,
+    _steps,
     _swatch,
     _table,
-    _why,
     _write_page,
+)
+from gdscope.report.summary import stop_reason
+from gdscope.report.theory import appendix
+from gdscope.report.verdicts import (
+    STATUS_STYLE,
+    as_verdict,
+    cited_sections,
+    format_value,
+    status_legend,
+    verdict_row,
+    verdicts_table,
 )
 from gdscope.store import ExperimentInfo, Store
 
@@ -45,6 +55,7 @@ RUN_FIGURES_MAX_RUNS = 20
 _EXTRA_CSS = """
 .matrix td.holds, .matrix td.fails, .matrix td.unknown, .matrix td.outside { text-align: center; }
 .matrix th.claim { max-width: 14em; font-weight: 500; font-size: 0.85em; }
+.matrix td a { color: inherit; text-decoration: none; display: block; }
 section.point { border-top: 1px solid #ddd; margin-top: 1.5em; }
 pre.error { background: #fbeaea; padding: 0.5em; white-space: pre-wrap; font-size: 0.85em; }
 """
@@ -67,6 +78,7 @@ def write_experiment_report(
         ),
         _config_section(info),
         *_runs_sections(store, info.run_ids),
+        appendix(cited_sections(info.verdicts)),
     ]
     return _write_page(
         out, title or f"gdscope · {info.name}", sections, _CSS + _EXTRA_CSS, store=store
@@ -95,8 +107,8 @@ def write_sweep_report(
     varied = _varied([*configs.values(), *failed])
     claims: list[str] = []
     for info in infos:
-        claims += [v["claim"] for v in info.verdicts if v["claim"] not in claims]
-    complete = sum(all(v["holds"] is True for v in i.verdicts) for i in infos)
+        claims += [c for c in (as_verdict(v).claim for v in info.verdicts) if c not in claims]
+    complete = sum(all(as_verdict(v).status == "holds" for v in i.verdicts) for i in infos)
     intro = (
         f"{len(infos)} point(s) stored, {len(failures)} failed in the last run; "
         f"every claim holds at {complete} of them."
@@ -108,6 +120,7 @@ def write_sweep_report(
     if failures:
         sections.append(_failures_section(failures))
     sections += [_point_section(info, configs[info.id], varied) for info in infos]
+    sections.append(appendix([s for i in infos for s in cited_sections(i.verdicts)]))
     return _write_page(
         out, title or f"gdscope · sweep {sweep}", sections, _CSS + _EXTRA_CSS, store=store
     )
@@ -142,33 +155,22 @@ def _plots(figures: Sequence[Mapping[str, str]]) -> list[plots.Plot]:
     ]
 
 
-def _details(details: Any) -> str:
-    if not details:
-        return ""
-    body = _kv(details) if isinstance(details, Mapping) else _e(details)
-    return f"<div class='details'>{body}</div>"
-
-
 def _verdict_rows(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
-    rows = []
-    for v in verdicts:
-        css, mark = _mark(v)
-        rows.append(
-            f"<tr><td>{_e(v.get('claim', ''))}</td><td>{_e(v.get('predicted', ''))}</td>"
-            f"<td>{_e(v.get('measured', ''))}{_details(v.get('details'))}</td>"
-            f"<td><span class='{css}'>{mark}</span>{_why(v)}</td></tr>"
-        )
-    return rows
+    """Table rows of stored verdict dicts (read by ``Verdict.from_dict``: one vocabulary)."""
+    return [verdict_row(as_verdict(v)) for v in verdicts]
 
 
 def _verdicts_table(verdicts: Sequence[Mapping[str, Any]]) -> str:
     if not verdicts:
         return "<p class='note'>The experiment gave no verdicts.</p>"
-    return _table(("claim", "predicted", "measured", "verdict"), _verdict_rows(verdicts))
+    return verdicts_table(verdicts)
 
 
 def _verdicts_section(info: ExperimentInfo) -> str:
-    return f"<section id='verdicts'><h2>Verdicts</h2>{_verdicts_table(info.verdicts)}</section>"
+    return (
+        f"<section id='verdicts'><h2>Verdicts</h2>{status_legend()}"
+        f"{_verdicts_table(info.verdicts)}</section>"
+    )
 
 
 def _flatten(table: Mapping[str, Any], path: str = "") -> dict[str, Any]:
@@ -183,7 +185,7 @@ def _flatten(table: Mapping[str, Any], path: str = "") -> dict[str, Any]:
 
 
 def _config_section(info: ExperimentInfo) -> str:
-    seconds = "" if info.seconds is None else f"{info.seconds:.1f} s"
+    seconds = "" if info.seconds is None else f"{info.seconds:.1f} s"  # omitted when unknown
     created = datetime.fromtimestamp(info.created_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
     meta = {
         "experiment id": str(info.id),
@@ -206,14 +208,14 @@ def _runs_sections(store: Store, run_ids: Sequence[int]) -> list[str]:
     colors = plots.run_colors(labels)
     rows = [
         f"<tr><td>{_swatch(label, colors)}</td><td class='num'>{info.id}</td>"
-        f"<td>{_e(info.status_label)}</td>"
-        f"<td class='num'>{'' if info.last_step is None else info.last_step + 1}</td></tr>"
+        f"<td>{_e(info.status_label)}</td><td class='num'>{_steps(info)}</td>"
+        f"<td class='stopped'>{_e(stop_reason(store, info))}</td></tr>"
         for info, label in zip(infos, labels, strict=True)
     ]
     runs = (
         "<section id='runs'><h2>Runs</h2><p class='note'>Each run's metrics are in the store: "
         "<code>gdscope report ID</code> draws all of them.</p>"
-        f"{_table(('run', 'id', 'status', 'steps'), rows)}</section>"
+        f"{_table(('run', 'id', 'status', 'steps', 'why it stopped'), rows)}</section>"
     )
     if len(infos) > RUN_FIGURES_MAX_RUNS:
         figures: list[plots.Plot] = []
@@ -237,8 +239,13 @@ def _varied(configs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _value(config: Mapping[str, Any], key: str) -> str:
-    value = config.get(key)
-    return _e(value if isinstance(value, str) else json.dumps(value))
+    """A config value as readable text ("—" when the point does not set it)."""
+    if key not in config:
+        return "<span class='na'>— (not set)</span>"
+    value = config[key]
+    if isinstance(value, (list, tuple)) and not value:
+        return "[]"
+    return format_value(value, depth=2)
 
 
 def _matrix_section(
@@ -248,28 +255,42 @@ def _matrix_section(
     claims: Sequence[str],
 ) -> str:
     rows = []
+    timed = any(info.seconds is not None for info in infos)  # else no "seconds" column
     for info in infos:
-        by_claim = {v["claim"]: v for v in info.verdicts}
+        by_claim = {as_verdict(v).claim: v for v in info.verdicts}
         cells = []
         for claim in claims:
             v = by_claim.get(claim)
             if v is None:
-                cells.append("<td></td>")
+                cells.append(
+                    "<td class='na' title='this point gave no verdict on this claim'>—</td>"
+                )
                 continue
-            css, mark = _mark(v)
-            cells.append(f"<td class='{css}' title='{_e(v.get('measured', ''))}'>{mark[0]}</td>")
-        seconds = "" if info.seconds is None else f"{info.seconds:.1f}"
+            ver = as_verdict(v)
+            css, symbol = STATUS_STYLE[ver.status][:2]
+            tip = " — ".join(t for t in (ver.status, ver.reason or ver.measured) if t)
+            cells.append(
+                f"<td class='{css} v-{css}' data-status='{ver.status}' title='{_e(tip)}'>"
+                f"<a href='#point-{info.id}'>{symbol}</a></td>"
+            )
+        seconds = (
+            ""
+            if not timed
+            else "<td class='num'><span class='na'>—</span></td>"
+            if info.seconds is None
+            else f"<td class='num'>{info.seconds:.1f}</td>"
+        )
         rows.append(
             f"<tr id='row-{info.id}'><td><a href='#point-{info.id}'>{info.id}</a></td>"
             + "".join(f"<td>{_value(configs[info.id], k)}</td>" for k in varied)
             + "".join(cells)
-            + f"<td class='num'>{seconds}</td></tr>"
+            + f"{seconds}</tr>"
         )
     header = (
         "<th>point</th>"
         + "".join(f"<th>{_e(k)}</th>" for k in varied)
         + "".join(f"<th class='claim'>{_e(c)}</th>" for c in claims)
-        + "<th>seconds</th>"
+        + ("<th>seconds</th>" if timed else "")
     )
     if not infos:
         return (
@@ -277,9 +298,10 @@ def _matrix_section(
             "stored yet.</p></section>"
         )
     note = (
-        "<p class='note'>One row per stored point (its experiment id links to its verdicts); "
-        "the columns after the config values that vary are the claims: ✔ holds, ✘ fails, "
-        "? undetermined (hover for the measurement).</p>"
+        "<p class='note'>One row per stored point (its experiment id and each mark link to its "
+        "verdicts); the columns after the config values that vary are the claims, each marked "
+        "by its verdict (hover for the reason; — where the point gave no verdict on the "
+        "claim).</p>" + status_legend()
     )
     table = (
         f"<table class='matrix'><thead><tr>{header}</tr></thead>"
@@ -302,7 +324,7 @@ def _failures_section(failures: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _point_section(info: ExperimentInfo, config: Mapping[str, Any], varied: Sequence[str]) -> str:
-    label = ", ".join(f"{_e(k)}={_value(config, k)}" for k in varied)
+    label = ", ".join(f"{_e(k)} = {_value(config, k)}" for k in varied)
     figures = "".join(_img(p) for p in _plots(info.figures))
     return (
         f"<section class='point' id='point-{info.id}'><h3>Point {info.id}"

@@ -7,7 +7,6 @@ Every string that comes from the store (run names, config, metric names, details
 from __future__ import annotations
 
 import html
-import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -23,24 +22,31 @@ from gdscope.report.summary import (
     Verdict,
     probe_timings,
     rate_row,
+    stop_reason,
     stored_prediction,
     summarize_run,
+)
+from gdscope.report.theory import appendix, section_link
+from gdscope.report.verdicts import (
+    STATUS_STYLE,
+    VERDICT_CSS,
+    as_verdict,
+    cited_sections,
+    format_value,
+    mark,
+    status_legend,
+    verdict_row,
+    verdicts_table,
 )
 from gdscope.store import HTML_MARKER, RunInfo, Store, check_output, write_output
 from gdscope.theory import orbit_from_store
 
 __all__ = ["write_report"]
 
-#: CSS class and mark of each verdict status (docs/theory.md §8).
-_MARK = {
-    "holds": ("holds", "✔ holds"),
-    "fails": ("fails", "✘ fails"),
-    "undetermined": ("unknown", "? undetermined"),
-    "outside": ("outside", "○ outside the theorem's assumptions"),
-}
 _ENVIRONMENT_KEYS = ("python", "torch", "numpy", "device", "threads", "hostname", "gdscope")
 
-_CSS = """
+_CSS = (
+    """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
        max-width: 1200px; margin: 0 auto; padding: 1em 2em 3em; }
 h1 { margin-bottom: 0.1em; } .generated { color: #666; margin-top: 0; }
@@ -53,16 +59,14 @@ dl.kv { display: grid; grid-template-columns: auto 1fr; gap: 0 0.8em; margin: 0;
         font-size: 0.9em; }
 dl.kv dt { color: #555; } dl.kv dd { margin: 0; word-break: break-word; }
 td.env dd { white-space: nowrap; }
-.holds { color: #1a7f37; font-weight: 600; } .fails { color: #c62828; font-weight: 600; }
-.unknown { color: #9a6700; font-weight: 600; } .outside { color: #44607a; font-weight: 600; }
-.holds, .fails, .unknown, .outside { white-space: nowrap; }
-.details { color: #666; font-size: 0.88em; }
 figure.plot { margin: 0 0 1.5em; } figure.plot img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 .small-multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
                    gap: 0.5em 1.5em; }
-.note { color: #666; }
+.note { color: #666; } td.stopped { max-width: 22em; }
 """
+    + VERDICT_CSS
+)
 
 # Sets <body data-figures-ok="loaded/total"> once images have loaded (read by the browser test).
 _SCRIPT = """
@@ -110,11 +114,15 @@ def write_report(
     }
     cycles = {label: (r.period, r.onset) for label, r in orbits.items() if r.is_cycle}
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    verdicts = {
+        label: summarize_run(store, info.id) for label, info in zip(labels, infos, strict=True)
+    }
+    cited = [s for vs in verdicts.values() for s in cited_sections(vs)]
     sections = [
         f"<header><h1>{_e(title)}</h1><p class='generated'>Generated {_e(generated)} by "
         f"gdscope {_e(__version__)}</p></header>",
-        _runs_section(infos, labels, colors),
-        _verdicts_section(store, infos, labels, colors),
+        _runs_section(store, infos, labels, colors),
+        _verdicts_section(verdicts, colors),
         _figures_section(
             "figures",
             "Figures",
@@ -131,8 +139,13 @@ def write_report(
             plots.other_figures(data, colors),
             small=True,
         ),
+        appendix([*cited, _SEC_DYNAMICS, _SEC_CURVATURE]),
     ]
     return _write_page(out, title, sections, store=store)
+
+
+_SEC_DYNAMICS = "2-optimizer-dynamics-in-the-kernel-regime"
+_SEC_CURVATURE = "3-curvature-stability-of-minima-and-the-gd-map"
 
 
 def _protect(store: Store | None) -> list[Path]:
@@ -171,27 +184,17 @@ def _write_page(
 
 
 def _status(v: Any) -> str:
-    """A verdict's status from a :class:`Verdict`, its dict, or a bare ``holds`` value."""
-    if isinstance(v, Verdict):
-        return v.status
-    if isinstance(v, Mapping):
-        if v.get("status") in _MARK:
-            return str(v["status"])
-        v = v.get("holds") if not v.get("assumption") else "outside"
-    return {True: "holds", False: "fails", "outside": "outside"}.get(v, "undetermined")
+    """A verdict's status from a :class:`Verdict`, its stored dict (read by
+    :meth:`Verdict.from_dict`, the one vocabulary), or a bare ``holds`` value."""
+    if isinstance(v, (Verdict, Mapping)):
+        return as_verdict(v).status
+    return {True: "holds", False: "fails"}.get(v, "undetermined")
 
 
 def _mark(v: Any) -> tuple[str, str]:
     """The CSS class and mark of a verdict (or a bare ``holds``: True, False, None)."""
-    return _MARK[_status(v)]
-
-
-def _why(v: Verdict | Mapping[str, Any]) -> str:
-    """The verdict's one-line reason (and, outside its assumptions, which one), escaped."""
-    get = v.get if isinstance(v, Mapping) else lambda k, d="": getattr(v, k, d)
-    parts = [str(get("reason", "") or ""), str(get("assumption", "") or "")]
-    text = " — ".join(p for p in dict.fromkeys(parts) if p)
-    return f"<div class='details'>{_e(text)}</div>" if text else ""
+    status = _status(v)
+    return STATUS_STYLE[status][0], mark(status)  # type: ignore[index]
 
 
 def _e(value: Any) -> str:
@@ -229,10 +232,10 @@ def _swatch(label: str, colors: Mapping[str, str]) -> str:
 
 
 def _kv(items: Mapping[str, Any]) -> str:
-    rows = "".join(
-        f"<dt>{_e(k)}</dt><dd>{_e(v if isinstance(v, str) else json.dumps(v))}</dd>"
-        for k, v in items.items()
-    )
+    """A definition list of ``items`` (keys as stored, values readable: no JSON)."""
+    if not items:
+        return "<span class='na'>— (none recorded)</span>"
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{format_value(v)}</dd>" for k, v in items.items())
     return f"<dl class='kv'>{rows}</dl>"
 
 
@@ -242,19 +245,24 @@ def _table(header: Sequence[str], rows: Sequence[str]) -> str:
 
 
 def _runs_section(
-    infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
+    store: Store, infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
 ) -> str:
     rows = []
     for info, label in zip(infos, labels, strict=True):
         env = _environment_summary(info.environment)
-        steps = "" if info.last_step is None else info.last_step + 1
         rows.append(
             f"<tr><td>{_swatch(label, colors)}</td><td class='num'>{info.id}</td>"
-            f"<td>{_e(info.status_label)}</td><td class='num'>{steps}</td>"
+            f"<td>{_e(info.status_label)}</td><td class='num'>{_steps(info)}</td>"
+            f"<td class='stopped'>{_e(stop_reason(store, info))}</td>"
             f"<td>{_kv(info.config)}</td><td class='env'>{_kv(env)}</td></tr>"
         )
-    header = ("run", "id", "status", "steps", "config", "environment")
+    header = ("run", "id", "status", "steps", "why it stopped", "config", "environment")
     return f"<section id='runs'><h2>Runs</h2>{_table(header, rows)}</section>"
+
+
+def _steps(info: RunInfo) -> str:
+    """Steps stored (last step + 1), or "—" for a run with none."""
+    return "<span class='na'>— (none)</span>" if info.last_step is None else str(info.last_step + 1)
 
 
 def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,41 +272,31 @@ def _environment_summary(env: Mapping[str, Any]) -> dict[str, Any]:
     return {k: env[k] for k in _ENVIRONMENT_KEYS if k in env}
 
 
-def _verdict_row(v: Verdict) -> str:
-    css, mark = _mark(v)
-    text = v.details if isinstance(v.details, str) else _details_text(v.details)
-    details = f"<div class='details'>{_e(text)}</div>" if text else ""
-    return (
-        f"<tr><td>{_e(v.claim)}</td><td>{_e(v.predicted)}</td><td>{_e(v.measured)}{details}</td>"
-        f"<td><span class='{css}'>{mark}</span>{_why(v)}</td></tr>"
-    )
+def _verdict_row(v: Verdict | Mapping[str, Any]) -> str:
+    """One verdict's table row (:func:`gdscope.report.verdicts.verdict_row`)."""
+    return verdict_row(as_verdict(v))
 
 
-def _details_text(details: Mapping[str, Any]) -> str:
-    """A verdict's dict of details as ``key: value; …`` (floats to 4 significant digits)."""
-    return "; ".join(
-        f"{k}: {f'{v:.4g}' if isinstance(v, float) else v}" for k, v in details.items()
-    )
-
-
-def _verdicts_section(
-    store: Store, infos: Sequence[RunInfo], labels: Sequence[str], colors: Mapping[str, str]
-) -> str:
-    parts = ["<section id='verdicts'><h2>Verdicts</h2>"]
-    for info, label in zip(infos, labels, strict=True):
-        rows = [_verdict_row(v) for v in summarize_run(store, info.id)]
+def _verdicts_section(verdicts: Mapping[str, Sequence[Verdict]], colors: Mapping[str, str]) -> str:
+    parts = ["<section id='verdicts'><h2>Verdicts</h2>", status_legend()]
+    for label, vs in verdicts.items():
         parts.append(f"<h3>{_swatch(label, colors)}</h3>")
-        parts.append(_table(("claim", "predicted", "measured", "verdict"), rows))
+        parts.append(verdicts_table(vs))
     return "".join(parts) + "</section>"
 
 
 def _figures_section(
-    section_id: str, heading: str, intro: str, figures: Sequence[plots.Plot], small: bool = False
+    section_id: str,
+    heading: str,
+    intro: str,
+    figures: Sequence[plots.Plot],
+    small: bool = False,
+    empty: str = "No run recorded these metrics.",
 ) -> str:
     body = "".join(_img(p) for p in figures)
     if small:
         body = f"<div class='small-multiples'>{body}</div>"
-    note = _e(intro) if figures else "No run recorded these metrics."
+    note = _e(intro) if figures else _e(empty)
     return (
         f"<section id='{section_id}'><h2>{heading}</h2><p class='note'>{note}</p>{body}</section>"
     )
@@ -313,13 +311,21 @@ def _prediction_section(
     predictions: Mapping[str, Mapping[str, Any]],
 ) -> str:
     rows = []
-    for info, label in zip(infos, labels, strict=True):
-        row = rate_row(store, info.id)
-        predicted = "" if row.predicted_loss_rate is None else f"{row.predicted_loss_rate:.6g}"
+    fits = [rate_row(store, info.id) for info in infos]
+    # the "predicted ρ" column only when some run recorded a prediction
+    any_prediction = any(r.predicted_loss_rate is not None for r in fits)
+    for row, label in zip(fits, labels, strict=True):
+        predicted = (
+            ""
+            if not any_prediction
+            else "<td class='num'>" + _NA.format("no prediction recorded") + "</td>"
+            if row.predicted_loss_rate is None
+            else f"<td class='num'>{row.predicted_loss_rate:.6g}</td>"
+        )
         if row.fit is None:
             rows.append(
                 f"<tr><td>{_swatch(label, colors)}</td><td colspan='4' class='note'>"
-                f"{_e(row.note)}</td><td class='num'>{predicted}</td></tr>"
+                f"no rate fit: {_e(row.note)}</td>{predicted}</tr>"
             )
             continue
         f = row.fit
@@ -330,7 +336,7 @@ def _prediction_section(
             f"</td><td class='num'>{f.exponential_rate:.6g} [{lo:.6g}, {hi:.6g}]</td>"
             f"<td class='num'>{f.power_exponent:.3g} [{plo:.3g}, {phi:.3g}]</td>"
             f"<td>{_e(f.preferred)} (ΔAIC {f.delta_aic:.3g}"
-            f"{', decisive' if f.decisive else ''})</td><td class='num'>{predicted}</td></tr>"
+            f"{', decisive' if f.decisive else ''})</td>{predicted}</tr>"
         )
     header = (
         "run",
@@ -338,15 +344,23 @@ def _prediction_section(
         "loss factor per step ρ [95% CI]",
         "power-law exponent p [95% CI]",
         "preferred",
-        "predicted ρ",
+        *(["predicted ρ"] if any_prediction else []),
     )
     intro = (
         "<p class='note'>Rates fitted to the last half of each loss curve: L ≈ Cρ<sup>t</sup> "
-        "and L ≈ Ct<sup>−p</sup> (THEORY §2). The predicted ρ is the recorded prediction's "
-        "asymptotic loss factor per step (the square of its slowest mode's residual rate).</p>"
+        f"and L ≈ Ct<sup>−p</sup> ({section_link(_SEC_DYNAMICS)}). The predicted ρ is the "
+        "recorded prediction's asymptotic loss factor per step (the square of its slowest mode's "
+        "residual rate).</p>"
     )
     figure = plots.prediction_figure(data, predictions, colors)
-    body = _figures_section("prediction", "Predicted vs measured", "", [figure] if figure else [])
+    body = _figures_section(
+        "prediction",
+        "Predicted vs measured",
+        "",
+        [figure] if figure else [],
+        empty="No run recorded a prediction (Tracker.record_prediction): the rates below are "
+        "fitted to the measured loss only.",
+    )
     return body.replace("</section>", intro + _table(header, rows) + "</section>")
 
 
@@ -383,8 +397,8 @@ def _stability_section(
             nums = "".join(f"<td class='num'>{_num(c)}</td>" for c in cells)
             rows.append(
                 f"<tr><td>{_swatch(label, colors)}</td>{nums}"
-                f"<td class='{_mark(rep.get('gd_stable'))[0]}'>{_mark(rep.get('gd_stable'))[1]}"
-                f"</td><td>{_e(_yes_no(rep.get('is_saddle')))}</td></tr>"
+                f"<td>{_e(_yes_no(rep.get('gd_stable')))}</td>"
+                f"<td>{_e(_yes_no(rep.get('is_saddle')))}</td></tr>"
             )
     stability = (
         _table(
@@ -409,15 +423,16 @@ def _stability_section(
         orbit_rows.append(
             f"<tr><td>{_swatch(label, colors)}</td><td>{found}</td>"
             f"<td class='num'>{rep.window[0]}–{rep.window[1]}</td>"
-            f"<td class='num'>{'' if rep.amplitude is None else f'{rep.amplitude:.3g}'}</td></tr>"
+            f"<td class='num'>{_num(rep.amplitude, 'no cycle')}</td></tr>"
         )
     orbit_table = (
         _table(("run", "loss orbit", "window", "amplitude"), orbit_rows) if orbit_rows else ""
     )
     intro = (
-        "<p class='note'>Stability of the point each run ended at (gs.stability, THEORY §3) and "
-        "periodic orbits of the loss over the last steps (THEORY §3): a cycle is marked on the "
-        "sharpness figure.</p>"
+        "<p class='note'>Stability of the point each run ended at (gs.stability, "
+        f"{section_link(_SEC_CURVATURE)}) and periodic orbits of the loss over the last steps: a "
+        "cycle is marked on the sharpness figure. GD-stable and saddle are yes, no or "
+        "undetermined (the eigenvalues could not be separated from the threshold).</p>"
     )
     return (
         f"<section id='stability'><h2>Stability and orbits</h2>{intro}{stability}{orbit_table}"
@@ -425,10 +440,14 @@ def _stability_section(
     )
 
 
-def _num(value: Any) -> str:
-    """A stored number to 4 significant digits, escaped; anything else as escaped text."""
+_NA = "<span class='na'>— ({})</span>"
+
+
+def _num(value: Any, missing: str = "not recorded") -> str:
+    """A stored number to 4 significant digits, escaped; anything else as escaped text; None
+    as "—" with ``missing`` (why there is no value)."""
     if value is None:
-        return ""
+        return _NA.format(_e(missing))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return _e(f"{value:.4g}")
     return _e(value)
@@ -444,7 +463,7 @@ def _timing_section(
     rows = []
     for info, label in zip(infos, labels, strict=True):
         for t in probe_timings(store, info.id):
-            share = "" if t.share is None else f"{100 * t.share:.1f}%"
+            share = _NA.format("no step_time") if t.share is None else f"{100 * t.share:.1f}%"
             rows.append(
                 f"<tr><td>{_swatch(label, colors)}</td><td>{_e(t.probe)}</td>"
                 f"<td class='num'>{t.calls}</td><td class='num'>{t.seconds:.3f}</td>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 __all__ = [
+    "BOOLEAN_METRICS",
     "KNOWN_METRICS",
     "Plot",
     "accuracy_figure",
+    "is_boolean_metric",
+    "layer_labels",
+    "metric_title",
     "distance_figure",
     "grad_norm_figure",
     "loss_figure",
@@ -56,6 +61,124 @@ KNOWN_METRICS = frozenset(
         "hessian_trace_se",
     }
 )
+#: Metrics that are 1/0 flags: drawn as shaded spans (1) and markers (0), never as lines.
+BOOLEAN_METRICS = frozenset({"sharpness_converged", "disparity_full_rank"})
+_BOOLEAN_SUFFIXES = ("_converged", "_full_rank", "_stable", "_ok")
+
+#: Built-in metric names in words (see gdscope.probes); ``<family>/<module>`` names add the layer.
+METRIC_WORDS = {
+    "loss": "training loss",
+    "accuracy": "training accuracy",
+    "grad_norm": "gradient norm ‖∇L‖",
+    "dist_init": "distance from initialization ‖θ − θ₀‖",
+    "dist_init_rel": "relative distance from initialization ‖θ − θ₀‖/‖θ₀‖",
+    "sharpness": "sharpness λ_max(∇²L)",
+    "sharpness_residual": "sharpness: Lanczos residual ‖Hv − λv‖",
+    "sharpness_converged": "sharpness: Lanczos converged",
+    "sharpness_matvecs": "sharpness: Hessian-vector products per estimate",
+    "threshold": "stability threshold (2/η for GD)",
+    "preconditioned_sharpness": "preconditioned sharpness λ_max(P⁻¹∇²L) (Adam)",
+    "preconditioned_threshold": "preconditioned stability threshold (Adam: (2 + 2β₁)/((1 − β₁)η))",
+    "lr": "learning rate η",
+    "hessian_trace": "Hessian trace",
+    "hessian_trace_se": "Hessian trace: standard error",
+    "ntk_lambda_min": "smallest NTK eigenvalue λ_min(K)",
+    "ntk_lambda_max": "largest NTK eigenvalue λ_max(K)",
+    "ntk_condition": "NTK condition number λ_max/λ_min",
+    "ntk_drift": "relative kernel drift ‖K_t − K_0‖/‖K_0‖",
+    "ntk_alignment": "kernel-target alignment",
+    "pl_ratio": "PL ratio ‖∇L‖²/(2L)",
+    "pl_bound": "PL lower bound q·λ_min(K)",
+    "disparity_sigma_min": "smallest singular value of the disparity matrix",
+    "disparity_rank": "rank of the disparity matrix",
+    "disparity_full_rank": "disparity matrix has full rank",
+    "local_smoothness": "local smoothness ‖Δ∇L‖/‖Δθ‖",
+    "semi_smooth_residual": "semi-smoothness residual L(θ+Δ) − L(θ) − ⟨∇L, Δ⟩",
+    "semi_smooth_ratio": "semi-smoothness residual / ‖Δ‖²",
+    "step_norm": "step length ‖Δθ‖",
+    "step_norm_sq": "squared step length ‖Δθ‖²",
+    "grad_ratio": "gradient ratio ‖∇L‖²/L",
+    "relu_pattern_change": "fraction of ReLU on/off patterns changed since initialization",
+    "data_separation": "data separation δ of the normalized inputs",
+    "data_separation_samples": "samples used for the data separation",
+    "data_zero_inputs": "zero inputs in the data",
+    "param_norm": "parameter norm ‖θ‖",
+    "margin": "classification margin min_i (f_y − max_j f_j)",
+    "normalized_margin": "normalized margin (margin/‖θ‖^D)",
+    "step_time": "training loop time per step (s)",
+}
+#: Per-layer families ``<family>/<module>``: the words before the layer.
+LAYER_WORDS = {
+    "dist_init": "distance from initialization",
+    "dist_init_rel": "relative distance from initialization",
+    "grad_ratio": "gradient ratio ‖∇_l L‖²/L",
+    "relu_pattern_change": "fraction of ReLU patterns changed",
+    "block_sv_min": "block Jacobian singular values: minimum",
+    "block_sv_q10": "block Jacobian singular values: 10th percentile",
+    "block_sv_q50": "block Jacobian singular values: median",
+    "block_sv_q90": "block Jacobian singular values: 90th percentile",
+    "block_sv_max": "block Jacobian singular values: maximum",
+}
+#: Families whose ``<module>`` owns parameters (numbered as layers when all are numeric).
+_PARAM_FAMILIES = ("dist_init", "dist_init_rel", "grad_ratio")
+
+
+def _natural(name: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in name.split("."))
+
+
+def layer_labels(names: Sequence[str]) -> dict[str, str]:
+    """Module name -> words for the per-layer metrics among ``names``.
+
+    When every module with parameters is numbered (``nn.Sequential``: ``0``, ``2``, ``4.1``),
+    they are layers counted from 1 in that order: ``layer 1 (module 0)``; otherwise
+    ``module 'fc1'``.
+    """
+    modules = {n.split("/", 1)[1] for n in names if "/" in n and n.split("/", 1)[0] in LAYER_WORDS}
+    params = sorted(
+        {n.split("/", 1)[1] for n in names if "/" in n and n.split("/", 1)[0] in _PARAM_FAMILIES}
+    )
+    if params and all(re.fullmatch(r"\d+(?:\.\d+)*", m) for m in params):
+        order = sorted(params, key=_natural)
+        labels = {m: f"layer {i} (module {m})" for i, m in enumerate(order, 1)}
+    else:
+        labels = {}
+    return {m: labels.get(m, f"module '{m}'") for m in modules}
+
+
+def metric_title(name: str, layers: Mapping[str, str] | None = None) -> str:
+    """A metric's name in words (built-in probes; ``layers`` from :func:`layer_labels`).
+
+    ``dist_init/0`` → ``distance from initialization, layer 1 (module 0)``; ``time/<probe>``
+    → ``time in probe <probe> (s)``; unknown names are returned as they are.
+    """
+    if name in METRIC_WORDS:
+        return METRIC_WORDS[name]
+    family, sep, module = name.partition("/")
+    if sep and family == "time":
+        return f"time in probe {module} (s)"
+    if sep and family in LAYER_WORDS:
+        where = (layers or {}).get(module) or layer_labels([name])[module]
+        return f"{LAYER_WORDS[family]}, {where}"
+    if sep and family == "block_jacobian":
+        return f"block Jacobian, module '{module}'"
+    return name
+
+
+def is_boolean_metric(name: str, values: np.ndarray | None = None) -> bool:
+    """Whether ``name`` is a 1/0 flag (a known flag, or a ``…_converged``-style name whose
+    finite values are all 0 or 1)."""
+    base = name.split("/", 1)[0]
+    if base in BOOLEAN_METRICS:
+        return True
+    if not base.endswith(_BOOLEAN_SUFFIXES):
+        return False
+    if values is None:
+        return True
+    finite = values[np.isfinite(values)]
+    return bool(np.isin(finite, (0.0, 1.0)).all())
+
+
 #: Resolution of the PNG figures (dots per inch).
 DPI = 110
 SIZE, SMALL_SIZE = (7.0, 3.4), (4.2, 2.6)
@@ -113,9 +236,18 @@ def _render(fig: Figure, name: str, caption: str) -> Plot:
 
 
 def _legend(ax: Axes, extra: Sequence[Line2D] = ()) -> None:
+    """One legend below the plotting area (never over the curves)."""
     handles, labels = ax.get_legend_handles_labels()
-    if len(handles) + len(extra) > 0:
-        ax.legend([*handles, *extra], [*labels, *(h.get_label() for h in extra)], fontsize="small")
+    n = len(handles) + len(extra)
+    if n > 0:
+        ax.figure.legend(
+            [*handles, *extra],
+            [*labels, *(h.get_label() for h in extra)],
+            loc="outside lower center",
+            ncols=min(n, 4),
+            fontsize="small",
+            frameon=False,
+        )
 
 
 def _single(
@@ -205,12 +337,73 @@ def sharpness_figure(
     ax.set_title("sharpness λ_max(∇²L)")
     threshold = Line2D([], [], color="0.35", ls="--", label="threshold (2/η for GD)")
     _legend(ax, [threshold] if any("threshold" in runs[label] for label in have) else [])
+    clipped = _band_of_interest(ax, runs, have, colors)
     caption = (
         "Sharpness (largest Hessian eigenvalue); dashed: the optimizer's stability threshold, in "
         "the run's colour (it follows the learning-rate schedule). The edge of stability is "
         "where they meet."
     )
+    if clipped:
+        caption += (
+            f" The y axis is cut at {clipped[0]:.4g} to keep the band around the threshold "
+            f"readable: {clipped[1]} value(s) above it (up to {clipped[2]:.4g}) are drawn as ▲ "
+            "on the top edge."
+        )
     return _render(fig, "sharpness", caption)
+
+
+#: The sharpness axis ends this far above the largest value it shows.
+HEADROOM = 1.25
+#: With a threshold, sharpness up to this multiple of it is shown; beyond is a blow-up.
+BAND_MULTIPLE = 4.0
+#: Without one, sharpness above this quantile may fall off the axis.
+ROBUST_QUANTILE = 0.9
+
+
+def _band_of_interest(
+    ax: Axes, runs: Runs, have: Sequence[str], colors: Colors
+) -> tuple[float, int, float] | None:
+    """Set the sharpness axis so sharpness near the threshold is readable.
+
+    A spike of a diverging run would otherwise squash the band. The top is ``HEADROOM`` × the
+    largest sharpness within ``BAND_MULTIPLE`` × the highest threshold (at least the threshold
+    itself); without a threshold, × the :data:`ROBUST_QUANTILE` quantile of the sharpness. The
+    bottom is 0 for non-negative data. Values above the top are marked ▲ on the edge.
+    Returns ``(top, count clipped, largest value)``, or None when nothing is cut.
+    """
+    sharp = np.concatenate([runs[label]["sharpness"][1] for label in have])
+    sharp = sharp[np.isfinite(sharp)]
+    thr = [runs[label]["threshold"][1] for label in have if "threshold" in runs[label]]
+    thr_all = np.concatenate(thr) if thr else np.array([])
+    thr_all = thr_all[np.isfinite(thr_all)]
+    if not sharp.size:
+        return None
+    if thr_all.size and thr_all.max() > 0:
+        band = sharp[sharp <= BAND_MULTIPLE * thr_all.max()]
+        ref = max(float(thr_all.max()), float(band.max()) if band.size else -np.inf)
+    else:
+        ref = float(np.quantile(sharp, ROBUST_QUANTILE))
+    low = min(float(sharp.min()), float(thr_all.min()) if thr_all.size else np.inf)
+    top = HEADROOM * ref if ref > 0 else float(sharp.max())
+    if sharp.max() <= top or top <= low:
+        return None
+    bottom = 0.0 if low >= 0 else low - 0.05 * (top - low)
+    ax.set_ylim(bottom, top)
+    count = 0
+    for label in have:
+        x, v = runs[label]["sharpness"]
+        over = np.isfinite(v) & (v > top)
+        count += int(over.sum())
+        if over.any():
+            ax.plot(
+                x[over],
+                np.full(int(over.sum()), top),
+                "^",
+                color=colors[label],
+                ms=6,
+                clip_on=False,
+            )
+    return top, count, float(sharp.max())
 
 
 def prediction_figure(
@@ -249,7 +442,10 @@ def distance_figure(runs: Runs, colors: Colors) -> Plot | None:
     if not metrics:
         return None
     fig, axes = _figure(len(metrics))
-    titles = {"dist_init": "‖θ − θ₀‖", "dist_init_rel": "‖θ − θ₀‖ / ‖θ₀‖"}
+    titles = {
+        "dist_init": "distance from init. ‖θ − θ₀‖",
+        "dist_init_rel": "relative distance ‖θ − θ₀‖/‖θ₀‖",
+    }
     for ax, metric in zip(axes, metrics, strict=True):
         for label, s in runs.items():
             if metric in s:
@@ -317,25 +513,58 @@ def other_metric_names(runs: Runs) -> list[str]:
 
 
 def other_figures(runs: Runs, colors: Colors) -> list[Plot]:
-    """One small figure per metric of :func:`other_metric_names`."""
+    """One small figure per metric of :func:`other_metric_names`, titled in words
+    (:func:`metric_title`); 1/0 flags (:func:`is_boolean_metric`) as shaded spans."""
     plots = []
-    for metric in other_metric_names(runs):
+    names = other_metric_names(runs)
+    layers = layer_labels(sorted({n for s in runs.values() for n in s}))
+    for metric in names:
+        have = {label: s[metric] for label, s in runs.items() if metric in s}
+        title = metric_title(metric, layers)
+        caption = title if title == metric else f"{title} (metric {metric})"
+        values = np.concatenate([v for _, v in have.values()])
+        if is_boolean_metric(metric, values):
+            plots.append(_flag_figure(metric, have, colors, title, caption))
+            continue
         fig, (ax,) = _figure(small=True)
-        values = []
-        for label, s in runs.items():
-            if metric in s:
-                _line(ax, s[metric], colors[label], label)
-                values.append(s[metric][1])
-        finite = np.concatenate(values)
-        finite = finite[np.isfinite(finite)]
+        for label, series in have.items():
+            _line(ax, series, colors[label], label)
+        finite = values[np.isfinite(values)]
         if (
             finite.size
             and (finite > 0).all()
             and np.log10(finite.max() / finite.min()) > LOG_SPAN_DECADES
         ):
             ax.set_yscale("log")
-        ax.set_title(_text(metric), fontsize="medium")
+            caption += "; log scale"
+        ax.set_title(_text(title), fontsize="medium", wrap=True)
         if len(runs) > 1:
             _legend(ax)
-        plots.append(_render(fig, f"other:{metric}", metric))
+        plots.append(_render(fig, f"other:{metric}", caption))
     return plots
+
+
+def _flag_figure(
+    metric: str, have: Mapping[str, Series], colors: Colors, title: str, caption: str
+) -> Plot:
+    """A 1/0 metric: per run a row, shaded where the flag is 1 (until the next measurement),
+    ✕ where it is 0; no line between the values."""
+    fig, (ax,) = _figure(small=True)
+    labels = list(have)
+    for row, label in enumerate(labels):
+        x, v = have[label]
+        if not x.size:
+            continue
+        ends = np.append(x[1:], x[-1] + 1)
+        on = v == 1
+        spans = [(float(a), float(b - a)) for a, b, f in zip(x, ends, on, strict=True) if f]
+        ax.broken_barh(spans, (row - 0.35, 0.7), color=colors[label], alpha=0.45, lw=0)
+        off = v == 0
+        ax.plot(x[off], np.full(int(off.sum()), row), "x", color=colors[label], ms=5, ls="none")
+    ax.set_yticks(range(len(labels)), [_text(lb) for lb in labels], fontsize="small")
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(False)
+    ax.set_title(_text(title), fontsize="medium", wrap=True)
+    return _render(
+        fig, f"other:{metric}", f"{caption}: shaded where yes (1), ✕ where no (0), per run"
+    )
