@@ -69,6 +69,7 @@ from gdscope.errors import (
 )
 from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
 from gdscope.kernels.rules import Rule, make_rule
+from gdscope.problem import math_attention
 
 __all__ = ["NtkMethod", "ntk", "ntk_blocks"]
 
@@ -832,8 +833,9 @@ def ntk(
     >>> torch.allclose(K[..., 0, 0], X @ X.T + 1) and bool((K[..., 0, 1] == 0).all())
     True
     """
-    job, out = _prepare(model, x, x2, method, trace_outputs, memory, out)
-    return _run(job, out)
+    with math_attention():  # fused attention kernels have no forward-mode AD (the "vp" method)
+        job, out = _prepare(model, x, x2, method, trace_outputs, memory, out)
+        return _run(job, out)
 
 
 def _run(job: _Job, out: Tensor | None) -> Tensor:
