@@ -28,7 +28,7 @@ _MARK = {
     "holds": "[green]✔ holds[/]",
     "fails": "[red]✘ fails[/]",
     "undetermined": "[yellow]? undetermined[/]",
-    "outside": "[blue]○ outside assumptions[/]",
+    "outside": "[blue]○ outside the theorem's assumptions[/]",
 }
 _SHORT_MARK = {
     "holds": "[green]✔[/]",
@@ -337,9 +337,9 @@ def sweep(
     for col in ("point", "values", "status", "verdicts"):
         table.add_column(col, overflow="fold")
     for p in result.points:
-        holds = [v["holds"] for v in p.verdicts]
+        marks = [_mark(v, _SHORT_MARK) for v in p.verdicts]
         summary = (
-            f"{holds.count(True)} ✔ {holds.count(False)} ✘ {holds.count(None)} ?"
+            " ".join(f"{marks.count(m)} {m}" for m in _SHORT_MARK.values() if m in marks)
             if p.status != "failed"
             else ""
         )
