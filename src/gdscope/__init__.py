@@ -5,6 +5,7 @@ optimizer's stability threshold, ...) on your own PyTorch model and data, predic
 them, and compare with the measured run.
 """
 
+from gdscope import adapters
 from gdscope.curvature import (
     GDMapReport,
     curvature_operator,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     # problem
     "Problem",
+    "adapters",
     # curvature
     "GDMapReport",
     "curvature_operator",
