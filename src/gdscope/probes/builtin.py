@@ -1,4 +1,5 @@
-"""Built-in probes: loss, accuracy, gradient norm, distance from init, threshold, sharpness, trace.
+"""Built-in probes: loss, accuracy, gradient norm, distance from init, threshold, sharpness
+(plain and preconditioned), trace.
 
 Cheap probes reuse the training step's own loss and outputs (``iterate="before"``) and fall back
 to evaluating the problem at the current parameters (``"after"``) when the loop did not pass
@@ -12,9 +13,11 @@ import math
 import torch
 from torch import Tensor
 
-from gdscope.curvature import hessian_eigs, hessian_trace
+from gdscope.curvature import curvature_operator, hessian_trace
+from gdscope.linalg import CallableOperator, lanczos
 from gdscope.probes.base import Iterate, Probe, ProbeState, Schedule
-from gdscope.train.optimizers import stability_threshold
+from gdscope.problem import Problem
+from gdscope.theory.optim import read_optimizer
 
 __all__ = [
     "AccuracyProbe",
@@ -22,6 +25,7 @@ __all__ = [
     "GradNormProbe",
     "HessianTraceProbe",
     "LossProbe",
+    "PreconditionedSharpnessProbe",
     "SharpnessProbe",
     "ThresholdProbe",
     "default_probes",
@@ -160,9 +164,16 @@ def _ratio(sq: float, sq0: float) -> float:
 
 
 class ThresholdProbe(Probe):
-    """``lr`` and the optimizer's stability ``threshold`` (none for optimizers without one).
+    """``lr`` and the optimizer's stability threshold, each comparable with its own sharpness.
 
-    Cheap: reads the param groups, so a learning-rate schedule moves the line every step.
+    ``threshold`` is on ``λ_max(∇²L)`` (:class:`SharpnessProbe`): GD ``2/η``, heavy ball,
+    Nesterov, PyTorch ``SGD`` with momentum, dampening, nesterov and weight decay.
+    ``preconditioned_threshold`` is on ``λ_max(P^{-1/2} H P^{-1/2})``
+    (:class:`PreconditionedSharpnessProbe`): Adam/AdamW ``(2+2β₁)/((1−β₁)η)``, RMSprop ``2/η``
+    (``2(1+μ)/η`` with momentum), Adagrad ``2/η_t``. Both come from the optimizer adapters
+    (:mod:`gdscope.theory.optim`); an optimizer without one gives only ``lr``.
+
+    Cheap: reads the current param groups, so a learning-rate schedule moves the line every step.
     """
 
     name = "threshold"
@@ -172,47 +183,118 @@ class ThresholdProbe(Probe):
         if state.optimizer is None:
             return {}
         out = {"lr": float(state.optimizer.param_groups[0]["lr"])}
-        thr = stability_threshold(state.optimizer)
-        if thr is not None:
-            out["threshold"] = float(thr)
+        st = read_optimizer(state.optimizer)
+        if st.threshold is not None:
+            key = "preconditioned_threshold" if st.preconditioned else "threshold"
+            out[key] = float(st.threshold)
         return out
 
 
-class SharpnessProbe(Probe):
-    """``sharpness`` = λ_max(∇²L) by Lanczos, warm-started from the previous eigenvector.
+class _WarmTopEig(Probe):
+    """Top eigenpair of a symmetric operator by Lanczos, warm-started step to step.
 
-    Also ``sharpness_residual`` (‖Hv − λv‖), ``sharpness_converged`` (0/1) and
-    ``sharpness_matvecs``. Evaluated on the tracker's subset at the current parameters.
+    The first call (and any call after an unconverged one) may spend ``max_matvecs`` products;
+    once a previous call converged, the next starts from its eigenvector with the budget
+    ``warm_matvecs`` (``None``: ``max_matvecs``). On a slowly changing model a warm call costs
+    the Krylov minimum of 3 products (:data:`gdscope.linalg.lanczos.MIN_EXTRA` + 1) or a few
+    more. A call that did not converge within its budget is stored with
+    ``<name>_converged = 0`` (its value is then a Ritz value, a lower bound on ``λ_max``) and
+    the next call gets the full budget again.
     """
 
-    name = "sharpness"
     iterate: Iterate = "after"
 
     def __init__(
-        self, schedule: Schedule | int | None = None, tol: float = 1e-3, max_matvecs: int = 200
+        self,
+        schedule: Schedule | int | None = None,
+        tol: float = 1e-3,
+        max_matvecs: int = 200,
+        warm_matvecs: int | None = 8,
     ) -> None:
         super().__init__(schedule)
-        self.tol, self.max_matvecs = tol, max_matvecs
+        self.tol, self.max_matvecs, self.warm_matvecs = tol, max_matvecs, warm_matvecs
         self._v: Tensor | None = None
+        self._warm = False
+        self._checked: int | None = None
 
-    def compute(self, state: ProbeState) -> dict[str, float]:
-        res = hessian_eigs(
-            state.subset,
-            1,
-            "largest",
-            self.tol,
-            v0=self._v,
-            return_vectors=True,
-            max_matvecs=self.max_matvecs,
-        )
+    def _operator(self, prob: Problem) -> CallableOperator:
+        check = self._checked != id(prob)  # Problem.check (determinism) once per problem
+        self._checked = id(prob)
+        return curvature_operator(prob, "hessian", check=check)
+
+    def _solve(self, op: CallableOperator) -> dict[str, float]:
+        v0 = self._v if self._v is not None and self._v.shape[0] == op.shape[0] else None
+        budget = self.max_matvecs
+        if self._warm and v0 is not None and self.warm_matvecs is not None:
+            budget = self.warm_matvecs
+        res = lanczos(op, 1, "largest", self.tol, v0=v0, return_vectors=True, max_matvecs=budget)
         assert res.vectors is not None
         self._v = res.vectors[:, 0]
+        self._warm = bool(res.converged)
+        n = self.name
         return {
-            "sharpness": res.values[0].item(),
-            "sharpness_residual": res.residuals[0].item(),
-            "sharpness_converged": float(res.converged),
-            "sharpness_matvecs": float(res.matvecs),
+            n: res.values[0].item(),
+            f"{n}_residual": res.residuals[0].item(),
+            f"{n}_converged": float(res.converged),
+            f"{n}_matvecs": float(res.matvecs),
         }
+
+
+class SharpnessProbe(_WarmTopEig):
+    """``sharpness`` = λ_max(∇²L) by Lanczos, warm-started from the previous eigenvector.
+
+    Also ``sharpness_residual`` (‖Hv − λv‖), ``sharpness_converged`` (0/1) and
+    ``sharpness_matvecs`` (Hessian-vector products of this call). Evaluated on the tracker's
+    fixed subset (``Tracker(subset=...)``) at the current parameters. Budgets: see
+    ``warm_matvecs`` below; an unconverged value is flagged by ``sharpness_converged = 0``.
+
+    Args:
+        schedule: when to run.
+        tol: relative residual ``‖Hv − λv‖ ≤ tol·‖H‖``.
+        max_matvecs: budget of a cold call (the first, or after an unconverged one).
+        warm_matvecs: budget of a call warm-started from a converged previous eigenvector.
+    """
+
+    name = "sharpness"
+
+    def compute(self, state: ProbeState) -> dict[str, float]:
+        return self._solve(self._operator(state.subset))
+
+
+class PreconditionedSharpnessProbe(_WarmTopEig):
+    """``preconditioned_sharpness`` = λ_max(P^{-1/2}(H + wI)P^{-1/2}) of an adaptive optimizer.
+
+    ``P`` is the diagonal preconditioner the optimizer applies now (Adam/AdamW ``(1−β₁ᵗ)(√v̂ +
+    ε)``, RMSprop ``√v + ε``, Adagrad ``√Σg² + ε``; :mod:`gdscope.theory.optim`), read from its
+    state at every call; ``w`` a coupled L2 weight decay; ``H`` the Hessian on the tracker's
+    subset. Lanczos on ``v ↦ P^{-1/2} H P^{-1/2} v`` (one Hessian-vector product each),
+    warm-started like :class:`SharpnessProbe`. Compare with the threshold probe's
+    ``preconditioned_threshold`` (38/η for Adam at β₁ = 0.9: Cohen et al. 2022). Gives nothing
+    for the SGD family (use :class:`SharpnessProbe`) or before the optimizer's first step.
+    Also ``_residual``, ``_converged`` and ``_matvecs`` as for :class:`SharpnessProbe`.
+    """
+
+    name = "preconditioned_sharpness"
+    needs = frozenset({"optimizer"})
+
+    def compute(self, state: ProbeState) -> dict[str, float]:
+        if state.optimizer is None:
+            return {}
+        prob = state.subset
+        named = dict(prob.model.named_parameters())
+        st = read_optimizer(state.optimizer, [named[n] for n in prob.names], prob.names)
+        if not st.preconditioned or st.precond is None:
+            return {}
+        op = self._operator(prob)
+        d_isq = st.precond.to(prob.device, prob.dtype).rsqrt()
+        wd = st.weight_decay
+
+        def mv(v: Tensor) -> Tensor:
+            u = d_isq * v
+            hu = op.matvec(u)
+            return d_isq * (hu + wd * u if wd else hu)
+
+        return self._solve(CallableOperator(mv, prob.num_params, prob.dtype, prob.device))
 
 
 class HessianTraceProbe(Probe):
@@ -231,7 +313,8 @@ class HessianTraceProbe(Probe):
 
 
 def default_probes(curvature_every: int = 100) -> list[Probe]:
-    """Cheap probes every step; sharpness and trace every ``curvature_every`` steps."""
+    """Cheap probes every step; sharpness (plain and, for adaptive optimizers, preconditioned)
+    and trace every ``curvature_every`` steps."""
     return [
         LossProbe(),
         AccuracyProbe(),
@@ -239,5 +322,6 @@ def default_probes(curvature_every: int = 100) -> list[Probe]:
         DistanceProbe(),
         ThresholdProbe(),
         SharpnessProbe(curvature_every),
+        PreconditionedSharpnessProbe(curvature_every),
         HessianTraceProbe(curvature_every),
     ]

@@ -73,6 +73,7 @@ from gdscope.errors import InvalidArgumentError
 from gdscope.kernels.ntk import default_memory
 from gdscope.linalg import CallableOperator, lanczos
 from gdscope.problem import Params, Problem
+from gdscope.theory.optim import OptimizerSetting, optimizer_threshold, read_optimizer
 from gdscope.theory.sgd_stability import (
     DENSE_SAMPLE_NUMBERS,
     LyapunovEstimate,
@@ -203,22 +204,6 @@ class StabilityReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- optimizer settings
-@dataclass
-class _Setting:
-    kind: str  # "gd", "heavy_ball", "nesterov", "adam", "none"
-    lr: float
-    momentum: float
-    nesterov: bool
-    lr_step: float  # effective step of the recursion (lr·(1−dampening) for damped SGD)
-    weight_decay: float = 0.0
-    sgd_ok: bool = True
-    threshold_known: bool = True
-    precond: Tensor | None = None  # Adam: diagonal of P (flat)
-    beta1: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
@@ -233,38 +218,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def optimizer_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False) -> float:
-    """Largest sharpness at which a minimum is linearly stable (THEORY §3).
-
-    ``2/η`` (GD), ``2(1+β)/η`` (heavy ball), ``2(1+β)/((1+2β)η)`` (Nesterov). Each is where a
-    mode's recursion gets the root ``z = −1`` (period-2 oscillation).
-
-    >>> optimizer_threshold(0.1), optimizer_threshold(0.1, 0.5), optimizer_threshold(0.1, 0.5, True)
-    (20.0, 30.0, 15.0)
-
-    ``η = 0`` gives ``inf`` (nothing moves). :func:`gdscope.train.stability_threshold` maps any
-    optimizer's settings (PyTorch SGD's dampening and weight decay too) onto this formula.
-    """
-    if lr == 0:
-        return math.inf
-    if momentum == 0:
-        return 2.0 / lr
-    if nesterov:
-        return 2.0 * (1 + momentum) / ((1 + 2 * momentum) * lr)
-    return 2.0 * (1 + momentum) / lr
-
-
-def _mode_rate(a: float, momentum: float, nesterov: bool) -> float:
-    """``log max|z|`` over the roots of one mode's recursion (``a = η h``)."""
-    if momentum == 0:
-        x = abs(1 - a)
-        return math.log(x) if x > 0 else -math.inf
-    b = momentum
-    coeffs = [1.0, -(1 + b) * (1 - a), b * (1 - a)] if nesterov else [1.0, -(1 + b - a), b]
-    r = float(np.abs(np.roots(coeffs)).max())
-    return math.log(r) if r > 0 else -math.inf
-
-
 def _check_number(name: str, x: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
     ok = not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
     if ok:
@@ -276,16 +229,10 @@ def _check_number(name: str, x: Any, lo: float, hi: float, lo_open: bool, hi_ope
     return float(x)
 
 
-def _group_of(optimizer: Optimizer, param: Tensor) -> dict[str, Any] | None:
-    for g in optimizer.param_groups:
-        if any(p is param for p in g["params"]):
-            return g
-    return None
-
-
 def _resolve_optimizer(
     prob: Problem, optimizer: Optimizer, lr: float | None, momentum: float, nesterov: bool
-) -> _Setting:
+) -> OptimizerSetting:
+    """The optimizer adapter's reading (:func:`gdscope.theory.optim.read_optimizer`)."""
     if not isinstance(optimizer, Optimizer):
         raise InvalidArgumentError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
@@ -295,131 +242,16 @@ def _resolve_optimizer(
             "pass either optimizer= or momentum/nesterov, not both: with an optimizer its own "
             "settings are analysed."
         )
-    groups = optimizer.param_groups
-    g0 = groups[0]
-    opt_lr = float(g0["lr"])
+    opt_lr = float(optimizer.param_groups[0]["lr"])
     if lr is not None and not math.isclose(float(lr), opt_lr, rel_tol=1e-12):
         raise InvalidArgumentError(
             f"lr={lr!r} differs from the optimizer's lr={opt_lr!r}: pass lr=None (or the "
             "optimizer's value) to analyse the optimizer."
         )
-    name = type(optimizer).__name__
-    notes: list[str] = []
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return _adam_setting(prob, optimizer, opt_lr, notes)
-    keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "beta", "maximize")
-    distinct = {tuple(repr(g.get(k)) for k in keys) for g in groups}
-    multi = len(distinct) > 1
-    if multi:
-        notes.append(
-            "the optimizer's param groups have different settings: the first group's are "
-            "analysed (the GD threshold is then that group's, not the smallest)"
-        )
-    if isinstance(optimizer, torch.optim.SGD):
-        if g0.get("maximize", False):
-            return _Setting(
-                "none",
-                opt_lr,
-                0.0,
-                False,
-                opt_lr,
-                threshold_known=False,
-                sgd_ok=False,
-                notes=[*notes, "SGD with maximize=True: no minimum"],
-            )
-        mu = float(g0.get("momentum", 0.0))
-        tau = float(g0.get("dampening", 0.0))
-        nest = bool(g0.get("nesterov", False)) and mu > 0
-        wd = float(g0.get("weight_decay", 0.0))
-        step = opt_lr * (1 - tau) if (mu > 0 and not nest) else opt_lr
-        kind = "gd" if mu == 0 else ("nesterov" if nest else "heavy_ball")
-        st = _Setting(kind, opt_lr, mu, nest, step, weight_decay=wd, notes=notes)
-        if tau and mu > 0:
-            notes.append(
-                f"dampening {tau:g}: the recursion's step is lr·(1 − dampening) = {step:g}"
-            )
-        if wd:
-            st.sgd_ok = False
-            notes.append(
-                f"weight decay {wd:g} shifts H (and every H_i) by {wd:g}·I: included in the GD "
-                "threshold, not in the SGD analysis"
-            )
-        st.sgd_ok = st.sgd_ok and not multi
-        return st
-    # gdscope's own optimizers (duck-typed: theory/ does not import train/)
-    if name == "GD" and "beta" not in g0:
-        return _Setting("gd", opt_lr, 0.0, False, opt_lr, sgd_ok=not multi, notes=notes)
-    if name in ("HeavyBall", "Nesterov") and "beta" in g0:
-        beta = g0["beta"]
-        nest = name == "Nesterov"
-        if beta == "scheduled":
-            steps = max(
-                (optimizer.state[p].get("step", 0) for p in g0["params"] if p in optimizer.state),
-                default=0,
-            )
-            k = steps + 1
-            r = float(g0.get("r", 3.0))
-            beta = (k - 1) / (k + r - 1)
-            notes.append(
-                f"scheduled Nesterov momentum: analysed with the next step's β = {beta:.4g} "
-                "(the threshold moves every step)"
-            )
-        beta = float(beta)
-        kind = "gd" if beta == 0 else ("nesterov" if nest else "heavy_ball")
-        return _Setting(
-            kind, opt_lr, beta, nest and beta > 0, opt_lr, sgd_ok=not multi, notes=notes
-        )
-    return _Setting(
-        "none",
-        opt_lr,
-        0.0,
-        False,
-        opt_lr,
-        sgd_ok=False,
-        threshold_known=False,
-        notes=[*notes, f"no stability threshold is drawn for optimizer {name}"],
-    )
-
-
-def _adam_setting(prob: Problem, opt: Optimizer, lr: float, notes: list[str]) -> _Setting:
     named = dict(prob.model.named_parameters())
-    st = _Setting("adam", lr, 0.0, False, lr, sgd_ok=False, notes=notes)
-    betas = {tuple(g["betas"]) for g in opt.param_groups}
-    if len(betas) > 1:
-        st.threshold_known = False
-        notes.append("param groups with different betas: no single Adam threshold")
-        return st
-    beta1, beta2 = next(iter(betas))
-    st.beta1 = float(beta1)
-    parts = []
-    for name in prob.names:
-        p = named[name]
-        g = _group_of(opt, p)
-        state = opt.state.get(p, {})
-        if g is None or "exp_avg_sq" not in state:
-            notes.append(
-                f"the optimizer's state is empty for {name!r} (take at least one step first): "
-                "no preconditioner, no Adam threshold"
-            )
-            st.threshold_known = False
-            return st
-        v = state["max_exp_avg_sq"] if g.get("amsgrad", False) else state["exp_avg_sq"]
-        t = float(state["step"])
-        denom = (v.detach() / (1 - beta2**t)).sqrt() + g["eps"]
-        # PyTorch: θ -= lr/(1−β₁ᵗ) · m/(√v̂ + ε) ⇒ θ -= lr·P⁻¹m, P = (1−β₁ᵗ)(√v̂ + ε)
-        pre = (1 - beta1**t) * denom * (lr / float(g["lr"]))
-        parts.append(pre.reshape(-1).to(prob.device, prob.dtype))
-        if g.get("weight_decay", 0) and isinstance(opt, torch.optim.AdamW):
-            if not any("decoupled" in n for n in notes):
-                notes.append("AdamW's decoupled weight decay is not part of the threshold")
-        elif g.get("weight_decay", 0):
-            st.weight_decay = float(g["weight_decay"])
-            notes.append(f"Adam's L2 weight decay {st.weight_decay:g}: H + wI is preconditioned")
-    st.precond = torch.cat(parts)
-    notes.append(
-        "Adam: preconditioner P = (1 − β₁ᵗ)(√v̂ + ε) from the optimizer state (Cohen et al. "
-        f"2022), threshold (2 + 2β₁)/((1 − β₁)η) with β₁ = {beta1:g}"
-    )
+    st = read_optimizer(optimizer, [named[n] for n in prob.names], prob.names)
+    if st.precond is not None:
+        st.precond = st.precond.to(prob.device, prob.dtype)
     return st
 
 
@@ -571,7 +403,9 @@ def stability(
         if not isinstance(nesterov, bool):
             raise InvalidArgumentError(f"nesterov={nesterov!r} must be True or False.")
         kind = "gd" if mom == 0 else ("nesterov" if nesterov else "heavy_ball")
-        st = _Setting(kind, lr_, mom, bool(nesterov and mom > 0), lr_)
+        nest_ = bool(nesterov and mom > 0)
+        st = OptimizerSetting(kind, lr_, mom, nest_, (lr_, mom, nest_), sgd_ok=True)
+        st.threshold = optimizer_threshold(lr_, mom, nest_)
         if nesterov and mom == 0:
             st.notes.append("nesterov=True with momentum=0 is plain GD")
     if not (math.isfinite(st.lr) and st.lr > 0):
@@ -609,7 +443,9 @@ def stability(
     matvecs: dict[str, int] = {}
     seconds: dict[str, float] = {}
     lr, mom, nest = st.lr, st.momentum, st.nesterov
-    eta = st.lr_step  # the recursion's step (lr·(1−dampening) for damped heavy ball)
+    pre = st.preconditioned
+    # the recursion's step (lr·(1−dampening) for damped heavy ball); lr for the SGD parts' cutoff
+    eta = st.lr if pre else st.lr_step
 
     # ------------------------------------------------------------------ operator, gradient
     t0 = time.perf_counter()
@@ -622,13 +458,8 @@ def stability(
     method["gradient"] = "full-batch gradient"
 
     # thresholds
-    if st.kind == "adam":
-        thr = (2 + 2 * st.beta1) / ((1 - st.beta1) * lr) if st.threshold_known else None
-    elif st.kind == "none":
-        thr = None
-    else:
-        thr = optimizer_threshold(eta, mom, nest) - st.weight_decay
-    thr_h = thr if st.kind != "adam" else None  # threshold on λ(H) itself
+    thr = st.threshold
+    thr_h = None if pre else thr  # threshold on λ(H) itself
     bar = stiff_cutoff / eta if batch_size is not None and stiff_cutoff > 0 else None
 
     # ------------------------------------------------------------------ spectrum of H
@@ -694,7 +525,7 @@ def stability(
     pre_sharp = None
     count = spec.count
     top, top_res, top_conv = sharp, sharp_res, spec.converged
-    if st.kind == "adam" and st.precond is not None:
+    if pre and st.precond is not None:
         t0 = time.perf_counter()
         d_isq = st.precond.rsqrt()
         wd = st.weight_decay
@@ -715,14 +546,14 @@ def stability(
         matvecs["preconditioned"] = pop.matvecs
         method["preconditioned"] = pspec.method + " of P^{-1/2} H P^{-1/2}"
         seconds["preconditioned"] = time.perf_counter() - t0
-    elif st.kind == "adam" or thr is None:
+    elif pre or thr is None:
         count = None
     gd_stable: bool | None
     round_off = 10 * P * eps * max(abs(top), 1e-300)
-    shift = st.weight_decay if st.kind != "adam" else 0.0
+    shift = 0.0 if pre else st.weight_decay
     if is_saddle:
         gd_stable = False
-    elif thr is None or (st.kind == "adam" and st.precond is None):
+    elif thr is None or (pre and st.precond is None):
         gd_stable = None
     elif top > thr + round_off:  # a Ritz value is a lower bound on λ_max
         gd_stable = False
@@ -732,23 +563,19 @@ def stability(
         gd_stable = None
         if is_saddle is False:
             notes.append("sharpness is within its residual of the threshold: GD undetermined")
-    if st.kind == "adam":
-        mu_top = (
-            _mode_rate(lr * (1 - st.beta1) * top, st.beta1, False)
-            if pre_sharp is not None
-            else None
-        )
-    elif st.kind == "none":
+    if st.family == "none" or thr is None:
         mu_top = None
+    elif pre:
+        mu_top = st.mode_rate(top) if pre_sharp is not None else None
     else:
-        mu_top = _mode_rate(eta * (sharp + shift), mom, nest)
+        mu_top = st.mode_rate(sharp + shift)
 
     report: dict[str, Any] = {
         "lr": lr,
         "momentum": mom,
         "nesterov": nest,
         "batch_size": batch_size,
-        "optimizer": st.kind if optimizer is None else type(optimizer).__name__,
+        "optimizer": st.family if optimizer is None else type(optimizer).__name__,
         "n": n,
         "num_params": P,
         "sharpness": sharp,
@@ -771,8 +598,10 @@ def stability(
         why = None
         sgd_prob = prob
         coupled = _batch_coupled(prob)
-        if st.kind == "adam":
-            why = "the SGD analysis is for SGD; a mini-batch Adam analysis is not implemented"
+        if pre:
+            why = (
+                f"the SGD analysis is for SGD; a mini-batch {st.family} analysis is not implemented"
+            )
         elif not st.sgd_ok:
             why = "the SGD analysis does not cover this optimizer's settings (see notes)"
         elif coupled:

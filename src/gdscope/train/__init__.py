@@ -5,6 +5,7 @@ from gdscope.train.optimizers import (
     GD,
     HeavyBall,
     Nesterov,
+    adaptive_threshold,
     describe_optimizer,
     stability_threshold,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "GD",
     "HeavyBall",
     "Nesterov",
+    "adaptive_threshold",
     "describe_optimizer",
     "stability_threshold",
     # samplers

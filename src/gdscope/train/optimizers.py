@@ -11,8 +11,10 @@ per-group settings and ``state_dict`` round trips work as for any PyTorch optimi
 weight decay and always minimize.
 
 :func:`stability_threshold` is the largest sharpness at which a minimum is linearly stable under
-an optimizer's current settings (THEORY §3); :func:`describe_optimizer` is a JSON-friendly
-record of an optimizer's class and hyperparameters.
+an optimizer's current settings (THEORY §3), :func:`adaptive_threshold` the same on the
+preconditioned sharpness of Adam, RMSprop and Adagrad; both ask the optimizer adapters of
+:mod:`gdscope.theory.optim`. :func:`describe_optimizer` is a JSON-friendly record of an
+optimizer's class and hyperparameters.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gdscope.errors import InvalidArgumentError
-from gdscope.theory.stability import optimizer_threshold
+from gdscope.theory.optim import read_optimizer
 
-__all__ = ["GD", "HeavyBall", "Nesterov", "describe_optimizer", "stability_threshold"]
+__all__ = [
+    "GD",
+    "HeavyBall",
+    "Nesterov",
+    "adaptive_threshold",
+    "describe_optimizer",
+    "stability_threshold",
+]
 
 Closure = Callable[[], Any] | None
 ParamsArg = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -306,7 +315,7 @@ def stability_threshold(optimizer: Optimizer) -> float | None:
                                               ``inf`` if ``τ=1``, ``μ>0``)
     ``SGD(μ, nesterov=True, weight_decay w)`` ``2(1+μ)/((1+2μ)η) − w``
     anything else (Adam, RMSprop, ...)        ``None`` (their threshold is on a preconditioned
-                                              sharpness, not on ``λ_max(∇²L)``)
+                                              sharpness: :func:`adaptive_threshold`)
     ========================================  ===========================================
 
     Derivation (THEORY §2). Near a minimum, along a Hessian eigenvector with eigenvalue ``h``,
@@ -331,37 +340,20 @@ def stability_threshold(optimizer: Optimizer) -> float | None:
     ``maximize=True`` gives ``None``; ``η = 0`` gives ``inf``; a large ``w`` can give a negative
     threshold (then no minimum is stable).
     """
-    thresholds = []
-    for group in optimizer.param_groups:
-        thr = _group_threshold(optimizer, group)
-        if thr is None:
-            return None
-        thresholds.append(thr)
-    return min(thresholds) if thresholds else None
+    st = read_optimizer(optimizer)
+    return None if st.preconditioned else st.threshold
 
 
-def _group_threshold(optimizer: Optimizer, group: dict[str, Any]) -> float | None:
-    lr = float(group["lr"])
-    if isinstance(optimizer, Nesterov):
-        steps = [optimizer.state[p].get("step", 0) for p in group["params"]]
-        k = max(steps, default=0)
-        return optimizer_threshold(lr, Nesterov.momentum_at(group, k + 1), nesterov=True)
-    if isinstance(optimizer, HeavyBall):
-        return optimizer_threshold(lr, group["beta"], nesterov=False)
-    if isinstance(optimizer, GD):
-        return optimizer_threshold(lr, 0.0, nesterov=False)
-    if isinstance(optimizer, torch.optim.SGD):
-        if group.get("maximize", False):
-            return None
-        mu = float(group.get("momentum", 0.0))
-        wd = float(group.get("weight_decay", 0.0))
-        if mu == 0:
-            return optimizer_threshold(lr, 0.0, nesterov=False) - wd
-        if group.get("nesterov", False):
-            return optimizer_threshold(lr, mu, nesterov=True) - wd
-        step = lr * (1 - float(group.get("dampening", 0.0)))
-        return optimizer_threshold(step, mu, nesterov=False) - wd
-    return None
+def adaptive_threshold(optimizer: Optimizer) -> float | None:
+    """Threshold on the *preconditioned* sharpness ``λ_max(P^{-1/2} H P^{-1/2})``, or ``None``.
+
+    For Adam/AdamW ``(2+2β₁)/((1−β₁)η)``, RMSprop ``2/η`` (``2(1+μ)/η`` with momentum),
+    Adagrad ``2/η_t`` (:mod:`gdscope.theory.optim` derives each); ``None`` for the SGD family
+    (whose threshold, on ``λ_max(∇²L)``, is :func:`stability_threshold`) and unknown optimizers.
+    Read from the current param groups, so a scheduler moves it.
+    """
+    st = read_optimizer(optimizer)
+    return st.threshold if st.preconditioned else None
 
 
 def describe_optimizer(optimizer: Optimizer) -> dict[str, Any]:
