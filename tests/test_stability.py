@@ -642,7 +642,7 @@ def test_lanczos_on_T_for_larger_normal_space():
 
 def test_normal_space_by_hvps_matches_dense_route(monkeypatch):
     """n·P² above the dense budget: range(H) from a dense H and Uᵀ H_i U from per-sample HVPs."""
-    mod = sys.modules["gdscope.theory.stability"]
+    mod = sys.modules["gdscope.theory.stability_sgd"]  # where the SGD parts live
 
     prob, _, _ = linreg(12, 20, seed=3)
     dense = stability(prob, 0.05, batch_size=3, chains=2, lyapunov_steps=10)
@@ -659,7 +659,7 @@ def test_indefinite_per_sample_hessians_normal_space_is_not_range_H(monkeypatch)
     """Two samples with opposite curvature along x cancel in H but not in the H_i: that
     direction is in R = range(Σ H_i²), carries zero mean curvature and noise, so no positive
     lr is mean-square stable (⟨uuᵀ, T(uuᵀ)⟩ = 1 + η²p Var(uᵀH_iu) > 1)."""
-    mod = sys.modules["gdscope.theory.stability"]
+    mod = sys.modules["gdscope.theory.stability_sgd"]  # where the SGD parts live
 
     g = torch.Generator().manual_seed(2)
     X = torch.randn(6, 5, generator=g, dtype=DT)

@@ -1,4 +1,5 @@
-"""Theory: predicted dynamics, rate fits, ODE limits, stability of minima, orbits, GD-map stats."""
+"""Theory: predicted dynamics, rate fits, ODE limits, stability of minima, orbits, GD-map stats,
+and the optimizer adapters (:mod:`gdscope.theory.optim`)."""
 
 from gdscope.theory.dynamics import Prediction, optimizer_spec, predict
 from gdscope.theory.gd_map_stats import (
@@ -8,6 +9,7 @@ from gdscope.theory.gd_map_stats import (
     singular_step_sizes,
 )
 from gdscope.theory.linearize import LinearizedModel, linearize
+from gdscope.theory.optim import OptimizerSetting, optimizer_threshold, read_optimizer
 from gdscope.theory.orbits import OrbitReport, detect_orbit, gd_orbit, orbit_from_store
 from gdscope.theory.ratefit import RateFit, fit_rates
 from gdscope.theory.stability import StabilityReport, stability
@@ -15,6 +17,7 @@ from gdscope.theory.stability import StabilityReport, stability
 __all__ = [
     "LinearizedModel",
     "MinFactorReport",
+    "OptimizerSetting",
     "OrbitReport",
     "Prediction",
     "RateFit",
@@ -26,8 +29,10 @@ __all__ = [
     "linearize",
     "min_factor_distribution",
     "optimizer_spec",
+    "optimizer_threshold",
     "orbit_from_store",
     "predict",
+    "read_optimizer",
     "singular_step_sizes",
     "stability",
 ]
