@@ -335,3 +335,66 @@ def test_adam_preconditioned_sharpness_rises_to_its_threshold():
     assert early.max() < 0.6  # starts well below the threshold ...
     assert 0.8 < np.median(late) < 1.15  # ... and hovers near it
     assert late.max() < 1.5
+
+
+# ---------------------------------------------------------------------- mini-batch, realistic size
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_minibatch_training_curvature_on_a_fixed_subset_warm_started(kind):
+    """26k float32 parameters, batches of 128 from 4096 samples, curvature every 5 steps on a
+    fixed 512-sample subset. Measured (seed 0, 400 steps): warm calls 5–8 HVPs for Adam (median
+    6; SGD with momentum 0.9 median 8, a quarter of the calls flagged at the 8-HVP budget)."""
+    torch.manual_seed(0)
+    n, d, k = 4096, 64, 10
+    X = torch.randn(n, d)
+    Y = (X @ torch.randn(d, k) + 0.5 * torch.randn(n, k)).argmax(1)
+    model = nn.Sequential(
+        nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, k)
+    )
+    prob = gs.Problem(model, "cross_entropy", (X, Y))
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        probe: SharpnessProbe | PreconditionedSharpnessProbe = SharpnessProbe(Every(5))
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        probe = PreconditionedSharpnessProbe(Every(5))
+    tracker = gs.Tracker(prob, [ThresholdProbe(), probe], subset=512, seed=0)
+    assert tracker.subset.n == 512
+    g = torch.Generator().manual_seed(1)
+    steps = 200
+    for t in range(steps):
+        idx = torch.randint(0, n, (128,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X[idx]), Y[idx])
+        loss.backward()
+        opt.step()
+        tracker.step(t, opt, loss=loss.detach())
+    h, name = tracker.history, probe.name
+    mv = np.array([v for _, v in h[f"{name}_matvecs"]])
+    conv = np.array([v for _, v in h[f"{name}_converged"]])
+    assert len(mv) == steps // 5
+    # a call after a converged one has the warm budget; an unconverged call spent its budget
+    after_converged = np.r_[False, conv[:-1] == 1]
+    assert (mv[after_converged] <= probe.warm_matvecs).all()
+    assert (
+        mv[conv == 0] == np.where(after_converged, probe.warm_matvecs, probe.max_matvecs)[conv == 0]
+    ).all()
+    assert conv.mean() >= 0.6
+    assert np.median(mv[10:]) <= 8
+    # a warm value against a cold solve at the same (final) parameters; after an unconverged
+    # call the next one has the full budget, so two calls suffice
+    for extra in (steps, steps + 1):
+        tracker.step(extra, opt)
+        if h[f"{name}_converged"][-1][1] == 1.0:
+            break
+    assert h[f"{name}_converged"][-1][1] == 1.0
+    warm, res = h[name][-1][1], h[f"{name}_residual"][-1][1]
+    cold = type(probe)(Every(1), tol=1e-3).compute(tracker_state(tracker, opt))
+    assert cold[f"{name}_converged"] == 1.0
+    assert cold[f"{name}_matvecs"] > h[f"{name}_matvecs"][-1][1]  # warm is cheaper
+    assert abs(warm - cold[name]) <= res + cold[f"{name}_residual"]
+
+
+def tracker_state(tracker, opt):
+    from gdscope.probes import ProbeState
+
+    return ProbeState(0, tracker.prob, tracker.subset, opt, tracker.prob.params)
