@@ -30,6 +30,8 @@ _MARK = {
     "undetermined": "[yellow]? undetermined[/]",
     "outside": "[blue]○ outside the theorem's assumptions[/]",
 }
+#: Plain symbols of the statuses, for counts in a table cell (✔ ✘ ? ○).
+_STATUS_SYMBOL = {"holds": "✔", "fails": "✘", "undetermined": "?", "outside": "○"}
 _SHORT_MARK = {
     "holds": "[green]✔[/]",
     "fails": "[red]✘[/]",
@@ -337,9 +339,9 @@ def sweep(
     for col in ("point", "values", "status", "verdicts"):
         table.add_column(col, overflow="fold")
     for p in result.points:
-        marks = [_mark(v, _SHORT_MARK) for v in p.verdicts]
+        statuses = [_mark(v, _STATUS_SYMBOL) for v in p.verdicts]
         summary = (
-            " ".join(f"{marks.count(m)} {m}" for m in _SHORT_MARK.values() if m in marks)
+            " ".join(f"{statuses.count(sym)} {sym}" for sym in _STATUS_SYMBOL.values())
             if p.status != "failed"
             else ""
         )
