@@ -65,9 +65,11 @@ def _state_precond(opt, prob) -> torch.Tensor:
         t = float(s["step"])
         if isinstance(opt, torch.optim.Adam):
             b1, b2 = g["betas"]
-            d = (1 - b1**t) * ((s["exp_avg_sq"] / (1 - b2**t)).sqrt() + g["eps"])
+            v = s["max_exp_avg_sq"] if g["amsgrad"] else s["exp_avg_sq"]
+            d = (1 - b1**t) * ((v / (1 - b2**t)).sqrt() + g["eps"])
         elif isinstance(opt, torch.optim.RMSprop):
-            d = s["square_avg"].sqrt() + g["eps"]
+            v = s["square_avg"] - (s["grad_avg"] ** 2 if g["centered"] else 0)
+            d = v.sqrt() + g["eps"]
         else:  # Adagrad
             d = s["sum"].sqrt() + g["eps"]
         parts.append(d.reshape(-1).double())
@@ -230,8 +232,12 @@ def test_preconditioner_is_what_pytorch_applies(make):
         lambda p: torch.optim.Adam(p, lr=0.01),
         lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
         lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
         lambda p: torch.optim.RMSprop(p, lr=0.003),
+        lambda p: torch.optim.RMSprop(p, lr=0.003, centered=True, momentum=0.5),
+        lambda p: torch.optim.RMSprop(p, lr=0.003, weight_decay=0.2),
         lambda p: torch.optim.Adagrad(p, lr=0.05),
+        lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.1, weight_decay=0.2),
     ],
 )
 def test_preconditioned_sharpness_matches_dense(make):
@@ -243,8 +249,8 @@ def test_preconditioned_sharpness_matches_dense(make):
     tracker.step(0, opt)
     got = tracker.history["preconditioned_sharpness"][0][1]
     assert tracker.history["preconditioned_sharpness_converged"][0][1] == 1.0
-    # Adam's L2 decay adds wθ to g (H + wI); AdamW's decoupled decay is outside P
-    wd = opt.param_groups[0]["weight_decay"] if type(opt) is torch.optim.Adam else 0.0
+    # a coupled L2 decay adds wθ to g (H + wI); AdamW's decoupled decay is outside P
+    wd = 0.0 if isinstance(opt, torch.optim.AdamW) else opt.param_groups[0]["weight_decay"]
     H = _dense_hessian(prob) + wd * torch.eye(prob.num_params, dtype=DT)
     d = _state_precond(opt, prob).rsqrt()
     dense = torch.linalg.eigvalsh(d[:, None] * H * d[None, :])[-1].item()
@@ -398,3 +404,27 @@ def tracker_state(tracker, opt):
     from gdscope.probes import ProbeState
 
     return ProbeState(0, tracker.prob, tracker.subset, opt, tracker.prob.params)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_rmsprop_threshold_under_torch_rmsprop_with_a_frozen_preconditioner(momentum):
+    """RMSprop with ``alpha=1`` never updates ``v = 0``: ``P = ε`` is frozen, so PyTorch's own
+    optimizer on ``L = ½ h θ²`` decays iff ``h/ε`` is below the adaptive threshold."""
+    lr, eps = 0.1, 0.5
+    probe_opt = torch.optim.RMSprop(_p(), lr=lr, alpha=1.0, eps=eps, momentum=momentum)
+    thr = read_optimizer(probe_opt).threshold
+    assert thr == pytest.approx(2 * (1 + momentum) / lr)
+    for factor, decays in ((0.97, True), (1.03, False)):
+        h = factor * thr * eps
+        theta = nn.Parameter(torch.ones(1, dtype=DT))
+        opt = torch.optim.RMSprop([theta], lr=lr, alpha=1.0, eps=eps, momentum=momentum)
+        for t in range(4000):
+            opt.zero_grad()
+            (0.5 * h * theta.pow(2)).sum().backward()
+            opt.step()
+            if t == 0:
+                st = read_optimizer(opt, [theta])
+                torch.testing.assert_close(st.precond, torch.full((1,), eps, dtype=DT))
+                assert h / st.precond.item() == pytest.approx(factor * thr)
+        size = theta.detach().abs().item()
+        assert (size < 1e-3) if decays else (size > 1e3 or not math.isfinite(size)), (factor, size)
