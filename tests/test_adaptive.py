@@ -428,3 +428,26 @@ def test_rmsprop_threshold_under_torch_rmsprop_with_a_frozen_preconditioner(mome
                 assert h / st.precond.item() == pytest.approx(factor * thr)
         size = theta.detach().abs().item()
         assert (size < 1e-3) if decays else (size > 1e3 or not math.isfinite(size)), (factor, size)
+
+
+def test_parameters_the_optimizer_does_not_hold_do_not_count():
+    """Adam on the last layer only: the preconditioned sharpness is that of the last layer's
+    block of ``H`` (the first layer never moves)."""
+    prob, X, Y = _problem()
+    last = list(prob.model[2].parameters())
+    opt = torch.optim.Adam(last, lr=0.01)
+    _train(prob, X, Y, opt, 5)
+    tracker = gs.Tracker(prob, [PreconditionedSharpnessProbe(Every(1), tol=1e-10)])
+    tracker.step(0, opt)
+    H = _dense_hessian(prob)
+    idx = torch.tensor([i for i, n in enumerate(prob.names) if n.startswith("2.")])
+    sizes = torch.tensor([prob.params[n].numel() for n in prob.names])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    cols = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx.tolist()])
+    b1, b2 = 0.9, 0.999
+    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in last]).double()
+    d = ((1 - b1**5) * ((v / (1 - b2**5)).sqrt() + 1e-8)).rsqrt()
+    block = H[cols][:, cols]
+    dense = torch.linalg.eigvalsh(d[:, None] * block * d[None, :])[-1].item()
+    got = tracker.history["preconditioned_sharpness"][0][1]
+    assert got == pytest.approx(dense, rel=1e-7)

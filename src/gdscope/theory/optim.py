@@ -263,7 +263,11 @@ def _collect(
     st: OptimizerSetting,
     diag: Any,
 ) -> None:
-    """Fill ``st.precond`` from ``diag(group, state) -> Tensor`` per parameter (lr folded in)."""
+    """Fill ``st.precond`` from ``diag(group, state) -> Tensor`` per parameter (lr folded in).
+
+    A parameter the optimizer does not hold never moves: ``P = ∞`` there, so
+    ``P^{-1/2} H P^{-1/2}`` is zero on it.
+    """
     if params is None:
         return
     parts = []
@@ -271,7 +275,10 @@ def _collect(
         g = _group_of(opt, p)
         state = opt.state.get(p, {})
         label = names[i] if names is not None else f"#{i}"
-        d = diag(g, state) if g is not None and state else None
+        if g is None:  # not trained: it never moves, P = ∞ (P^{-1/2} = 0 on it)
+            parts.append(torch.full((p.numel(),), math.inf, dtype=torch.float64))
+            continue
+        d = diag(g, state) if state else None
         if d is None:
             st.notes.append(
                 f"the optimizer's state is empty for {label!r} (take at least one step first): "
@@ -279,9 +286,10 @@ def _collect(
             )
             st.precond, st.threshold = None, None
             return
-        scale = st.lr / _f(g["lr"]) if _f(g["lr"]) > 0 else math.inf  # type: ignore[index]
+        scale = st.lr / _f(g["lr"]) if _f(g["lr"]) > 0 else math.inf
         parts.append((d.detach() * scale).reshape(-1))
-    st.precond = torch.cat([q.to(parts[0].device, torch.float64) for q in parts])
+    device = next((q.device for q in parts if q.device.type != "cpu"), torch.device("cpu"))
+    st.precond = torch.cat([q.to(device, torch.float64) for q in parts])
 
 
 def _adam(opt: Optimizer, params: Any, names: Any) -> OptimizerSetting:
