@@ -3,14 +3,15 @@
 :func:`stability` measures, at the current parameters of a :class:`~gdscope.problem.Problem`
 (meant to be at or near a minimum ``θ*``):
 
-* **the mean / full batch.** Sharpness ``h_max = λ_max(∇²L)`` against the optimizer's threshold
-  (GD ``2/η``, heavy ball ``2(1+β)/η``, Nesterov ``2(1+β)/((1+2β)η)``, Adam/AdamW: preconditioned
-  sharpness ``λ_max(P⁻¹H)`` against ``(2 + 2β₁)/((1 − β₁)η)``), the number of eigenvalues above the
-  threshold (Lanczos count loop, each separated from it by more than its residual), the top
-  mode's per-step log rate ``mu_top`` (``log|1 − ηh_max|`` for GD; the log spectral radius of the
-  mode's recursion with momentum), and whether a negative eigenvalue beyond ``flat_tol·h_max``
-  makes this a saddle. GD-stable iff every normal eigenvalue lies in ``(0, threshold)``;
-  eigenvalues within ``flat_tol·h_max`` of 0 are tangent to the manifold of minima.
+* **the mean / full batch.** Sharpness ``h_max = λ_max(∇²L)`` against the optimizer's threshold (GD
+  ``2/η``, heavy ball ``2(1+β)/η``, Nesterov ``2(1+β)/((1+2β)η)``; Adam/AdamW, RMSprop, Adagrad:
+  preconditioned sharpness ``λ_max(P^{-1/2}HP^{-1/2})`` against ``(2 + 2β₁)/((1 − β₁)η)``, ``2/η``
+  (``2(1+μ)/η``), ``2/η_t``: :mod:`gdscope.theory.optim`), the number of eigenvalues above the
+  threshold (Lanczos count loop, each separated from it by more than its residual), the top mode's
+  per-step log rate ``mu_top`` (``log|1 − ηh_max|`` for GD; the log spectral radius of the mode's
+  recursion with momentum), and whether a negative eigenvalue beyond ``flat_tol·h_max`` makes this
+  a saddle. GD-stable iff every normal eigenvalue lies in ``(0, threshold)``; eigenvalues within
+  ``flat_tol·h_max`` of 0 are tangent to the manifold of minima.
 * **SGD** (``batch_size`` given), batches drawn afresh without replacement at every step
   (:mod:`gdscope.theory.sgd_stability` has the process, the step matrices and the proofs):
 
@@ -161,9 +162,10 @@ def stability(
         chains, lyapunov_steps, burn_in: Lyapunov chains, averaged steps per chain and discarded
             initial steps (default ``lyapunov_steps // 4``).
         seed: Lanczos starts, Lyapunov batches and start vectors.
-        optimizer: a ``torch.optim`` optimizer whose settings are analysed (Adam/AdamW: the
-            preconditioned sharpness from its ``exp_avg_sq`` state; ``SGD``; gdscope's ``GD``,
-            ``HeavyBall``, ``Nesterov``).
+        optimizer: a ``torch.optim`` optimizer whose settings are analysed through its adapter
+            (:func:`gdscope.theory.optim.read_optimizer`): Adam/AdamW, RMSprop, Adagrad (the
+            preconditioned sharpness from their second-moment state); ``SGD``; gdscope's
+            ``GD``, ``HeavyBall``, ``Nesterov``.
         flat_tol: eigenvalues (and RMS per-sample curvatures) below ``flat_tol·max`` are tangent
             or neutral (default ``max(1e-6, 1e3·eps, 4·tol)``, ``tol`` after its dtype floor
             ``10·√P·eps``: about 1.5e-3 for a float32 model with 10⁵ parameters).

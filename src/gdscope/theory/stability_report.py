@@ -24,9 +24,10 @@ class StabilityReport:
     Full batch: ``sharpness`` (``λ_max(∇²L)``; a Lanczos lower bound when not converged) with
     ``sharpness_residual``; ``threshold`` (the optimizer's; ``None`` for an optimizer without
     one); ``gd_stable``; ``mu_top`` (per-step log rate of the top mode: ``log|1 − ηh_max|``
-    without momentum); ``count_above`` (eigenvalues above ``threshold``; of ``P⁻¹H`` for Adam);
+    without momentum); ``count_above`` (eigenvalues above ``threshold``; of
+    ``P^{-1/2}HP^{-1/2}`` for adaptive optimizers);
     ``smallest`` and ``is_saddle``; ``gradient_norm`` and ``gradient_ratio``;
-    ``preconditioned_sharpness`` (Adam/AdamW).
+    ``preconditioned_sharpness`` (Adam/AdamW, RMSprop, Adagrad).
 
     SGD: ``noise_factor`` ``p``; ``sgd_mean_square_stable``; ``mean_square_rho`` (exact ``ρ(T)`` on
     the normal space) and its residual; ``mean_square_threshold`` (the ``lr`` where ``ρ(T) = 1``;
