@@ -180,8 +180,16 @@ RunPayload = dict[str, Any]
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions, device and threads of this process, recorded with each run."""
+    """Versions, device and threads of this process, recorded with each run.
+
+    ``thread_choice`` is the :class:`gdscope.threads.ThreadChoice` in force (how many threads and
+    why: CPUs allowed, busy, free), or None when the thread count was not chosen by gdscope.
+    """
     import torch
+
+    from gdscope.threads import current_choice
+
+    choice = current_choice()
 
     cuda = torch.cuda.is_available()
     try:
@@ -196,6 +204,7 @@ def environment_info() -> dict[str, Any]:
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "threads": torch.get_num_threads(),
+        "thread_choice": None if choice is None else choice.to_dict(),
         "hostname": socket.gethostname(),
         "gdscope": version,
     }

@@ -1,0 +1,129 @@
+"""The thread choice: injected CPU counts and loads (no timing), /proc/stat and cgroup parsing,
+and its record in the run's environment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdscope import threads
+from gdscope.errors import InvalidArgumentError
+from gdscope.store import Store, environment_info
+from gdscope.threads import (
+    ThreadChoice,
+    apply_threads,
+    busy_cpus,
+    choose_threads,
+    current_choice,
+    reset_threads,
+)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "busy", "cap", "expected", "free"),
+    [
+        (2, 0.0, None, 2, 2),  # idle: every CPU
+        (2, 0.2, None, 2, 2),  # background noise below the slack counts as free
+        (2, 0.3, None, 1, 1),  # a third of a core busy: a partner thread would wait on it
+        (2, 1.0, None, 1, 1),  # `while True: pass` on one core
+        (2, 2.0, None, 1, 0),  # everything busy: still one thread
+        (2, 5.0, None, 1, 0),  # a load above the CPU count
+        (8, 3.0, None, 5, 5),
+        (8, 0.0, 4, 4, 8),  # capped by the workload
+        (2, 0.0, 1, 1, 2),  # the demo: small models, one thread
+        (1, 0.0, None, 1, 1),
+    ],
+)
+def test_choice_from_injected_counts(allowed, busy, cap, expected, free):
+    choice = choose_threads(allowed=allowed, busy=busy, cap=cap)
+    assert choice.threads == expected and choice.free == free
+    assert choice.allowed == allowed and choice.source == "given"
+    assert f"{allowed} CPU" in choice.reason and f"{free} free" in choice.reason
+    assert choice.describe().startswith(f"threads: {expected} (")
+    if cap is not None and cap < free:
+        assert "capped" in choice.reason
+    if free == 0:
+        assert "at least one thread" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"allowed": 0, "busy": 0.0},
+        {"allowed": True, "busy": 0.0},
+        {"allowed": 2, "busy": -1.0},
+        {"allowed": 2, "busy": float("nan")},
+        {"allowed": 2, "busy": "1"},
+        {"allowed": 2, "busy": 0.0, "cap": 0},
+    ],
+)
+def test_bad_arguments_are_refused(kwargs):
+    with pytest.raises(InvalidArgumentError):
+        choose_threads(**kwargs)
+
+
+def test_busy_from_proc_stat_sample(monkeypatch):
+    # cpu0 fully busy over the sample, cpu1 idle; cpu2 is not ours
+    samples = iter(
+        [
+            {"cpu0": (100, 1000), "cpu1": (500, 1000)},
+            {"cpu0": (100, 1025), "cpu1": (525, 1025)},
+        ]
+    )
+    monkeypatch.setattr(threads, "_cpu_times", lambda ids: next(samples))
+    busy, source = busy_cpus([0, 1], 2, sample=0.0)
+    assert busy == pytest.approx(1.0) and "/proc/stat" in source
+    assert choose_threads(allowed=2, busy=busy).threads == 1
+
+
+def test_proc_stat_parsing(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  10 0 10 100 0 0 0 0 0 0\n"
+        "cpu0 5 0 5 50 2 0 0 1 0 0\n"
+        "cpu1 5 0 5 50 0 0 0 0 0 0\n"
+        "cpu2 1 0 1 1 0 0 0 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    monkeypatch.setattr(threads, "_PROC_STAT", stat)
+    times = threads._cpu_times([0, 1])
+    assert times == {"cpu0": (52, 63), "cpu1": (50, 60)}  # idle + iowait, total with steal
+
+
+def test_without_proc_stat_the_load_average_is_used(monkeypatch, tmp_path):
+    monkeypatch.setattr(threads, "_PROC_STAT", tmp_path / "missing")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    busy, source = busy_cpus(None, 2, sample=0.0)
+    assert busy == 2.0 and source == "1-minute load average"  # capped at the CPUs allowed
+
+
+def test_cgroup_quota_limits_allowed(monkeypatch, tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(threads, "_CPU_MAX", cpu_max)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    cpu_max.write_text("150000 100000\n")
+    assert threads.allowed_cpus() == (2, [0, 1, 2, 3])
+    cpu_max.write_text("max 100000\n")
+    assert threads.allowed_cpus()[0] == 4
+
+
+def test_machine_choice_is_sane():
+    choice = choose_threads(sample=0.05)
+    assert 1 <= choice.threads <= choice.allowed and choice.busy >= 0
+
+
+def test_apply_records_choice_in_environment_and_reset_restores(tmp_path):
+    before = torch.get_num_threads()
+    choice = ThreadChoice(1, 2, 1.0, 1, None, "given", "2 CPUs allowed, 1.00 busy → 1 free")
+    try:
+        apply_threads(choice)
+        assert torch.get_num_threads() == 1 and current_choice() is choice
+        env = environment_info()
+        assert env["threads"] == 1 and env["thread_choice"]["reason"] == choice.reason
+        with Store(tmp_path / "r.db") as store:
+            run = store.create_run("r")
+            assert store.run(run).environment["thread_choice"]["threads"] == 1
+    finally:
+        reset_threads()
+    assert torch.get_num_threads() == before and current_choice() is None
+    assert environment_info()["thread_choice"] is None
