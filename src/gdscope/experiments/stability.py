@@ -1000,17 +1000,7 @@ class StabilityExperiment(Experiment):
         ends = _end_points(gd)
         blocked = _minimum_blocked(m)
         if blocked:
-            return Verdict(
-                claim,
-                predicted,
-                f"{blocked}; {ends}",
-                None,
-                {"end_points": ends},
-                reason=blocked,
-                theorem=_GD_MIN_THEOREM,
-                section=_SEC_MIN,
-                assumption=blocked,
-            )
+            return _blocked_verdict(claim, predicted, blocked, ends, _GD_MIN_THEOREM)
         assert m is not None
         parts, per = [], []
         for t in m["gd_tests"]:
@@ -1052,17 +1042,7 @@ class StabilityExperiment(Experiment):
         ends = _end_points(sgd)
         blocked = _minimum_blocked(m)
         if blocked:
-            return Verdict(
-                claim,
-                predicted,
-                f"{blocked}; {ends}",
-                None,
-                {"end_points": ends},
-                reason=blocked,
-                theorem=_SGD_MIN_THEOREM,
-                section=_SEC_MIN,
-                assumption=blocked,
-            )
+            return _blocked_verdict(claim, predicted, blocked, ends, _SGD_MIN_THEOREM)
         assert m is not None
         parts, per = [], []
         for t in m["sgd_tests"]:
@@ -1417,6 +1397,21 @@ def _reason(holds: bool | None, per: list[str]) -> str:
 
 def _span(lo: float, hi: float) -> str:
     return f"{lo:+.4f}" if lo == hi else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def _blocked_verdict(claim: str, predicted: str, blocked: str, ends: Any, theorem: str) -> Verdict:
+    """The claim about minima when no minimum was reached: outside its assumptions."""
+    return Verdict(
+        claim,
+        predicted,
+        f"{blocked}; {ends}",
+        None,
+        {"end_points": ends},
+        reason=blocked,
+        theorem=theorem,
+        section=_SEC_MIN,
+        assumption=blocked,
+    )
 
 
 def _minimum_blocked(m: dict[str, Any] | None) -> str:
