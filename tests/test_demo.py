@@ -14,6 +14,7 @@ from torch import nn
 
 import gdscope as gs
 from gdscope.demo import (
+    SUMMARY,
     DemoConfig,
     _control_verdict,
     _drift,
@@ -173,7 +174,8 @@ def test_demo_page_and_store(small_demo):
     statuses = re.findall(r"data-status='(\w+)'", html)
     assert statuses and "fails" not in statuses and "undetermined" not in statuses
     assert statuses.count("outside") == 2
-    assert "data-name='kernel-regime'" in html and "data-name='edge-of-stability'" in html
+    assert "data-name='kernel-regime'" in html and html.count("data-name='sharpness'") == 1
+    assert SUMMARY in html and "divided by each run&#x27;s own stability threshold" in html
     with Store(result.store_path, readonly=True) as store:
         (exp,) = store.experiments()
         assert exp.name == "demo" and len(exp.run_ids) == 4

@@ -320,6 +320,90 @@ def test_sharpness_band_is_not_squashed_and_legend_is_outside(figures):
     assert any(isinstance(h, Line2D) and h.get_linestyle() == "--" for h in handles)
 
 
+def test_thresholds_far_apart_share_one_relative_axis(figures):
+    """2/η at η = 0.25 (8) and at η = 2 (1): drawn as sharpness/threshold with one line at 1;
+    thresholds within THRESHOLD_SPREAD stay absolute."""
+    x = np.arange(0, 100, 10)
+    runs = {
+        "lr0.25": {"sharpness": (x, np.linspace(0.5, 1.4, 10)), "threshold": (x, np.full(10, 8.0))},
+        "lr2": {"sharpness": (x, np.linspace(0.5, 1.05, 10)), "threshold": (x, np.full(10, 1.0))},
+    }
+    fig, caption = plots.sharpness_figure(runs, plots.run_colors(list(runs)))
+    (ax,) = fig.axes
+    solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    np.testing.assert_allclose(solid[0].get_ydata(), np.linspace(0.5, 1.4, 10) / 8)
+    np.testing.assert_allclose(solid[1].get_ydata(), np.linspace(0.5, 1.05, 10))
+    assert "divided by each run's own stability threshold" in caption
+    assert ax.get_ylim()[1] < 2  # the band near 1 fills the axis, not a line at 8
+    # a threshold that changes mid-run (a schedule) divides each value by the one in force
+    sched = {
+        "s": {
+            "sharpness": (x, np.full(10, 2.0)),
+            "threshold": (np.array([0, 50]), np.array([4, 1.0])),
+        }
+    }
+    both = {**sched, "lr0.25": runs["lr0.25"]}
+    fig, _ = plots.sharpness_figure(both, plots.run_colors(list(both)))
+    first = next(ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "-")
+    np.testing.assert_allclose(first.get_ydata(), [0.5] * 5 + [2.0] * 5)
+    near = {"a": runs["lr2"], "b": {**runs["lr2"], "threshold": (x, np.full(10, 2.0))}}
+    fig, caption = plots.sharpness_figure(near, plots.run_colors(list(near)))
+    assert "divided" not in caption and "dashed: the optimizer's stability threshold" in caption
+
+
+def test_adam_preconditioned_sharpness_drawn_against_its_threshold(figures):
+    x = np.arange(0, 50, 5)
+    runs = {
+        "adamw": {
+            "preconditioned_sharpness": (x, np.linspace(100, 370, 10)),
+            "preconditioned_threshold": (x, np.full(10, 380.0)),
+            "loss": (x, 1.0 / (1 + x)),
+        }
+    }
+    made = [p for f in plots.FIGURES if (p := f(runs, plots.run_colors(["adamw"]))) is not None]
+    assert "preconditioned_sharpness" not in plots.other_metric_names(runs)
+    (fig, caption) = plots.preconditioned_sharpness_figure(runs, plots.run_colors(["adamw"]))
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(made) == 2 and [set(d.get_ydata()) for d in dashed] == [{380.0}]
+    assert "(2 + 2β₁)/((1 − β₁)η) for Adam" in caption
+
+
+def test_experiment_page_does_not_repeat_its_own_figures(tmp_path):
+    """A figure the experiment stored as ``sharpness`` replaces the run figure of that name."""
+    with Store(tmp_path / "runs.db") as store:
+        run = store.create_run("r", environment=ENV)
+        t = np.arange(12)
+        _log(store, run, "loss", 1.0 / (1 + t))
+        _log(store, run, "sharpness", 1 + 0.1 * t)
+        store.finish_run(run, "completed")
+        payload = store.export_run(run)
+        own = plots.sharpness_figure(
+            {"r": {"sharpness": store.series(run, "sharpness")}}, plots.run_colors(["r"])
+        )
+        fig = {"name": own.name, "caption": "the figure drawn by the experiment", "uri": own.uri}
+        pages = {}
+        for key, figs in (("own", [fig]), ("none", [])):
+            exp = store.add_experiment(
+                "x",
+                {},
+                key,
+                status="completed",
+                verdicts=[],
+                results=[],
+                figures=figs,
+                runs=[payload],
+            )
+            pages[key] = write_experiment_report(store, exp, tmp_path / f"{key}.html").read_text()
+    run_caption = "Sharpness λ_max(∇²L); dashed"
+    assert (
+        run_caption in pages["none"] and "the figure drawn by the experiment" not in pages["none"]
+    )
+    own_page = pages["own"]
+    assert run_caption not in own_page and "the figure drawn by the experiment" in own_page
+    assert own_page.count("<img") == pages["none"].count("<img")  # one sharpness, not two
+    assert "The experiment&#x27;s own figures above draw sharpness." in own_page
+
+
 # ---------------------------------------------------------------------- theory
 def test_theory_ships_with_the_package_and_docs_links_to_it():
     doc = ROOT / "docs" / "theory.md"

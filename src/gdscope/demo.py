@@ -198,6 +198,14 @@ class DemoResult:
 Phase = Callable[[str], AbstractContextManager[Any]]
 
 
+#: The demo page's title and the one line under it.
+TITLE = "gdscope demo: the kernel regime, feature learning and the edge of stability on digits"
+SUMMARY = (
+    "a wide NTK-parameterized net trains as its linearization predicts; a standard net learns "
+    "features instead; full-batch GD drives the sharpness to 2/η and holds it there"
+)
+
+
 def choose_demo_threads() -> ThreadChoice:
     """The demo's thread choice: the CPUs free here, at most :data:`DEMO_THREAD_CAP`."""
     return choose_threads(cap=DEMO_THREAD_CAP)
@@ -247,8 +255,7 @@ def run_demo(
                     store,
                     exp_id,
                     out / "report.html",
-                    title="gdscope demo: the kernel regime, feature learning and the edge of "
-                    "stability on digits",
+                    title=TITLE,
                 )
     finally:
         reset_threads()
@@ -498,10 +505,11 @@ class _Demo:
         if fig is not None:
             out.append(
                 plots.Plot(
-                    "edge-of-stability",
-                    "Edge of stability: sharpness λ_max(∇²L) of the standard net under "
-                    "full-batch GD (solid) against 2/η (dashed, same colour). At the larger "
-                    "step sizes it rises to 2/η and hovers; at the control it stays below.",
+                    fig.name,
+                    "Edge of stability: the standard net under full-batch GD. "
+                    + fig.caption
+                    + " At the larger step sizes the sharpness rises to 2/η and hovers; at the "
+                    "control it stays below.",
                     fig.uri,
                 )
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ def write_experiment_report(
     gdscope wrote; never the store or another file)."""
     out = _check_out(path, store)
     info = store.experiment(experiment_id)
+    figs = [f for f in info.figures if isinstance(f, Mapping)]
     summary = _summary(info.name)
     head = f"{info.name}: {summary}" if summary else info.name
     sections = [
@@ -77,7 +78,7 @@ def write_experiment_report(
             "figures", "Figures", "The figures the experiment drew.", _plots(info.figures)
         ),
         _config_section(info),
-        *_runs_sections(store, info.run_ids),
+        *_runs_sections(store, info.run_ids, skip={str(f.get("name", "")) for f in figs}),
         appendix(cited_sections(info.verdicts)),
     ]
     return _write_page(
@@ -136,9 +137,13 @@ def _header(title: str, subtitle: str) -> str:
 
 
 def _summary(name: str) -> str:
-    """The experiment's one-line summary, if it is registered in this process."""
+    """The experiment's one-line summary, if it is registered in this process (or the demo's)."""
     from gdscope.experiments import get_experiment
 
+    if name == "demo":
+        from gdscope.demo import SUMMARY
+
+        return SUMMARY
     try:
         return get_experiment(name).summary
     except (ConfigError, AttributeError):
@@ -200,7 +205,9 @@ def _config_section(info: ExperimentInfo) -> str:
     )
 
 
-def _runs_sections(store: Store, run_ids: Sequence[int]) -> list[str]:
+def _runs_sections(store: Store, run_ids: Sequence[int], skip: Collection[str] = ()) -> list[str]:
+    """The runs table and their standard figures, without those named in ``skip`` (figures the
+    experiment drew under the same name, e.g. its own ``sharpness``)."""
     infos = [store.run(r) for r in run_ids]
     if not infos:
         return ["<section id='runs'><h2>Runs</h2><p class='note'>No runs recorded.</p></section>"]
@@ -225,8 +232,11 @@ def _runs_sections(store: Store, run_ids: Sequence[int]) -> list[str]:
             label: {name: store.series(info.id, name) for name in store.metric_names(info.id)}
             for label, info in zip(labels, infos, strict=True)
         }
-        figures = plots.standard_figures(data, colors)
+        figures = plots.standard_figures(data, colors, skip=skip)
         intro = "The x axis counts the optimizer updates applied to the parameters measured."
+        shown = sorted(set(skip) & {"loss", "sharpness", "preconditioned-sharpness"})
+        if shown:
+            intro += f" The experiment's own figures above draw {', '.join(shown)}."
     return [runs, _figures_section("run-figures", "Run figures", intro, figures)]
 
 

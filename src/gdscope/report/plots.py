@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "loss_figure",
     "other_figures",
     "other_metric_names",
+    "preconditioned_sharpness_figure",
     "prediction_figure",
     "run_colors",
     "sharpness_figure",
@@ -57,6 +58,8 @@ KNOWN_METRICS = frozenset(
         "dist_init_rel",
         "sharpness",
         "threshold",
+        "preconditioned_sharpness",
+        "preconditioned_threshold",
         "hessian_trace",
         "hessian_trace_se",
     }
@@ -305,22 +308,56 @@ def grad_norm_figure(runs: Runs, colors: Colors) -> Plot | None:
     )
 
 
+#: Thresholds of the runs on one figure that differ by more than this factor put every run's
+#: sharpness on one relative axis (sharpness/threshold), so no threshold squashes another's band.
+THRESHOLD_SPREAD = 3.0
+
+#: The pairs drawn as sharpness figures: (figure name, sharpness metric, threshold metric, title,
+#: the threshold in words).
+SHARPNESS_PAIRS = (
+    ("sharpness", "sharpness", "threshold", "sharpness λ_max(∇²L)", "2/η for GD"),
+    (
+        "preconditioned-sharpness",
+        "preconditioned_sharpness",
+        "preconditioned_threshold",
+        "preconditioned sharpness λ_max(P⁻¹∇²L)",
+        "(2 + 2β₁)/((1 − β₁)η) for Adam",
+    ),
+)
+
+
 def sharpness_figure(
-    runs: Runs, colors: Colors, orbits: Mapping[str, tuple[int, int]] | None = None
+    runs: Runs,
+    colors: Colors,
+    orbits: Mapping[str, tuple[int, int]] | None = None,
+    pair: int = 0,
 ) -> Plot | None:
     """Sharpness per run, with its stability threshold dashed in the same colour.
 
+    ``pair`` picks the metrics from :data:`SHARPNESS_PAIRS` (0: ``sharpness``/``threshold``,
+    1: Adam's ``preconditioned_sharpness``/``preconditioned_threshold``). When the runs'
+    thresholds differ by more than :data:`THRESHOLD_SPREAD` (e.g. 2/η at η = 0.25 and at 2),
+    every run is drawn relative to its own threshold (``λ/threshold``, one line at 1).
     ``orbits`` maps a run label to ``(period, onset step)`` of a detected cycle: a dotted
     vertical line in the run's colour marks the onset, labelled with the period.
     """
-    have = [label for label, s in runs.items() if "sharpness" in s]
+    name, metric, thr_metric, title, thr_words = SHARPNESS_PAIRS[pair]
+    have = [label for label, s in runs.items() if metric in s]
     if not have:
         return None
-    fig, (ax,) = _figure()
+    view = {label: {"sharpness": runs[label][metric]} for label in have}
     for label in have:
-        _line(ax, runs[label]["sharpness"], colors[label], label)
-        if "threshold" in runs[label]:
-            x, thr = runs[label]["threshold"]
+        if thr_metric in runs[label]:
+            view[label]["threshold"] = runs[label][thr_metric]
+    relative = _relative_view(view)
+    fig, (ax,) = _figure()
+    if relative is not None:
+        view = relative
+        ax.axhline(1.0, color="0.35", ls="--", lw=1.1)
+    for label in have:
+        _line(ax, view[label]["sharpness"], colors[label], label)
+        if relative is None and "threshold" in view[label]:
+            x, thr = view[label]["threshold"]
             ax.plot(x, _finite(thr), "--", color=colors[label], lw=1.1, drawstyle="steps-post")
     for label, (period, onset) in (orbits or {}).items():
         if label in colors:
@@ -334,22 +371,68 @@ def sharpness_figure(
                 color=colors[label],
                 fontsize="small",
             )
-    ax.set_title("sharpness λ_max(∇²L)")
-    threshold = Line2D([], [], color="0.35", ls="--", label="threshold (2/η for GD)")
-    _legend(ax, [threshold] if any("threshold" in runs[label] for label in have) else [])
-    clipped = _band_of_interest(ax, runs, have, colors)
-    caption = (
-        "Sharpness (largest Hessian eigenvalue); dashed: the optimizer's stability threshold, in "
-        "the run's colour (it follows the learning-rate schedule). The edge of stability is "
-        "where they meet."
-    )
+    if relative is None:
+        ax.set_title(title)
+        threshold = Line2D([], [], color="0.35", ls="--", label=f"threshold ({thr_words})")
+        _legend(ax, [threshold] if any("threshold" in view[label] for label in have) else [])
+        caption = (
+            f"{title[0].upper()}{title[1:]}; dashed: the optimizer's stability threshold "
+            f"({thr_words}), in the run's colour (it follows the learning-rate schedule). The "
+            "edge of stability is where they meet."
+        )
+    else:
+        ax.set_title(f"{title} / threshold")
+        _legend(ax, [Line2D([], [], color="0.35", ls="--", label="threshold (= 1)")])
+        caption = (
+            f"{title[0].upper()}{title[1:]} divided by each run's own stability threshold "
+            f"({thr_words}, taken at each step): the thresholds differ by more than "
+            f"{THRESHOLD_SPREAD:g}×, so on one absolute axis the largest would squash the others. "
+            "The edge of stability is the dashed line at 1."
+        )
+    clipped = _band_of_interest(ax, view, have, colors)
     if clipped:
         caption += (
             f" The y axis is cut at {clipped[0]:.4g} to keep the band around the threshold "
             f"readable: {clipped[1]} value(s) above it (up to {clipped[2]:.4g}) are drawn as ▲ "
             "on the top edge."
         )
-    return _render(fig, "sharpness", caption)
+    return _render(fig, name, caption)
+
+
+def _threshold_at(threshold: Series, steps: np.ndarray) -> np.ndarray:
+    """The threshold in force at each of ``steps`` (it holds until the next record; NaN before
+    the first)."""
+    x, thr = threshold
+    idx = np.searchsorted(x, steps, side="right") - 1
+    out = np.full(steps.shape, np.nan)
+    ok = idx >= 0
+    out[ok] = thr[idx[ok]]
+    return out
+
+
+def _relative_view(view: Runs) -> dict[str, dict[str, Series]] | None:
+    """Each run's sharpness divided by its threshold, with threshold 1, when every run has a
+    positive threshold and their medians differ by more than :data:`THRESHOLD_SPREAD`; else
+    None."""
+    if any("threshold" not in s for s in view.values()):
+        return None
+    medians = []
+    for s in view.values():
+        thr = s["threshold"][1]
+        thr = thr[np.isfinite(thr)]
+        if not thr.size or thr.min() <= 0:
+            return None
+        medians.append(float(np.median(thr)))
+    if max(medians) <= THRESHOLD_SPREAD * min(medians):
+        return None
+    out: dict[str, dict[str, Series]] = {}
+    for label, s in view.items():
+        x, v = s["sharpness"]
+        out[label] = {
+            "sharpness": (x, v / _threshold_at(s["threshold"], x)),
+            "threshold": (x, np.ones(x.shape)),
+        }
+    return out
 
 
 #: The sharpness axis ends this far above the largest value it shows.
@@ -482,10 +565,16 @@ def trace_figure(runs: Runs, colors: Colors) -> Plot | None:
     )
 
 
+def preconditioned_sharpness_figure(runs: Runs, colors: Colors) -> Plot | None:
+    """Adam's preconditioned sharpness against its threshold (:func:`sharpness_figure`, pair 1)."""
+    return sharpness_figure(runs, colors, pair=1)
+
+
 FIGURES = (
     loss_figure,
     accuracy_figure,
     sharpness_figure,
+    preconditioned_sharpness_figure,
     grad_norm_figure,
     distance_figure,
     trace_figure,
@@ -493,15 +582,19 @@ FIGURES = (
 
 
 def standard_figures(
-    runs: Runs, colors: Colors, orbits: Mapping[str, tuple[int, int]] | None = None
+    runs: Runs,
+    colors: Colors,
+    orbits: Mapping[str, tuple[int, int]] | None = None,
+    skip: Collection[str] = (),
 ) -> list[Plot]:
-    """The standard figures some run has metrics for, in report order (``orbits``: see
+    """The standard figures some run has metrics for, in report order, leaving out those named
+    in ``skip`` (e.g. a figure an experiment page already draws its own way; ``orbits``: see
     :func:`sharpness_figure`)."""
     figures = (
         sharpness_figure(runs, colors, orbits) if f is sharpness_figure else f(runs, colors)
         for f in FIGURES
     )
-    return [p for p in figures if p is not None]
+    return [p for p in figures if p is not None and p.name not in skip]
 
 
 def other_metric_names(runs: Runs) -> list[str]:

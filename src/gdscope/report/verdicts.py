@@ -244,9 +244,13 @@ def mark(status: Status) -> str:
 
 
 def status_cell(v: Verdict) -> str:
-    """The verdict cell: coloured mark, one-line reason and (outside) the unmet assumption."""
+    """The verdict cell: coloured mark, one-line reason and (outside) the unmet assumption; a
+    reason that only repeats the assumption is shown once, as the assumption."""
     css = STATUS_STYLE[v.status][0]
-    reason = f"<div class='reason'>{html.escape(v.reason)}</div>" if v.reason else ""
+    repeated = bool(v.assumption) and v.reason.strip() == v.assumption.strip()
+    reason = (
+        f"<div class='reason'>{html.escape(v.reason)}</div>" if v.reason and not repeated else ""
+    )
     assumption = (
         f"<div class='assumption'><b>Assumption not met:</b> {html.escape(v.assumption)}</div>"
         if v.assumption
