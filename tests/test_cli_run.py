@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gdscope.cli import app
@@ -57,7 +58,8 @@ class CliTiny(Experiment):
 
     def judge(self, cfg: CliConfig, results: list[dict]) -> Judgement:
         worst = max(r["rate"] for r in results)
-        return Judgement([Verdict(CLAIM, "r < 1", f"max r = {worst:g}", worst < 1)])
+        why = f"largest rate {worst:g} {'<' if worst < 1 else '≥'} 1"
+        return Judgement([Verdict(CLAIM, "r < 1", f"max r = {worst:g}", worst < 1, reason=why)])
 
 
 def _experiments(db) -> list:
@@ -67,9 +69,19 @@ def _experiments(db) -> list:
 
 def test_run_prints_verdicts_and_writes_everything(tmp_path):
     out = tmp_path / "out"
+    before = torch.get_num_threads()
     res = runner.invoke(app, ["run", NAME, "--set", "rates=[0.5, 0.8]", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert CLAIM in res.output and "max r = 0.8" in res.output and "✔ holds" in res.output
+    assert "largest rate 0.8 < 1" in res.output  # the reason beside the mark
+    # serial: threads chosen from the free CPUs, said, recorded with each run, then restored
+    assert "threads: " in res.output and "allowed" in res.output
+    assert torch.get_num_threads() == before
+    with Store(out / "runs.db") as store:
+        envs = [store.run(r).environment for r in store.experiments()[0].run_ids]
+    assert all(e["thread_choice"]["threads"] >= 1 for e in envs)
+    listed = runner.invoke(app, ["runs", "--store", str(out / "runs.db")]).output
+    assert "why it stopped" in listed and "completed 4 steps" in listed
     assert 'task {"rate": 0.8} done' in res.output
     for name in ("runs.db", "verdict.json", "report.html"):
         assert (out / name).exists() and str(out / name) in res.output

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,21 +158,27 @@ def demo(
 @app.command()
 def runs(store: Path = typer.Option(Path("runs.db"), help="The SQLite store.")) -> None:
     """List the runs in a store."""
+    from gdscope.report.summary import stop_reason
     from gdscope.store import Store
 
     _need_store(store)
     try:
         with Store(store, readonly=True) as s:
             table = Table(title=_safe(store, one_line=True))
-            for col in ("id", "name", "status", "last step", "created"):
-                table.add_column(col, overflow="fold")
-            for r in s.runs():
+            runs = s.runs()
+            # names stay whole on a narrow terminal; the stop reason folds first
+            longest = max((len(_safe(r.name, one_line=True)) for r in runs), default=4)
+            for col in ("id", "name", "status", "last step", "created", "why it stopped"):
+                width = min(longest, 32) if col == "name" else None
+                table.add_column(col, overflow="fold", min_width=width)
+            for r in runs:
                 table.add_row(
                     str(r.id),
                     _safe(r.name, one_line=True),
                     _safe(r.status_label, one_line=True),
                     "" if r.last_step is None else str(r.last_step),
                     _created(r.created_at),
+                    _safe(stop_reason(s, r), one_line=True),
                 )
             console.print(table)
     except GdscopeError as e:
@@ -249,8 +257,28 @@ def _verdict_table(title: str, verdicts: list[Any]) -> Table:
     for col in ("claim", "predicted", "measured", "verdict"):
         table.add_column(col, overflow="fold")
     for v in verdicts:
-        table.add_row(_safe(v.claim), _safe(v.predicted), _safe(v.measured), _mark(v))
+        reason = getattr(v, "reason", "")
+        verdict = f"{_mark(v)}\n[dim]{_safe(reason)}[/]" if reason else _mark(v)
+        table.add_row(_safe(v.claim), _safe(v.predicted), _safe(v.measured), verdict)
     return table
+
+
+@contextmanager
+def _threads(executor: str) -> Iterator[None]:
+    """With the serial executor (work in this process): torch's threads from the CPUs actually
+    free (:mod:`gdscope.threads`), said on the terminal and recorded with every run; restored
+    after. Pool workers set their own (one thread each)."""
+    if executor != "serial":
+        yield
+        return
+    from gdscope.threads import apply_threads, choose_threads, reset_threads
+
+    choice = apply_threads(choose_threads())
+    console.print(f"threads: {_safe(choice.describe(), one_line=True)}", highlight=False)
+    try:
+        yield
+    finally:
+        reset_threads()
 
 
 def _values(values: dict[str, Any]) -> str:
@@ -308,15 +336,16 @@ def run_command(
     ex = None
     try:
         ex = _executor(executor, address, workers)
-        result = run_experiment(
-            experiment,
-            overrides,
-            out=out,
-            executor=ex,
-            on_task=lambda o: console.print(
-                f"task {_safe(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
-            ),
-        )
+        with _threads(executor):
+            result = run_experiment(
+                experiment,
+                overrides,
+                out=out,
+                executor=ex,
+                on_task=lambda o: console.print(
+                    f"task {_safe(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
+                ),
+            )
     except GdscopeError as e:
         _fail(e)
         return
@@ -380,7 +409,10 @@ def sweep(
     ex = None
     try:
         ex = _executor(executor, address, workers)
-        result = run_sweep(config, overrides, out=out, executor=ex, name=name, on_point=progress)
+        with _threads(executor):
+            result = run_sweep(
+                config, overrides, out=out, executor=ex, name=name, on_point=progress
+            )
     except GdscopeError as e:
         _fail(e)
         return
