@@ -18,6 +18,14 @@ are stored once).
 ends, marks the run finished with :meth:`Tracker.finish`: the stored run is complete when ``fit``
 returns, and :meth:`Tracker.record_prediction` and :meth:`Tracker.close` (with a summary) still
 work. A prediction may be recorded before training too; it is stored when the run starts.
+
+With an adapter (dict batches, Hugging Face style models) the loop may pass what it has:
+``outputs`` the model's output object (its logits are taken by the adapter) and ``targets`` the
+dict batch (its labels are taken); probes compare logits and labels as the loss does (shifted,
+ignored labels left out). A tracker used as a context manager (``with gs.Tracker(...) as
+tr:``) closes the run on exit: ``"completed"``, ``"diverged"`` (a
+:class:`~gdscope.errors.NonFiniteError`) or ``"failed"`` with ``summary={"error":
+"<ExcType>: <message>"}``, which the report's "why it stopped" shows.
 """
 
 from __future__ import annotations
@@ -234,10 +242,18 @@ class Tracker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close("completed")
+            return
+        from gdscope.train.fit import error_summary
+
+        error = exc if isinstance(exc, BaseException) else exc_type()
+        summary = error_summary(error)
+        if self.finished is not None:
+            # training already ended (gs.fit finished the run): keep its outcome, record the error
+            self.close(self.finished, summary)  # type: ignore[arg-type]
         elif issubclass(exc_type, NonFiniteError):
-            self.close("diverged")
+            self.close("diverged", summary)
         else:
-            self.close("failed")
+            self.close("failed", summary)
 
     # ------------------------------------------------------------------ the hot path
     def step(
@@ -245,10 +261,13 @@ class Tracker:
         step: int,
         optimizer: torch.optim.Optimizer | None = None,
         loss: Tensor | float | None = None,
-        outputs: Tensor | None = None,
-        targets: Tensor | None = None,
+        outputs: Tensor | Any | None = None,
+        targets: Tensor | Mapping[str, Any] | None = None,
     ) -> dict[str, float]:
         """Run the probes scheduled at ``step``; return their values.
+
+        ``outputs``/``targets``: the step's outputs and targets as given to the loss; with an
+        adapter also the model's output object and the dict batch.
 
         Raises :class:`~gdscope.errors.NonFiniteError` naming the step and the probe when a
         loss is not finite (after committing the step, so nothing is lost).
@@ -263,6 +282,7 @@ class Tracker:
             )
         step = self._check_step(step)
         loss_t = _check_loss(loss)
+        outputs, targets = self._adapt(outputs, targets)
         for name, value in (("outputs", outputs), ("targets", targets)):
             if value is not None and not isinstance(value, Tensor):
                 raise InvalidArgumentError(
@@ -314,6 +334,17 @@ class Tracker:
             )
         self._last_return = time.perf_counter()
         return values
+
+    def _adapt(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
+        """With an adapter: logits of an output object, labels of a dict batch."""
+        adapter = self.prob.adapter
+        if adapter is None:
+            return outputs, targets
+        if outputs is not None and not isinstance(outputs, Tensor):
+            outputs = adapter.logits(outputs)
+        if isinstance(targets, Mapping):
+            _, targets = adapter.split(targets, "targets (a dict batch)")
+        return outputs, targets
 
     def _check_step(self, step: Any) -> int:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:

@@ -6,6 +6,8 @@ Hessian is offered for small models as the oracle tests compare against.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -82,7 +84,7 @@ def hessian_eigs(
         check_vector("v0", v0, P, block=True)
     check_params(prob, params)
     op = curvature_operator(prob, curvature, params=params)
-    return lanczos(
+    res = lanczos(
         op,
         k,
         which,
@@ -94,6 +96,7 @@ def hessian_eigs(
         seed=seed,
         verify_multiplicity=verify_multiplicity,
     )
+    return dataclasses.replace(res, notes=res.notes + tuple(prob.notes)) if prob.notes else res
 
 
 def hessian_trace(

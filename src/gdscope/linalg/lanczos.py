@@ -96,7 +96,9 @@ class EigResult:
     restart found no further copy, or the basis spanned the whole space), ``False`` when it could
     not be (then ``converged`` is False: a missed copy of a repeated eigenvalue may hide behind
     small residuals), ``None`` when one value per end was asked for (multiplicity cannot change
-    it). ``note`` says what was not verified, if anything.
+    it). ``note`` says what was not verified, if anything. ``notes`` says how the operator was
+    evaluated when that differs from a plain forward (the problem's notes, e.g. attention through
+    the math SDPA backend; empty for a bare operator).
     """
 
     values: Tensor
@@ -112,6 +114,7 @@ class EigResult:
     stop_reason: str = ""
     multiplicity_resolved: bool | None = None
     note: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def converged(self) -> bool:

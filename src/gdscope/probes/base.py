@@ -21,7 +21,17 @@ from torch import Tensor
 from gdscope.errors import InvalidArgumentError
 from gdscope.problem import Params, Problem
 
-__all__ = ["At", "Every", "Iterate", "LogSpaced", "Probe", "ProbeState", "Schedule"]
+__all__ = [
+    "At",
+    "Every",
+    "Iterate",
+    "LogSpaced",
+    "Probe",
+    "ProbeState",
+    "Schedule",
+    "class_view",
+    "current_outputs",
+]
 
 Iterate = Literal["before", "after"]
 
@@ -158,3 +168,41 @@ class Probe(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule})"
+
+
+# ------------------------------------------------------------- outputs as the loss sees them
+def class_view(prob: Problem, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(outputs, targets)`` one row per prediction, as the loss compares them.
+
+    With an adapter, its :meth:`~gdscope.adapters.Adapter.loss_view` (causal shift, sequence
+    logits ``(N, T, C)`` flattened to ``(N·T', C)``); rows whose class label equals the loss's
+    ``ignore_index`` are left out. Otherwise the outputs are flattened per sample, ``(n, k)``.
+    """
+    if prob.adapter is not None:
+        outputs, targets = prob.adapter.loss_view(outputs, targets)
+    ignore = prob.loss_spec.ignore_index
+    if (
+        ignore is not None
+        and not targets.is_floating_point()
+        and targets.ndim == 1
+        and targets.shape[0] == outputs.shape[0]
+    ):
+        keep = targets != ignore
+        outputs, targets = outputs[keep.to(outputs.device)], targets[keep]
+    return outputs.reshape(outputs.shape[0], -1), targets
+
+
+def current_outputs(prob: Problem) -> tuple[Tensor, Tensor]:
+    """:func:`class_view` of all the data at the current parameters (no gradient), stacked.
+
+    Dict batches and adapters are handled as :meth:`Problem.forward` does.
+    """
+    outs: list[Tensor] = []
+    ys: list[Tensor] = []
+    params = prob.params
+    with torch.no_grad():
+        for x, y, _ in prob.batches():
+            o, t = class_view(prob, prob.forward(params, x), y)
+            outs.append(o)
+            ys.append(t.to(o.device))
+    return torch.cat(outs), torch.cat(ys)

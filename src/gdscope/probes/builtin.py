@@ -15,7 +15,14 @@ from torch import Tensor
 
 from gdscope.curvature import curvature_operator, hessian_trace
 from gdscope.linalg import CallableOperator, lanczos
-from gdscope.probes.base import Iterate, Probe, ProbeState, Schedule
+from gdscope.probes.base import (
+    Iterate,
+    Probe,
+    ProbeState,
+    Schedule,
+    class_view,
+    current_outputs,
+)
 from gdscope.problem import Problem
 from gdscope.theory.optim import read_optimizer
 
@@ -66,7 +73,8 @@ class AccuracyProbe(Probe):
     """``accuracy``: argmax accuracy of the step's outputs, else of the current parameters.
 
     Targets may be class indices or one-hot rows (MSE on one-hot labels); regression targets
-    give no value.
+    give no value. With an adapter, logits and labels are compared as the loss compares them
+    (causal shift, one row per token); labels equal to ``ignore_index`` do not count.
     """
 
     name = "accuracy"
@@ -77,11 +85,10 @@ class AccuracyProbe(Probe):
 
     def compute(self, state: ProbeState) -> dict[str, float]:
         if state.outputs is not None and state.targets is not None:
-            acc = _accuracy(state.outputs.reshape(state.outputs.shape[0], -1), state.targets)
+            outs, ys = class_view(state.problem, state.outputs, state.targets)
         else:
-            outs = state.problem.outputs()
-            ys = torch.cat([y for _, y, _ in state.problem.batches()])
-            acc = _accuracy(outs, ys)
+            outs, ys = current_outputs(state.problem)
+        acc = _accuracy(outs, ys) if outs.shape[0] else None
         return {} if acc is None else {"accuracy": acc}
 
 

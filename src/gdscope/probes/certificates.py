@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
+from torch.utils._pytree import tree_map
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
-from gdscope.probes.base import Iterate, Probe, ProbeState, Schedule
-from gdscope.problem import Params, Problem
+from gdscope.probes.base import Iterate, Probe, ProbeState, Schedule, current_outputs
+from gdscope.problem import Params, Problem, _batch_size, _take
 
 __all__ = [
     "BlockJacobianProbe",
@@ -197,23 +198,43 @@ def _div(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------- fixed samples
-def _fixed_inputs(prob: Problem, samples: int, seed: int) -> Tensor:
+def _fixed_inputs(prob: Problem, samples: int, seed: int) -> Any:
     """``samples`` inputs of ``prob``: a seeded random subset of tensor data, else the first
-    ones a pass over the loader yields (kept, so the sample never changes)."""
+    ones a pass over the loader yields (kept, so the sample never changes). Dict inputs (an
+    adapter's) stay dicts of tensors, sliced along the batch dimension."""
     full = prob.full_batch
     if full is not None:
         X = full[0]
-        if X.shape[0] <= samples:
+        n = _batch_size(X)
+        if n <= samples:
             return X
-        idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
-        return X[idx.to(X.device)]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+        return _take(X, idx.to(prob.device))
     parts, have = [], 0
     for x, _, _ in prob.batches():
-        parts.append(x[: samples - have])
-        have += parts[-1].shape[0]
+        parts.append(_take(x, slice(0, samples - have)))
+        have += _batch_size(parts[-1])
         if have >= samples:
             break
+    return _cat_inputs(parts)
+
+
+def _cat_inputs(parts: list[Any]) -> Any:
+    """Batches of inputs joined along the batch dimension (tensors, or dicts of tensors)."""
+    if isinstance(parts[0], Mapping):
+        return {
+            k: torch.cat([p[k] for p in parts]) if isinstance(v, Tensor) and v.ndim else v
+            for k, v in parts[0].items()
+        }
     return torch.cat(parts)
+
+
+def _to_problem(prob: Problem, x: Any) -> Any:
+    """Inputs on the problem's device, floating ones in its dtype (each tensor of a dict)."""
+    if isinstance(x, Mapping):
+        return {k: _to_problem(prob, v) for k, v in x.items()}
+    x = x.to(prob.device)
+    return x.to(prob.dtype) if x.is_floating_point() else x
 
 
 def _check_samples(samples: int) -> int:
@@ -226,7 +247,7 @@ def _check_samples(samples: int) -> int:
 _RELU_TYPES = (nn.ReLU, nn.LeakyReLU)
 
 
-def _relu_patterns(prob: Problem, modules: dict[str, nn.Module], x: Tensor) -> dict[str, Tensor]:
+def _relu_patterns(prob: Problem, modules: dict[str, nn.Module], x: Any) -> dict[str, Tensor]:
     """On/off state (output > 0) of every unit of every call of each module, flattened."""
     rec: dict[str, list[Tensor]] = {n: [] for n in modules}
 
@@ -276,7 +297,7 @@ class ReluPatternProbe(Probe):
         super().__init__(schedule)
         self.samples, self.seed = _check_samples(samples), seed
         self.module_names = None if modules is None else list(modules)
-        self._x: Tensor | None = None
+        self._x: Any = None
         self._modules: dict[str, nn.Module] = {}
         self._ref: dict[str, Tensor] | None = None
 
@@ -370,6 +391,12 @@ class DataSeparationProbe(Probe):
 
     def start(self, problem: Problem) -> None:
         x = _fixed_inputs(problem, self.max_samples, self.seed)
+        if isinstance(x, Mapping):
+            raise InvalidArgumentError(
+                f"data_separation needs tensor inputs (points in R^d); the problem's inputs are "
+                f"dict batches with keys {sorted(map(str, x))} (token ids have no distance "
+                "between directions): drop DataSeparationProbe for this problem."
+            )
         delta, zeros = data_separation(x)
         self._values = {
             "data_separation": delta,
@@ -469,10 +496,10 @@ class MarginProbe(Probe):
         theta = prob.flatten(prob.params).double()
         norm = torch.linalg.vector_norm(theta).item()
         out = {"param_norm": norm}
-        outs = prob.outputs().double()
-        ys = torch.cat([y for _, y, _ in prob.batches()]).to(outs.device)
-        labels = _labels(ys, outs.shape[1])
-        if labels is None or outs.shape[1] < 2:
+        outs, ys = current_outputs(prob)
+        outs = outs.double()
+        labels = _labels(ys.to(outs.device), outs.shape[1])
+        if labels is None or outs.shape[1] < 2 or outs.shape[0] == 0:
             return out
         correct = outs.gather(1, labels[:, None]).squeeze(1)
         others = outs.scatter(1, labels[:, None], -math.inf).max(dim=1).values
@@ -483,9 +510,7 @@ class MarginProbe(Probe):
 
 
 # ---------------------------------------------------------------------- block Jacobian
-def block_jacobian(
-    prob: Problem, module_name: str, x: Tensor, params: Params | None = None
-) -> Tensor:
+def block_jacobian(prob: Problem, module_name: str, x: Any, params: Params | None = None) -> Tensor:
     """Per-sample Jacobian of the outputs with respect to a block's output: ``(n, k, m)``.
 
     ``J_i = ∂ f(x_i) / ∂ z_i`` where ``z_i`` is the output of module ``module_name`` on sample
@@ -503,9 +528,7 @@ def block_jacobian(
         )
     module = named[module_name]
     params = prob.params if params is None else params
-    x = x.to(prob.device)
-    if x.is_floating_point():
-        x = x.to(prob.dtype)
+    x = _to_problem(prob, x)
     captured: list[Any] = []
     handle = module.register_forward_hook(lambda _m, _i, o: captured.append(o))
     try:
@@ -519,17 +542,18 @@ def block_jacobian(
             "module that runs exactly once (a block, not a shared activation)."
         )
     Z = captured[0]
-    if not isinstance(Z, Tensor) or Z.shape[:1] != x.shape[:1]:
+    if not isinstance(Z, Tensor) or Z.shape[0] != _batch_size(x):
         raise ShapeMismatchError(
             f"module {module_name!r} must return one tensor with the batch dimension first; "
             f"got {type(Z).__name__}{'' if not isinstance(Z, Tensor) else tuple(Z.shape)}."
         )
     Z = Z.detach()
 
-    def f(z: Tensor, xi: Tensor) -> Tensor:
+    def f(z: Tensor, xi: Any) -> Tensor:
         h = module.register_forward_hook(lambda _m, _i, _o: z.unsqueeze(0))
         try:
-            return prob.forward(params, xi.unsqueeze(0)).reshape(-1)
+            one = tree_map(lambda t: t.unsqueeze(0), xi)  # a batch of one (dicts too)
+            return prob.forward(params, one).reshape(-1)
         finally:
             h.remove()
 
@@ -566,7 +590,7 @@ class BlockJacobianProbe(Probe):
         self.module_name = module_name
         self.name = f"block_jacobian/{module_name}"
         self.samples, self.seed, self.keep = _check_samples(samples), seed, keep
-        self._x: Tensor | None = None
+        self._x: Any = None
         self.history: dict[int, Tensor] = {}
 
     def start(self, problem: Problem) -> None:

@@ -69,6 +69,7 @@ from torch import Tensor
 from gdscope.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from gdscope.kernels.ntk import default_memory, ntk
 from gdscope.problem import Problem
+from gdscope.theory.optim import read_optimizer
 
 __all__ = ["Prediction", "optimizer_spec", "predict"]
 
@@ -193,17 +194,32 @@ def _parse_optimizer(optimizer: Any) -> _Spec:
     if isinstance(optimizer, torch.optim.Optimizer):
         cls = type(optimizer)
         name = cls.__name__
-        if name in _GDSCOPE and cls.__module__.startswith("gdscope."):
-            pass
-        elif cls is torch.optim.SGD:
-            name = "SGD"
-        else:
+        # which optimizer this is: the adapters of gdscope.theory.optim (one place for that)
+        setting = read_optimizer(optimizer)
+        if setting.preconditioned:
             raise InvalidArgumentError(
                 f"predict models gs.GD, gs.HeavyBall, gs.Nesterov and torch.optim.SGD only, got "
-                f"{cls.__module__}.{cls.__qualname__}: adaptive optimizers (Adam, RMSprop, ...) "
-                "precondition the gradient with state that depends on the run, so their "
-                "linearized dynamics are not a fixed linear recursion."
+                f"{cls.__module__}.{cls.__qualname__} (an adaptive optimizer, family "
+                f"{setting.family!r}): it preconditions the gradient with state that depends on "
+                "the run, so its linearized dynamics are not a fixed linear recursion."
             )
+        exact = (name in _GDSCOPE and cls.__module__.startswith("gdscope.")) or (
+            cls is torch.optim.SGD
+        )
+        if setting.family == "none" and not exact:
+            raise InvalidArgumentError(
+                f"predict models gs.GD, gs.HeavyBall, gs.Nesterov and torch.optim.SGD only, got "
+                f"{cls.__module__}.{cls.__qualname__}: no optimizer adapter knows its update "
+                "(gdscope.theory.optim.read_optimizer), so there is no recursion to predict."
+            )
+        if not exact:
+            raise InvalidArgumentError(
+                f"predict models gs.GD, gs.HeavyBall, gs.Nesterov and torch.optim.SGD only "
+                f"(exact classes), got {cls.__module__}.{cls.__qualname__}: a subclass may "
+                "change step(), so its update is not known to be the recursion predicted."
+            )
+        if cls is torch.optim.SGD:
+            name = "SGD"
         if optimizer.state and any(len(s) for s in optimizer.state.values()):
             raise InvalidArgumentError(
                 f"the {name} optimizer has already taken steps (its state is not empty): "
@@ -782,6 +798,7 @@ def predict(
                 "x_test for test points)."
             )
         prob = problem_or_kernel
+        notes.extend(prob.notes)  # e.g. attention through the math SDPA backend
         K_t, f0_t, y_t, eps, jt0, Kt_t, f0t_t, jt0t, n, k = _problem_inputs(
             prob, optimizer, x_test, wd > 0
         )

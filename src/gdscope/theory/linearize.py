@@ -6,19 +6,23 @@ evaluated per forward with one ``torch.func.jvp`` (a forward-mode pass: about th
 forward passes, no Jacobian formed). ``θ`` is the module's trainable parameters, initialized to
 ``θ0``; any optimizer trains it, and autograd differentiates through the ``jvp``. For the
 linearized model the NTK is constant, so :func:`gdscope.theory.dynamics.predict` describes its
-training exactly (up to rounding).
+training exactly (up to rounding). Attention runs through the math SDPA backend inside the
+``jvp`` (:func:`gdscope.problem.math_attention`): fused kernels have no forward-mode AD.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.utils._pytree import tree_map
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
+from gdscope.problem import math_attention
 
 __all__ = ["LinearizedModel", "linearize"]
 
@@ -81,17 +85,27 @@ class LinearizedModel(nn.Module):
         p0 = self.params0()
         return {n: t - p0[n] for n, t in zip(self.names, self.theta, strict=True)}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``f(x; θ0) + J(x)(θ − θ0)``; arguments are passed to the original module as given.
+
+        The ``jvp`` runs under :func:`gdscope.problem.math_attention`: fused attention kernels
+        (SDPA flash/efficient, ``nn.MultiheadAttention``'s fast path) have no forward-mode AD,
+        the math backend computes the same values. Outputs may be a tensor or a pytree of
+        tensors (tuple, dict); every tensor leaf is linearized.
+        """
         p0 = self.params0()
         buffers = dict(self.base.named_buffers())
 
-        def f(params: dict[str, Tensor]) -> Tensor:
+        def f(params: dict[str, Tensor]) -> Any:
             # cloned inside the transform: a train-mode BatchNorm may update the clones in place
             fresh = {n: b.clone() for n, b in buffers.items()}
-            return functional_call(self.base, (params, fresh), (x,))
+            return functional_call(self.base, (params, fresh), args, kwargs)
 
-        out, tangent = jvp(f, (p0,), (self.delta(),))
-        return out + tangent
+        with math_attention():
+            out, tangent = jvp(f, (p0,), (self.delta(),))
+        if isinstance(out, Tensor):
+            return out + tangent
+        return tree_map(lambda o, t: o + t if isinstance(o, Tensor) else o, out, tangent)
 
 
 def linearize(model: nn.Module, params0: Mapping[str, Tensor] | None = None) -> LinearizedModel:

@@ -67,16 +67,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import stats
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, hessian, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
 from gdscope.linalg import CallableOperator, lanczos
-from gdscope.problem import Params, Problem
+from gdscope.problem import Params, Problem, _batch_size, _take
 
 __all__ = [
     "LyapunovEstimate",
@@ -167,6 +169,11 @@ def second_moment_matrix(
 
 
 # ---------------------------------------------------------------------- per-sample curvature
+def _unsqueeze(x: Any, dim: int) -> Any:
+    """``x.unsqueeze(dim)`` for a tensor or every tensor of a dict of inputs."""
+    return tree_map(lambda t: t.unsqueeze(dim), x)
+
+
 class SampleCurvature:
     """Per-sample and mini-batch Hessian products of a tensor-data :class:`Problem`.
 
@@ -199,29 +206,53 @@ class SampleCurvature:
         """Factor turning the Hessian of ``batch_loss`` on ``b`` samples into ``H_ξ``."""
         return 1.0 if self.prob.reduction == "mean" else self.n / b
 
+    def batch_loss(self, params: Params, x: Any, y: Tensor) -> Tensor:
+        """``prob.batch_loss``, written so that ``vmap`` can map it over batches.
+
+        Cross-entropy with ``ignore_index`` (``nn.CrossEntropyLoss``): the problem's criterion
+        branches on the data (an all-ignored batch gives 0, not 0/0), which ``vmap`` cannot
+        trace; here ``F.cross_entropy`` is called directly. The SGD parts run only when every
+        sample holds the same positive number of non-ignored labels (``stability`` checks it),
+        so no batch is all-ignored and the values are the criterion's.
+        """
+        prob = self.prob
+        spec = prob.loss_spec
+        if spec.name != "cross_entropy" or spec.ignore_index is None:
+            return prob.batch_loss(params, x, y)
+        out = prob.forward(params, x)
+        if prob.adapter is not None:
+            out, y = prob.adapter.loss_view(out, y)
+        return nn.functional.cross_entropy(
+            out,
+            y,
+            reduction=prob.reduction,
+            ignore_index=spec.ignore_index,
+            label_smoothing=spec.label_smoothing,
+        )
+
     def _hvp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """``H_batch v`` for one batch ``(x, y)`` (with its leading batch dimension)."""
         prob = self.prob
-        _, fn = vjp(grad(lambda p: prob.batch_loss(p, x, y)), self.params)
+        _, fn = vjp(grad(lambda p: self.batch_loss(p, x, y)), self.params)
         (hv,) = fn(prob.unflatten(v))
-        return self.batch_scale(x.shape[0]) * prob.flatten(hv)
+        return self.batch_scale(_batch_size(x)) * prob.flatten(hv)
 
     def _chunk(self, per_item: int) -> int:
         return max(1, CHUNK_NUMBERS // max(1, per_item))
 
     def batch_matvec(self, idx: Tensor, V: Tensor) -> Tensor:
         """``H_{ξ_c} v_c`` for chains ``c``: ``idx`` is ``(C, B)``, ``V`` is ``(C, P)``."""
-        x, y = self.X[idx], self.Y[idx]
+        x, y = _take(self.X, idx), self.Y[idx]
         f = vmap(self._hvp, chunk_size=self._chunk(self.P * idx.shape[1]))
         self.hvps += idx.shape[0]
         return f(x, y, V.to(self.device, self.dtype))
 
     def sample_matvec(self, v: Tensor, idx: Tensor | None = None) -> Tensor:
         """``H_i v`` for every sample (or those in ``idx``): ``(n, P)``."""
-        x, y = (self.X, self.Y) if idx is None else (self.X[idx], self.Y[idx])
+        x, y = (self.X, self.Y) if idx is None else (_take(self.X, idx), self.Y[idx])
         f = vmap(self._hvp, in_dims=(0, 0, None), chunk_size=self._chunk(self.P))
-        self.hvps += x.shape[0]
-        return f(x[:, None], y[:, None], v.to(self.device, self.dtype))
+        self.hvps += _batch_size(x)
+        return f(_unsqueeze(x, 1), y[:, None], v.to(self.device, self.dtype))
 
     def mean_matvec(self, v: Tensor) -> Tensor:
         """``(1/n) Σ H_i v`` (equals ``H v``: a consistency check), in chunks."""
@@ -237,7 +268,7 @@ class SampleCurvature:
         out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
         for idx in self._sample_chunks(2):
             u = self.sample_matvec(v, idx)
-            out += f(self.X[idx][:, None], self.Y[idx][:, None], u).sum(0)
+            out += f(_unsqueeze(_take(self.X, idx), 1), self.Y[idx][:, None], u).sum(0)
             self.hvps += idx.numel()
         return out / self.n
 
@@ -249,7 +280,7 @@ class SampleCurvature:
         f = vmap(inner, in_dims=(0, 0, None))  # over samples
         out = []
         for idx in self._sample_chunks(k):
-            HU = f(self.X[idx][:, None], self.Y[idx][:, None], U)  # (c, P, k)
+            HU = f(_unsqueeze(_take(self.X, idx), 1), self.Y[idx][:, None], U)  # (c, P, k)
             self.hvps += idx.numel() * k
             out.append(torch.einsum("pa,cpb->cab", U, HU))
         return torch.cat(out)
@@ -259,7 +290,9 @@ class SampleCurvature:
         prob = self.prob
 
         def f(theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            return self.batch_scale(1) * prob.batch_loss(prob.unflatten(theta), x[None], y[None])
+            return self.batch_scale(1) * self.batch_loss(
+                prob.unflatten(theta), _unsqueeze(x, 0), y[None]
+            )
 
         h = vmap(hessian(f), in_dims=(None, 0, 0), chunk_size=self._chunk(self.P * self.P))
         self.hvps += self.n * self.P
@@ -269,7 +302,7 @@ class SampleCurvature:
     def _sample_chunks(self, per_sample_vectors: int):
         c = self._chunk(self.P * per_sample_vectors)
         for s in range(0, self.n, c):
-            yield torch.arange(s, min(s + c, self.n), device=self.X.device)
+            yield torch.arange(s, min(s + c, self.n), device=self.Y.device)
 
 
 # ---------------------------------------------------------------------- the normal space

@@ -125,6 +125,35 @@ def _resolve_optimizer(
     return st
 
 
+def _uneven_label_counts(prob: Problem) -> str | None:
+    """Why the SGD analysis does not apply to a cross-entropy mean over non-ignored labels
+    whose samples hold different numbers of them (``None`` when they hold the same number).
+
+    Under ``reduction="mean"`` with ``ignore_index`` the loss weighs sample ``i`` by its share
+    ``m_i/m`` of the non-ignored labels; the SGD analysis draws samples uniformly and takes
+    ``L`` as the mean of per-sample losses, which holds only when every ``m_i`` is the same.
+    """
+    ignore = prob.loss_spec.ignore_index
+    if ignore is None or prob.reduction != "mean":
+        return None
+    counts: set[int] = set()
+    for _, y, _ in prob.batches():
+        if y.is_floating_point():
+            return None
+        if prob.adapter is not None and prob.adapter.shift and y.ndim >= 2:
+            y = y[:, 1:]
+        counts.update((y != ignore).reshape(y.shape[0], -1).sum(1).tolist())
+        if len(counts) > 1:
+            return (
+                f"the loss is a mean over the labels not equal to ignore_index={ignore}, and "
+                f"samples hold different numbers of them (e.g. {sorted(counts)[:2]}): L weighs "
+                "each sample by its label count, not uniformly as the SGD analysis "
+                "(per-sample Hessians, uniform sampling) assumes. Pass reduction='sum' or data "
+                "without ignored labels to analyse SGD"
+            )
+    return None
+
+
 # ---------------------------------------------------------------------- the entry point
 def stability(
     prob: Problem,
@@ -226,7 +255,7 @@ def stability(
         flat_tol = max(1e-6, 1e3 * eps, 4 * tol)
     _check_number("flat_tol", flat_tol, 0.0, 1.0, True, True)
 
-    notes = list(st.notes)
+    notes = [*prob.notes, *st.notes]  # the problem's: e.g. attention via math SDPA
     method: dict[str, str] = {}
     matvecs: dict[str, int] = {}
     seconds: dict[str, float] = {}
@@ -399,6 +428,8 @@ def stability(
                 "per-sample losses and the SGD analysis (per-sample Hessians) does not apply. "
                 "Call model.eval() to analyse the inference-mode network"
             )
+        elif (uneven := _uneven_label_counts(prob)) is not None:
+            why = uneven
         elif prob.full_batch is None:
             sgd_prob, why = _materialize(prob)
             if why is None:

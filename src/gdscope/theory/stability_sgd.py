@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -51,32 +52,32 @@ def _materialize(prob: Problem) -> tuple[Problem, str | None]:
     the default memory budget (:func:`gdscope.kernels.ntk.default_memory`).
     """
     budget = default_memory(prob.device) // 2
-    xs: list[Tensor] = []
+    xs: list[Any] = []
     ys: list[Tensor] = []
     used = 0
     for x, y, _ in prob.batches():
-        used += x.numel() * x.element_size() + y.numel() * y.element_size()
+        parts = list(x.values()) if isinstance(x, Mapping) else [x]
+        used += sum(t.numel() * t.element_size() for t in (*parts, y) if isinstance(t, Tensor))
         if used > budget:
             return prob, (
                 f"the DataLoader's data exceed {budget / 1e9:.3g} GB (half the memory budget), "
                 "so they are not gathered into tensors for per-sample Hessians: pass (X, Y) "
                 "tensors of a subset to analyse SGD"
             )
-        xs.append(x.detach())
+        xs.append({k: v.detach() for k, v in x.items()} if isinstance(x, Mapping) else x.detach())
         ys.append(y.detach())
     try:
-        X, Y = torch.cat(xs), torch.cat(ys)
-    except RuntimeError as e:
+        Y = torch.cat(ys)
+        if isinstance(xs[0], Mapping):
+            assert prob.adapter is not None  # dict inputs come from an adapter's split
+            data: Any = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+            data[prob.adapter.labels] = Y
+        else:
+            data = (torch.cat(xs), Y)
+    except (RuntimeError, KeyError) as e:
         return prob, f"the DataLoader's batches cannot be joined into tensors ({e})"
-    tensor_prob = Problem(
-        prob.model,
-        prob._loss_arg,  # the loss exactly as the user gave it (Problem.subset does the same)
-        (X, Y),
-        reduction=prob.reduction,
-        device=prob.device,
-        dtype=prob.dtype,
-        allow_stateful=prob.allow_stateful,
-    )
+    # the same model, loss (as the user gave it), reduction and adapter on the gathered tensors
+    tensor_prob = prob.with_data(data)
     if tensor_prob.n != prob.n:
         return prob, (
             f"the DataLoader yielded {tensor_prob.n} samples now but {prob.n} before (is it "

@@ -2,11 +2,16 @@
 
     result = gs.fit(prob, gs.GD(prob.model.parameters(), lr=0.1), steps=1000, tracker=tracker)
 
-Each step ``t = 0 … steps−1``: ``zero_grad``; forward with the real module ``prob.model(x)``;
-``backward``; ``optimizer.step()``; then ``tracker.step(t, optimizer, loss=…, outputs=…,
-targets=…)``. The loss and outputs handed to the tracker are those at the parameters **before**
-this step's update (``θ_t``), as in any PyTorch loop; the model already holds ``θ_{t+1}`` when
-the tracker runs.
+Each step ``t = 0 … steps−1``: ``zero_grad``; forward with the real module (``prob.model(x)``,
+or ``prob.model(**x)`` for dict batches, the logits taken by the problem's adapter, attention
+under the problem's :meth:`~gdscope.Problem.attention_context`, so the loss is the one the
+problem measures); ``backward``; ``optimizer.step()``; then ``tracker.step(t, optimizer,
+loss=…, outputs=…, targets=…)``. The loss and outputs handed to the tracker are those at the
+parameters **before** this step's update (``θ_t``), as in any PyTorch loop; the model already
+holds ``θ_{t+1}`` when the tracker runs.
+
+A run that fails (an exception escapes the loop) is finished with status ``"failed"`` and
+``summary={"error": "<ExcType>: <message>"}``, which the report's "why it stopped" shows.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gdscope.errors import InvalidArgumentError, NonFiniteError
-from gdscope.problem import Problem
+from gdscope.problem import Problem, _take
 from gdscope.train.optimizers import describe_optimizer
 from gdscope.train.sampler import SAMPLERS
 
@@ -47,13 +53,49 @@ class TrackerLike(Protocol):
     def close(self, status: str = "completed") -> None: ...
 
 
-def _finish(tracker: TrackerLike, status: str) -> None:
-    """End the tracker's run: ``finish`` (keeps it open for results) if it has one, else close."""
+def _finish(tracker: TrackerLike, status: str, summary: dict[str, Any] | None = None) -> None:
+    """End the tracker's run: ``finish`` (keeps it open for results) if it has one, else close.
+
+    ``summary`` (e.g. ``{"error": ...}``) is passed when given; a tracker-like object whose
+    method takes no summary is called with the status alone.
+    """
     finish = getattr(tracker, "finish", None)
-    if callable(finish):
-        finish(status)
-    else:
-        tracker.close(status)
+    end = finish if callable(finish) else tracker.close
+    if summary is None:
+        end(status)
+        return
+    try:
+        end(status, summary)  # type: ignore[call-arg]
+    except TypeError:
+        end(status)
+
+
+def error_summary(exc: BaseException, limit: int = 2000) -> dict[str, str]:
+    """``{"error": "<ExcType>: <message>"}`` for a failed run's stored summary (message cut at
+    ``limit`` characters); :func:`gdscope.report.summary.stop_reason` shows it."""
+    text = f"{type(exc).__name__}: {exc}".rstrip(": ").strip()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return {"error": text}
+
+
+def module_outputs(prob: Problem, x: Any) -> Tensor:
+    """Outputs of the live module (gradients flow into its parameters) on one batch of inputs.
+
+    ``prob.model(**x)`` for dict inputs, else ``prob.model(x)``; with an adapter the logits of
+    the output object; under the problem's attention context (math SDPA for attention models),
+    so the values are those :meth:`Problem.forward` gives.
+    """
+    with prob.attention_context():
+        out = prob.model(**x) if isinstance(x, Mapping) else prob.model(x)
+    if prob.adapter is not None:
+        return prob.adapter.logits(out)
+    if not isinstance(out, Tensor):
+        raise InvalidArgumentError(
+            f"the model returns {type(out).__name__}, not a tensor: pass an adapter "
+            "(adapter=gs.adapters.hf() takes output.logits)."
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -179,7 +221,6 @@ def fit(
     error: NonFiniteError | None = None
     bar = _Progress(steps, description) if progress else None
     start = time.perf_counter()
-    finished = False
     try:
         with torch.enable_grad():
             for t in range(steps):
@@ -188,9 +229,9 @@ def fit(
                     loss, outputs, targets = _full_batch_backward(prob, tracker is not None)
                 else:
                     assert data is not None
-                    idx = draw().to(data[0].device)
-                    x, targets = data[0][idx], data[1][idx]
-                    outputs = model(x)
+                    idx = draw().to(data[1].device)
+                    x, targets = _take(data[0], idx), data[1][idx]
+                    outputs = module_outputs(prob, x)
                     loss = prob.loss_fn(outputs, targets)
                     loss.backward()
                 value = loss.item()
@@ -228,13 +269,14 @@ def fit(
                         break
                 if bar is not None:
                     bar.update(t, value)
-        finished = True
+    except BaseException as exc:  # an error escaped: the run failed, and the store says why
+        if tracker is not None:
+            with contextlib.suppress(Exception):  # keep the original error
+                _finish(tracker, "failed", error_summary(exc))
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if not finished and tracker is not None:  # an error escaped: the run failed
-            with contextlib.suppress(Exception):  # keep the original error
-                _finish(tracker, "failed")
     seconds = time.perf_counter() - start
 
     if tracker is not None:
@@ -260,12 +302,11 @@ def _full_batch_backward(
     prob: Problem, keep_outputs: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Accumulate ``∇ Σ w·L_b`` into ``.grad``; return ``L`` and, if asked, outputs and targets."""
-    model = prob.model
     total: Tensor | None = None
     outs: list[Tensor] = []
     ys: list[Tensor] = []
     for x, y, w in prob.batches():
-        out = model(x)
+        out = module_outputs(prob, x)
         term = w * prob.loss_fn(out, y)
         term.backward()
         term = term.detach()
@@ -278,7 +319,10 @@ def _full_batch_backward(
         return total, None, None
     if len(outs) == 1:
         return total, outs[0], ys[0]
-    return total, torch.cat(outs), torch.cat(ys)
+    try:
+        return total, torch.cat(outs), torch.cat(ys)
+    except RuntimeError:  # ragged batches (sequences of different lengths): no step outputs
+        return total, None, None
 
 
 def _first_nonfinite(names: list[str], params: list[Tensor]) -> str | None:
