@@ -438,5 +438,39 @@ def sweep(
         raise typer.Exit(code=1)
 
 
+@app.command("export")
+def export_command(
+    run: str | None = typer.Argument(
+        None, help="Run id or name (default: every run in the store).", show_default=False
+    ),
+    store: Path = typer.Option(Path("runs.db"), help="The SQLite store."),
+    format_: str = typer.Option("csv", "--format", help="csv or parquet (parquet needs pyarrow)."),
+    out: Path | None = typer.Option(
+        None,
+        help="File to write (default: run-<id>.<format>, or metrics.<format> for every run).",
+        show_default=False,
+    ),
+) -> None:
+    """Export metrics in long format (run_id, run_name, step, iterate_index, name, value, probe,
+    iterate) to CSV or Parquet; the store's schema is in docs/store-schema.md."""
+    from gdscope.export import FORMATS, export_metrics
+    from gdscope.store import Store
+
+    if format_ not in FORMATS:
+        _fail(ValueError(f"--format {format_!r}: use {' or '.join(FORMATS)}"))
+    _need_store(store)
+    try:
+        with Store(store, readonly=True) as s:
+            key: int | str | None = None
+            if run is not None:
+                key = s.run(int(run) if run.isdigit() else run).id
+            path = out or Path(f"run-{key}.{format_}" if key is not None else f"metrics.{format_}")
+            written = export_metrics(s, path, key, format_)  # type: ignore[arg-type]
+    except GdscopeError as e:
+        _fail(e)
+        return
+    console.print(f"{format_}: {_safe(written)}", highlight=False)
+
+
 if __name__ == "__main__":  # python -m gdscope.cli
     app()
