@@ -118,6 +118,29 @@ def test_step_is_atomic(store):
     assert store.series(run, "loss")[1].tolist() == [1.0, 0.9]
 
 
+def test_a_batch_of_steps_is_one_transaction(store, tmp_path):
+    """log_steps: several steps in one commit; an error in any step stores none of them and
+    names the step."""
+    run = store.create_run("r", environment=ENV)
+    store.log_steps(run, [(t, [MetricRow("loss", 1.0 / (t + 1))]) for t in range(3)])
+    assert store.series(run, "loss")[0].tolist() == [0, 1, 2]
+    batch = [(3, [MetricRow("loss", 0.2)]), (1, [MetricRow("loss", 0.3)])]
+    with pytest.raises(InvalidArgumentError, match="already logged at step 1"):
+        store.log_steps(run, batch)
+    with pytest.raises(InvalidArgumentError, match="step=-1"):
+        store.log_steps(run, [(4, [MetricRow("loss", 0.2)]), (-1, [])])
+    assert store.series(run, "loss")[0].tolist() == [0, 1, 2]  # step 3 rolled back too
+    with pytest.raises(InvalidArgumentError, match="no such run"):
+        store.log_steps(run + 99, [(0, [MetricRow("loss", 1.0)])])
+    # one commit per batch: a second connection sees all of a batch or none of it
+    db = Store(tmp_path / "b.db")
+    r = db.create_run("b", environment=ENV)
+    db.log_steps(r, [(t, [MetricRow("loss", float(t))]) for t in range(50)])
+    with sqlite3.connect(tmp_path / "b.db") as con:
+        assert con.execute("SELECT COUNT(*) FROM metrics").fetchone() == (50,)
+    db.close()
+
+
 def test_non_finite_values_round_trip(store, tmp_path):
     run = store.create_run("r", environment=ENV)
     values = [math.inf, -math.inf, math.nan, 1e-300]

@@ -241,6 +241,23 @@ def _value(v: float | None) -> float:
 
 
 # ---------------------------------------------------------------------------------- output files
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise InvalidArgumentError(f"step={step!r} must be a non-negative integer.")
+    return int(step)
+
+
+def _metric_values(row: MetricRow) -> tuple[str, float, str, str]:
+    """``(name, value, probe, iterate)`` of a row, checked."""
+    _check_text(row.name, "MetricRow.name")
+    _check_text(row.probe, f"metric {row.name!r}: probe")
+    if row.iterate not in ITERATES:
+        raise InvalidArgumentError(
+            f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
+        )
+    return row.name, _as_float(row), row.probe, row.iterate
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name one file (resolved, symlinks followed; may not exist yet)."""
     ra, rb = a.expanduser().resolve(), b.expanduser().resolve()
@@ -493,28 +510,26 @@ class Store:
 
     def log_step(self, run_id: int, step: int, rows: Iterable[MetricRow]) -> None:
         """Store one step's values in one transaction: all of them or, on any error, none."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise InvalidArgumentError(f"step={step!r} must be a non-negative integer.")
+        self.log_steps(run_id, [(step, rows)])
+
+    def log_steps(self, run_id: int, steps: Iterable[tuple[int, Iterable[MetricRow]]]) -> None:
+        """Store several steps' values in one transaction (one commit for a batch of steps: the
+        Tracker's batched writes). All of them or, on any error, none; the error names the step.
+        """
+        batch = [(_check_step(step), list(rows)) for step, rows in steps]
         with self._transaction() as con:
             if run_id not in self._known_runs:  # one look-up per run, not per step
                 if not con.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                     raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
                 self._known_runs.add(run_id)
-            values = []
-            for row in rows:
-                _check_text(row.name, "MetricRow.name")
-                _check_text(row.probe, f"metric {row.name!r}: probe")
-                if row.iterate not in ITERATES:
+            for step, rows in batch:
+                values = [(run_id, step, *_metric_values(row)) for row in rows]
+                try:
+                    con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", values)
+                except sqlite3.IntegrityError as e:
                     raise InvalidArgumentError(
-                        f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
-                    )
-                values.append((run_id, int(step), row.name, _as_float(row), row.probe, row.iterate))
-            try:
-                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", values)
-            except sqlite3.IntegrityError as e:
-                raise InvalidArgumentError(
-                    f"a metric was already logged at step {step} of run {run_id}: {e}."
-                ) from e
+                        f"a metric was already logged at step {step} of run {run_id}: {e}."
+                    ) from e
 
     def finish_run(
         self, run_id: int, status: str = "completed", summary: dict[str, Any] | None = None
