@@ -1,0 +1,174 @@
+"""Sinks mirror each tracked value: TensorBoard event files (read back with TensorBoard's own
+event reader), MLflow runs (a local file store), callables; replay of a stored run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gdscope as gs
+from gdscope.errors import InvalidArgumentError
+from gdscope.integrations.sinks import (
+    CallableSink,
+    MLflowSink,
+    Sink,
+    TensorBoardSink,
+    check_sinks,
+    replay,
+)
+from gdscope.probes import LossProbe, SharpnessProbe, ThresholdProbe
+from gdscope.store import Store
+
+torch.set_num_threads(1)
+
+
+def _tracked(tmp_path, sinks, steps=4):
+    """Full-batch GD on a tiny MLP with a Tracker; every step's values go to ``sinks``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    prob = gs.Problem(model, "mse", (X, Y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = [LossProbe(), ThresholdProbe(), SharpnessProbe(2, tol=1e-8)]
+    tracker = gs.Tracker(prob, probes, store=tmp_path / "runs.db", run_name="sinks")
+    for s in sinks:
+        s.open("sinks", tracker.config)
+    for t in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(X), Y)
+        loss.backward()
+        opt.step()
+        values = tracker.step(t, opt, loss=loss)
+        for s in sinks:
+            s.write(t, values)
+    for s in sinks:
+        s.close("completed")
+    run_id = tracker.run_id
+    tracker.close()
+    return run_id
+
+
+def _stored(path, run_id):
+    with Store(path, readonly=True) as s:
+        out: dict[str, dict[int, float]] = {}
+        for step, name, value, _p, _it in s.metrics(run_id):
+            out.setdefault(name, {})[step] = value
+    return out
+
+
+def _tb_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea, {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def test_tensorboard_mirrors_every_stored_value(tmp_path):
+    pytest.importorskip("tensorboard")
+    sink = TensorBoardSink(tmp_path / "tb")
+    run = _tracked(tmp_path, [sink])
+    stored = _stored(tmp_path / "runs.db", run)
+    ea, scalars = _tb_scalars(tmp_path / "tb")
+    assert set(scalars) == {f"gdscope/{n}" for n in stored}
+    for name, by_step in stored.items():
+        got = scalars[f"gdscope/{name}"]
+        assert sorted(got) == sorted(by_step)
+        for step, v in by_step.items():  # event files hold float32
+            assert got[step] == pytest.approx(v, rel=1e-6, abs=1e-12)
+    # the threshold beside the sharpness, on the same steps, in one custom chart
+    assert set(scalars["gdscope/sharpness"]) <= set(scalars["gdscope/threshold"])
+    assert scalars["gdscope/threshold"][0] == pytest.approx(2 / 0.1)
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    layout = layout_pb2.Layout()
+    proto = ea.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
+    layout.ParseFromString(tensor_util.make_ndarray(proto).item())
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["sharpness and threshold"] == ["gdscope/sharpness", "gdscope/threshold"]
+
+
+def test_tensorboard_nonfinite_and_own_writer(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    sink = TensorBoardSink(writer=writer, prefix="x/")
+    sink.open("r", {})
+    sink.write(3, {"a": math.nan, "b": math.inf})
+    sink.close()
+    writer.add_scalar("after", 1.0, 0)  # the caller's writer stays open
+    writer.close()
+    _, scalars = _tb_scalars(tmp_path / "tb")
+    assert math.isnan(scalars["x/a"][3]) and scalars["x/b"][3] == math.inf
+
+
+def test_mlflow_run_holds_every_stored_value(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    sink = MLflowSink(tracking_uri=uri, experiment="tests")
+    run = _tracked(tmp_path, [sink])
+    stored = _stored(tmp_path / "runs.db", run)
+    client = MlflowClient(tracking_uri=uri)
+    mrun = client.get_run(sink.run_id)
+    assert mrun.info.status == "FINISHED"
+    assert mrun.info.run_name == "sinks"
+    assert mrun.data.tags["gdscope.run_name"] == "sinks"
+    assert set(mrun.data.metrics) == {f"gdscope/{n}" for n in stored}
+    for name, by_step in stored.items():
+        hist = {m.step: m.value for m in client.get_metric_history(sink.run_id, f"gdscope/{name}")}
+        assert hist == pytest.approx(by_step, rel=1e-12)
+
+
+def test_mlflow_logs_into_the_active_run_and_sanitises_names(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    try:
+        with mlflow.start_run() as active:
+            sink = MLflowSink()
+            sink.open("r", {"integration": "test", "lr": 0.1, "nested": {"a": 1}})
+            sink.write(0, {"odd name!": 1.0, "nan": math.nan})
+            sink.close("completed")
+            assert sink.run_id == active.info.run_id
+        data = mlflow.get_run(active.info.run_id).data
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert data.metrics["gdscope/odd name_"] == 1.0
+    assert math.isnan(data.metrics["gdscope/nan"])
+    assert data.params == {"gdscope.integration": "test", "gdscope.lr": "0.1"}
+    assert data.tags["gdscope.integration"] == "test"
+
+
+def test_callable_sink_and_replay_equal_the_store(tmp_path):
+    live: list[tuple[dict[str, float], int]] = []
+    run = _tracked(tmp_path, [CallableSink(lambda m, s: live.append((m, s)))])
+    replayed: list[tuple[dict[str, float], int]] = []
+    with Store(tmp_path / "runs.db", readonly=True) as store:
+        n = replay(store, run, CallableSink(lambda m, s: replayed.append((m, s))))
+    assert n == 4 and [s for _, s in live] == [0, 1, 2, 3]
+    assert replayed == live  # the store holds exactly what was mirrored live
+
+
+def test_bad_sink_arguments(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        TensorBoardSink()
+    with pytest.raises(InvalidArgumentError, match="add_scalar"):
+        TensorBoardSink(writer=object())
+    with pytest.raises(InvalidArgumentError, match="callable"):
+        CallableSink(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"sinks\[1\]"):
+        check_sinks([CallableSink(print), "tb/"])
+    with pytest.raises(InvalidArgumentError, match="list of sinks"):
+        check_sinks("tb/")
+    assert check_sinks(None) == []
+    with pytest.raises(InvalidArgumentError, match="experiment"):
+        MLflowSink(experiment="")
+    assert issubclass(CallableSink, Sink)
