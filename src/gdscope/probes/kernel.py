@@ -44,6 +44,13 @@ class KernelProbe(Probe):
 
     def sample(self, prob: Problem) -> Problem:
         """The probe's fixed sample of ``prob`` (all of it when it has at most ``samples``)."""
+        if prob.adapter is not None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: kernel probes form the NTK of a module mapping tensor "
+                "inputs to tensor outputs (gs.ntk(model, x)); this problem has an adapter (dict "
+                "batches or output objects). Drop the kernel probes, or measure the NTK directly "
+                "with gs.ntk on a module that maps input_ids to logits."
+            )
         if self._sample is None:
             n = prob.n
             if n <= self.samples:

@@ -102,7 +102,17 @@ class LinearizedModel(nn.Module):
             return functional_call(self.base, (params, fresh), args, kwargs)
 
         with math_attention():
-            out, tangent = jvp(f, (p0,), (self.delta(),))
+            try:
+                out, tangent = jvp(f, (p0,), (self.delta(),))
+            except RuntimeError as e:
+                if "return only tensors" not in str(e):
+                    raise
+                raise InvalidArgumentError(
+                    f"linearize: the model returns something other than tensors ({e}); the "
+                    "linearized model needs a tensor (or a tuple/dict of tensors) as output: "
+                    "wrap the model so that forward returns the logits (e.g. .logits of a "
+                    "Hugging Face output)."
+                ) from e
         if isinstance(out, Tensor):
             return out + tangent
         return tree_map(lambda o, t: o + t if isinstance(o, Tensor) else o, out, tangent)
