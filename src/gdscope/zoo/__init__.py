@@ -10,8 +10,11 @@ from gdscope.zoo.data import (
     cifar100,
     digits,
     load_dataset,
+    markov_chain,
     mnist,
     mnist1d,
+    sequence_loader,
+    sequences,
     sphere,
 )
 from gdscope.zoo.models import ACTIVATIONS, PARAMETERIZATIONS, Erf, NTKLinear, cnn, mlp
@@ -24,6 +27,16 @@ from gdscope.zoo.resnet import (
     PreActBlock,
     PreActResNet,
     preact_resnet,
+)
+from gdscope.zoo.transformer import (
+    GPT,
+    POOLS,
+    Block,
+    CausalLMOutput,
+    SelfAttention,
+    ViT,
+    gpt,
+    vit,
 )
 
 __all__ = [
@@ -43,6 +56,15 @@ __all__ = [
     "PreActBlock",
     "PreActResNet",
     "preact_resnet",
+    # transformers
+    "POOLS",
+    "GPT",
+    "Block",
+    "CausalLMOutput",
+    "SelfAttention",
+    "ViT",
+    "gpt",
+    "vit",
     # data
     "DATASETS",
     "as_dataset",
@@ -52,5 +74,8 @@ __all__ = [
     "load_dataset",
     "mnist",
     "mnist1d",
+    "markov_chain",
+    "sequence_loader",
+    "sequences",
     "sphere",
 ]

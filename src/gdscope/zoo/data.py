@@ -16,6 +16,12 @@ name           source                                       ``X`` (natural layou
 ``cifar100``   python-pickle files in a local directory     ``(n, 3, 32, 32)``
 =============  ===========================================  ====================================
 
+Token sequences for language models (:func:`sequences`, from a fixed random Markov chain) are a
+*dict* of ``input_ids``/``attention_mask``/``labels`` tensors, the Hugging Face batch layout;
+:func:`sequence_loader` batches them into a ``DataLoader`` of such dicts
+(``gs.Problem.from_hf(model, loader, shift=True)``). They are not in :func:`load_dataset`,
+which returns ``(X, Y)`` pairs.
+
 :func:`load_dataset` dispatches on the name (what experiment configs use); :func:`as_dataset`
 validates user tensors into the same conventions.
 """
@@ -30,13 +36,14 @@ import os
 import pickle
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from gdscope.errors import DataNotFoundError, InvalidArgumentError, ShapeMismatchError
 from gdscope.zoo.models import _check_dtype, _flag, _positive_int, _seed, mlp
@@ -50,6 +57,9 @@ __all__ = [
     "load_dataset",
     "mnist",
     "mnist1d",
+    "markov_chain",
+    "sequence_loader",
+    "sequences",
     "sphere",
 ]
 
@@ -283,6 +293,148 @@ def sphere(
         with torch.no_grad():
             Y = (teacher(X) * math.sqrt(d / 2)).to(dtype)
     return X.to(dtype), Y
+
+
+# ---------------------------------------------------------------------------------- tokens
+IGNORE_INDEX = -100
+
+
+def _positive_float(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise InvalidArgumentError(f"{name}={value!r} must be a positive finite number.")
+    return float(value)
+
+
+def markov_chain(vocab: int, *, chain_seed: int = 0, alpha: float = 0.3) -> Tensor:
+    """The ``(vocab, vocab)`` float64 transition matrix of :func:`sequences`' Markov chain.
+
+    Row ``a`` (``P[a, b] = Pr(next = b | current = a)``) is drawn from a symmetric Dirichlet
+    with concentration ``alpha`` (small ``alpha``: nearly deterministic successors; large: nearly
+    uniform) by ``numpy.random.default_rng(chain_seed)``. The best achievable mean next-token
+    cross-entropy is the chain's conditional entropy ``−Σ_a π_a Σ_b P_ab log P_ab`` under the
+    distribution ``π`` of the current token.
+    """
+    V = _positive_int(vocab, "vocab")
+    chain_seed = _seed(chain_seed, "chain_seed")
+    alpha = _positive_float(alpha, "alpha")
+    rng = np.random.default_rng(chain_seed % 2**64)
+    return torch.from_numpy(rng.dirichlet(np.full(V, alpha), size=V))
+
+
+def sequences(
+    n: int,
+    seq_len: int,
+    vocab: int,
+    *,
+    seed: int = 0,
+    chain_seed: int = 0,
+    alpha: float = 0.3,
+    min_len: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, Tensor]:
+    """``n`` token sequences of a fixed random Markov chain, in the Hugging Face batch layout.
+
+    The first token is uniform on ``0..vocab-1``; each next one is drawn from row
+    :func:`markov_chain` ``(vocab, chain_seed=chain_seed, alpha=alpha)`` of the current one, by
+    ``numpy.random.default_rng(seed)`` (deterministic: the same arguments give the same data
+    on every platform). With ``min_len``, sequence ``i`` has a length uniform in
+    ``[min_len, seq_len]`` and is right-padded with ``pad_id``.
+
+    Returns a dict of ``torch.long`` tensors ``(n, seq_len)``: ``input_ids``,
+    ``attention_mask`` (1 on tokens, 0 on padding) and ``labels`` (the ``input_ids``, ``-100``
+    on padding; a causal LM shifts them itself: ``gs.Problem.from_hf(model, data,
+    shift=True)`` takes the dict as one full batch, :func:`sequence_loader` makes batches).
+
+    >>> d = sequences(4, 6, 5, min_len=3)
+    >>> sorted(d), tuple(d["input_ids"].shape)
+    (['attention_mask', 'input_ids', 'labels'], (4, 6))
+    >>> bool(((d["labels"] == -100) == (d["attention_mask"] == 0)).all())
+    True
+    """
+    n = _positive_int(n, "n")
+    T = _positive_int(seq_len, "seq_len")
+    V = _positive_int(vocab, "vocab")
+    seed = _seed(seed)
+    if min_len is not None:
+        min_len = _positive_int(min_len, "min_len")
+        if min_len > T:
+            raise InvalidArgumentError(
+                f"min_len={min_len} exceeds seq_len={T}: pass min_len <= seq_len (or None for "
+                "sequences of full length)."
+            )
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < V:
+        raise InvalidArgumentError(
+            f"pad_id={pad_id!r} must be a token id in 0..{V - 1} (the embedding must accept it)."
+        )
+    P = markov_chain(V, chain_seed=chain_seed, alpha=alpha).numpy()
+    cum = np.cumsum(P, axis=1)
+    cum[:, -1] = 1.0
+    rng = np.random.default_rng(seed % 2**64)
+    ids = np.empty((n, T), dtype=np.int64)
+    ids[:, 0] = rng.integers(0, V, size=n)
+    u = rng.random((n, T))
+    for t in range(1, T):
+        rows = cum[ids[:, t - 1]]
+        ids[:, t] = np.minimum((rows < u[:, t, None]).sum(axis=1), V - 1)
+    lengths = np.full(n, T) if min_len is None else rng.integers(min_len, T + 1, size=n)
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, pad_id)
+    labels = np.where(mask == 1, ids, IGNORE_INDEX)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(labels),
+    }
+
+
+class _DictDataset(Dataset):
+    """Sample ``i`` of a dict of equally long tensors, as a dict."""
+
+    def __init__(self, data: Mapping[str, Tensor]) -> None:
+        self.data = dict(data)
+        self.size = int(next(iter(self.data.values())).shape[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.data.items()}
+
+
+def sequence_loader(
+    data: Mapping[str, Tensor], batch_size: int, *, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """A ``DataLoader`` of dict batches (``batch_size`` samples each, the last one shorter)
+    over a dict of tensors such as :func:`sequences` returns.
+
+    ``shuffle`` draws a new order every epoch from a generator seeded with ``seed``; gdscope
+    measures the full risk, which does not depend on the order or the batch size.
+    """
+    if not isinstance(data, Mapping) or not data:
+        raise InvalidArgumentError(
+            f"data must be a non-empty dict of tensors (e.g. from sequences()), got "
+            f"{type(data).__name__}."
+        )
+    sizes = {}
+    for k, v in data.items():
+        if not isinstance(v, Tensor) or v.ndim == 0:
+            raise InvalidArgumentError(
+                f"data[{k!r}] is a {type(v).__name__}: every entry must be a tensor with the "
+                "samples along dimension 0."
+            )
+        sizes[k] = int(v.shape[0])
+    if len(set(sizes.values())) != 1:
+        raise ShapeMismatchError(
+            f"data's entries hold different numbers of samples {sizes}: pass as many of each."
+        )
+    batch_size = _positive_int(batch_size, "batch_size")
+    shuffle = _flag(shuffle, "shuffle")
+    gen = torch.Generator().manual_seed(_seed(seed)) if shuffle else None
+    return DataLoader(_DictDataset(data), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
 # ---------------------------------------------------------------------------------- MNIST

@@ -1,0 +1,525 @@
+"""Every gdscope measurement on the zoo transformers against dense float64 oracles.
+
+Three cases: the zoo GPT on tensors (MSE against one-hot next tokens), the zoo ViT on 8×8 digits
+(cross-entropy), and the same GPT through dict batches with padding (``gs.Problem.from_hf``,
+shifted cross-entropy with ``-100`` labels, a ``DataLoader`` of two batches).
+
+Oracle, the same for all three: ``L(θ) = ℓ(F(θ))`` written out by hand, ``F`` all the model's
+logits as a function of a flat parameter vector (``torch.func.functional_call`` under
+:func:`math_attention`), ``H = ∇²L`` by ``torch.autograd.functional.hessian``, ``J = ∂F/∂θ`` by
+``torch.func.jacrev``, ``Q = ∇²ℓ(F)`` by ``hessian`` of the hand-written ``ℓ`` (so the GGN
+oracle ``JᵀQJ`` shares nothing with gdscope's forward-mode GGN), eigenvalues by ``eigvalsh``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gdscope as gs
+from gdscope import zoo
+from gdscope.curvature.products import curvature_operator
+from gdscope.probes.builtin import default_probes
+from gdscope.problem import ATTENTION_NOTE, math_attention
+
+D = torch.float64
+V, T = 7, 5  # GPT vocabulary and sequence length
+SMALL = dict(d_model=4, n_heads=2, n_layers=1, mlp_ratio=2, init_std=0.5, dtype=D)
+
+
+# ----------------------------------------------------------------------------- oracle helpers
+def _flat(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def unflat(theta: Tensor) -> dict[str, Tensor]:
+        ps, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            ps[n] = theta[i : i + s.numel()].view(s)
+            i += s.numel()
+        return ps
+
+    return flat, unflat
+
+
+@dataclass
+class Case:
+    """A problem and its hand-written oracle ``L = ell(logits(θ))``."""
+
+    name: str
+    model: nn.Module
+    prob: gs.Problem
+    logits: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # all logits F at params
+    ell: Callable[[Tensor], Tensor]  # the loss as a function of F
+    x_ntk: Tensor  # what gs.ntk gets (the model's positional input)
+
+    def F_of(self, model: nn.Module | None = None) -> Callable[[Tensor], Tensor]:
+        model = self.model if model is None else model
+        _, unflat = _flat(model)
+        return lambda t: self.logits(model, unflat(t))
+
+    def dense(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """``H``, ``J`` (rows: all logits), ``Q``, ``G = JᵀQJ``, ``grad`` at ``model``'s params."""
+        model = self.model if model is None else model
+        flat, _ = _flat(model)
+        f = self.F_of(model)
+        with math_attention():
+            H = torch.autograd.functional.hessian(lambda t: self.ell(f(t)), flat)
+            g = torch.autograd.functional.jacobian(lambda t: self.ell(f(t)), flat)
+            J = torch.func.jacrev(f)(flat).reshape(-1, flat.numel())
+            F0 = f(flat).detach()
+        Q = torch.autograd.functional.hessian(
+            lambda z: self.ell(z.reshape(F0.shape)), F0.reshape(-1)
+        )
+        return {"H": H, "J": J, "Q": Q, "G": J.T @ Q @ J, "grad": g, "F": F0}
+
+
+def _gpt(tied: bool = True, seed: int = 0) -> zoo.GPT:
+    return zoo.gpt(V, T, **SMALL, tied=tied, seed=seed).eval()
+
+
+def _gpt_case() -> Case:
+    model = _gpt()
+    data = zoo.sequences(4, T, V, seed=1)
+    ids = data["input_ids"]
+    Y = F.one_hot(ids.roll(-1, 1), V).to(D)  # MSE against the next token, one-hot
+    prob = gs.Problem(model, "mse", (ids, Y))
+
+    def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(m, ps, (ids,))
+
+    return Case("gpt", model, prob, logits, lambda z: ((z - Y) ** 2).mean(), ids)
+
+
+def _vit_case() -> Case:
+    model = zoo.vit(patch_size=4, **SMALL, seed=0).eval()
+    X, y = zoo.digits(6, one_hot=False, seed=2, dtype=D)
+    images = X.reshape(-1, 1, 8, 8)
+    prob = gs.Problem(model, "cross_entropy", (images, y))
+
+    def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(m, ps, (images,))
+
+    def ell(z: Tensor) -> Tensor:
+        logp = z - torch.logsumexp(z, 1, keepdim=True)
+        return -logp[torch.arange(len(y)), y].mean()
+
+    return Case("vit", model, prob, logits, ell, images)
+
+
+def _hf_data() -> dict[str, Tensor]:
+    return zoo.sequences(5, T, V, seed=3, min_len=3)
+
+
+def _hf_case() -> Case:
+    model = _gpt(seed=1)
+    data = _hf_data()
+    loader = zoo.sequence_loader(data, batch_size=3)
+    prob = gs.Problem.from_hf(model, loader, shift=True)
+    ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
+    assert bool((mask == 0).any())  # some padding, labels -100 there
+
+    def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(m, ps, (ids,), {"attention_mask": mask}).logits
+
+    def ell(z: Tensor) -> Tensor:
+        lg = z[:, :-1].reshape(-1, V)
+        lb = labels[:, 1:].reshape(-1)
+        keep = lb != -100
+        logp = lg - torch.logsumexp(lg, 1, keepdim=True)
+        return -logp[keep, lb[keep]].sum() / keep.sum()
+
+    return Case("gpt_hf", model, prob, logits, ell, ids)
+
+
+BUILDERS = {"gpt": _gpt_case, "vit": _vit_case, "gpt_hf": _hf_case}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request: pytest.FixtureRequest) -> tuple[Case, dict[str, Tensor]]:
+    c = BUILDERS[request.param]()
+    return c, c.dense()
+
+
+# ----------------------------------------------------------------------------- the problem
+def test_problem_loss_gradient_and_notes(case):
+    c, d = case
+    assert c.prob.notes == (ATTENTION_NOTE,)  # SDPA found and switched to math
+    flat, _ = _flat(c.model)
+    with math_attention():
+        want = c.ell(c.F_of()(flat))
+    torch.testing.assert_close(c.prob.loss(), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(c.prob.gradient(), d["grad"], rtol=1e-10, atol=1e-12)
+
+
+def test_hf_loss_is_the_models_own_loss():
+    """from_hf measures exactly the shifted cross-entropy the GPT reports with labels=."""
+    c = _hf_case()
+    data = _hf_data()
+    with torch.no_grad():
+        own = c.model(**data).loss
+    torch.testing.assert_close(c.prob.loss(), own, rtol=1e-12, atol=1e-14)
+    assert c.prob.units == int((data["labels"][:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------- NTK
+def _ntk_oracle(model: nn.Module, x: Tensor) -> Tensor:
+    flat, unflat = _flat(model)
+    with math_attention():
+        J = torch.func.jacrev(lambda t: torch.func.functional_call(model, unflat(t), (x,)))(flat)
+    n = x.shape[0]
+    J = J.reshape(n, -1, flat.numel())
+    k = J.shape[1]
+    return torch.einsum("iap,jbp->ijab", J, J), J.reshape(n * k, -1)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "vp", "structured"])
+def test_ntk_every_method(case, method):
+    c, _ = case
+    K, _ = _ntk_oracle(c.model, c.x_ntk)
+    if method == "structured":
+        # the tied readout (GPT) and the CLS token (ViT) are parameters used outside their
+        # module: no structured rule covers them, and the refusal says what to use instead
+        with pytest.raises(gs.errors.InvalidArgumentError, match="auto"):
+            gs.ntk(c.model, c.x_ntk, method=method)
+        return
+    got = gs.ntk(c.model, c.x_ntk, method=method)
+    torch.testing.assert_close(got, K, rtol=1e-9, atol=1e-11)
+    tr = gs.ntk(c.model, c.x_ntk, method=method, trace_outputs=True)
+    torch.testing.assert_close(tr, K.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("which", ["gpt_untied", "vit_mean"])
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_ntk_structured_where_every_parameter_has_a_rule(which, method):
+    """Untied GPT and mean-pooled ViT: every parameter sits in a module with a rule."""
+    if which == "gpt_untied":
+        model: nn.Module = _gpt(tied=False)
+        x = zoo.sequences(3, T, V, seed=4)["input_ids"]
+    else:
+        model = zoo.vit(patch_size=2, pool="mean", **SMALL, seed=0).eval()
+        x = zoo.digits(3, one_hot=False, dtype=D)[0]
+    K, _ = _ntk_oracle(model, x)
+    torch.testing.assert_close(gs.ntk(model, x, method=method), K, rtol=1e-9, atol=1e-11)
+    x2 = x.flip(0)[:2]
+    K2 = _ntk_oracle_cross(model, x, x2)
+    torch.testing.assert_close(gs.ntk(model, x, x2, method=method), K2, rtol=1e-9, atol=1e-11)
+
+
+def _ntk_oracle_cross(model: nn.Module, x: Tensor, x2: Tensor) -> Tensor:
+    _, J1 = _ntk_oracle(model, x)
+    _, J2 = _ntk_oracle(model, x2)
+    k = J1.shape[0] // x.shape[0]
+    return (J1 @ J2.T).reshape(x.shape[0], k, x2.shape[0], k).permute(0, 2, 1, 3)
+
+
+def _singular_by_oracle(J: Tensor) -> bool:
+    """The LAPACK rank rule on the dense float64 ``J``, refusing borderline cases."""
+    s = torch.linalg.svdvals(J)
+    tau = max(J.shape) * torch.finfo(D).eps * s[0].item()
+    assert not 1e-3 * tau < s[-1].item() < 1e3 * tau, "borderline rank: pick other data"
+    return s[-1].item() <= tau
+
+
+def _check_ntk_eigs(c: Case, dense_limit: int) -> None:
+    _, J = _ntk_oracle(c.model, c.x_ntk)
+    lam = torch.linalg.eigvalsh(J @ J.T)
+    res = gs.ntk_eigs(c.model, c.x_ntk, k=2, which="both", tol=1e-12, dense_limit=dense_limit)
+    assert res.lambda_max == pytest.approx(lam[-1].item(), rel=1e-8)
+    singular = _singular_by_oracle(J)
+    assert res.singular is singular
+    if not singular:
+        assert res.lambda_min == pytest.approx(lam[0].item(), rel=1e-6)
+    else:  # λ_min is zero up to the resolution the result states
+        assert res.lambda_min is not None and abs(res.lambda_min) <= 1e-9 * lam[-1].item()
+
+
+def test_ntk_eigs_dense(case):
+    _check_ntk_eigs(case[0], 2000)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="see /tmp/briefs/h1_requests.md R1: ntk_eigs Lanczos not under math_attention",
+)
+def test_ntk_eigs_lanczos(case):
+    _check_ntk_eigs(case[0], 0)
+
+
+def test_disparity(case):
+    c, _ = case
+    _, J = _ntk_oracle(c.model, c.x_ntk)
+    rep = gs.disparity(c.model, c.x_ntk)
+    s = torch.linalg.svdvals(J)
+    assert rep.sigma_max == pytest.approx(s[0].item(), rel=1e-10)
+    singular = _singular_by_oracle(J)
+    assert rep.full_rank is (not singular)
+    assert rep.rank == int((s > rep.tol).sum())
+    if not singular:  # σ_min² = λ_min(K)
+        assert rep.sigma_min == pytest.approx(s[-1].item(), rel=1e-8)
+        lam_min = torch.linalg.eigvalsh(J @ J.T)[0].item()
+        assert rep.sigma_min**2 == pytest.approx(lam_min, rel=1e-6)
+    else:
+        assert rep.sigma_min <= rep.tol
+
+
+def test_gpt_ntk_is_singular_exactly_when_two_sequences_share_a_first_token():
+    """Causal attention: position 0 sees only its own token, so two sequences starting with the
+    same token have equal position-0 logits, equal Jacobian rows, and a singular NTK."""
+    model = zoo.gpt(V, T, **{**SMALL, "d_model": 8}, seed=0).eval()  # wide enough for rank nk
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 5, 4, 3, 2], [0, 1, 1, 2, 3]])
+    assert gs.disparity(model, ids).full_rank is True
+    same = ids.clone()
+    same[2, 0] = 1  # now sequences 0 and 2 share their first token
+    rep = gs.disparity(model, same)
+    assert rep.full_rank is False and rep.rank == min(rep.shape) - V
+    K = gs.ntk(model, same)
+    torch.testing.assert_close(K[0, 0, :V, :V], K[2, 2, :V, :V], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Hessian
+def test_hessian_and_ggn_operators(case):
+    c, d = case
+    M = torch.randn(c.prob.num_params, 6, dtype=D, generator=torch.Generator().manual_seed(0))
+    Hm = curvature_operator(c.prob, "hessian").matmat(M)
+    torch.testing.assert_close(Hm, d["H"] @ M, rtol=1e-9, atol=1e-11)
+    Gm = curvature_operator(c.prob, "ggn").matmat(M)
+    torch.testing.assert_close(Gm, d["G"] @ M, rtol=1e-9, atol=1e-11)
+
+
+def test_hessian_eigs_top_bottom_and_ggn(case):
+    c, d = case
+    h = torch.linalg.eigvalsh(d["H"])
+    scale = h.abs().max().item()
+    top = gs.hessian_eigs(c.prob, k=3, tol=1e-10)
+    assert top.converged
+    torch.testing.assert_close(top.values.double(), h[-3:].flip(0), rtol=0, atol=1e-8 * scale)
+    low = gs.hessian_eigs(c.prob, k=2, which="smallest", tol=1e-10)
+    torch.testing.assert_close(low.values.double(), h[:2], rtol=0, atol=1e-8 * scale)
+    g = torch.linalg.eigvalsh(d["G"])
+    ggn = gs.hessian_eigs(c.prob, k=2, tol=1e-10, curvature="ggn")
+    torch.testing.assert_close(ggn.values.double(), g[-2:].flip(0), rtol=0, atol=1e-8 * g[-1])
+    assert g[0] > -1e-10 * g[-1]  # the GGN is PSD; the Hessian need not be
+    assert torch.allclose(gs.dense_hessian(c.prob), d["H"], rtol=1e-9, atol=1e-11)
+
+
+def test_hessian_trace_interval_covers_dense_trace(case):
+    c, d = case
+    H = d["H"]
+    tr = torch.trace(H).item()
+    for method, samples in (("hutch++", 60), ("hutchinson", 40)):
+        est = gs.hessian_trace(c.prob, samples=samples, method=method, seed=1)
+        lo, hi = est.interval(0.99)
+        assert lo <= tr <= hi, (method, est, tr)
+        if method == "hutchinson":  # exact Rademacher variance 2(‖H‖_F² − Σ H_ii²)/m
+            exact = math.sqrt(2 * ((H**2).sum() - (H.diagonal() ** 2).sum()).item() / samples)
+            assert 0.3 < est.stderr / exact < 3.0
+    gtr = torch.trace(d["G"]).item()
+    est = gs.hessian_trace(c.prob, samples=60, curvature="ggn", seed=2)
+    lo, hi = est.interval(0.99)
+    assert lo <= gtr <= hi
+
+
+def test_hessian_density_quadrature_moments(case):
+    """SLQ is exact quadrature: node/weight moments equal vᵀHᵐv/P for m < 2·steps."""
+    c, d = case
+    H = d["H"]
+    P = H.shape[0]
+    dens = gs.hessian_density(c.prob, num_vectors=3, steps=8, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    for th, w in zip(dens.nodes, dens.weights, strict=True):
+        v = (2 * torch.randint(0, 2, (P,), generator=gen) - 1).to(D)
+        u = v.clone()
+        scale = torch.linalg.eigvalsh(H).abs().max().item()
+        for m in range(5):
+            want = (v @ u).item() / P
+            got = (w.double() * th.double() ** m).sum().item()
+            assert got == pytest.approx(want, rel=1e-7, abs=1e-9 * scale**m)
+            u = H @ u
+    h = torch.linalg.eigvalsh(H)
+    lo, hi = dens.support
+    assert h[0].item() - 1e-8 <= lo and hi <= h[-1].item() + 1e-8
+    assert dens.mass(h[0].item() - 1, h[-1].item() + 1) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_gd_map_dense_and_lanczos(case):
+    c, d = case
+    h = torch.linalg.eigvalsh(d["H"])
+    lr = 2.0 / (h[-3] + h[-4]).item()  # 1/lr between the 3rd and 4th largest: 3 above
+    want_logdet = torch.log((1 - lr * h).abs()).sum().item()
+    dense = gs.gd_map(c.prob, lr)
+    assert dense.method == "dense" and dense.count_above == 3 and dense.sign == -1
+    assert dense.singular_lr_below == pytest.approx(1 / h[-3].item(), rel=1e-9)
+    assert dense.singular_lr_above == pytest.approx(1 / h[-4].item(), rel=1e-9)
+    assert dense.logabsdet.value == pytest.approx(want_logdet, rel=1e-9)
+    assert dense.min_factor == pytest.approx((1 - lr * h).abs().min().item(), rel=1e-8)
+    lan = gs.gd_map(c.prob, lr, dense_limit=0, tol=1e-10, slq_vectors=4, slq_steps=24)
+    assert lan.count_above == 3 and lan.sign == -1
+    assert lan.singular_lr_below == pytest.approx(1 / h[-3].item(), rel=1e-8)
+    lo, hi = lan.logabsdet.interval(0.999)
+    assert lo <= want_logdet <= hi
+
+
+# ----------------------------------------------------------------------------- stability
+def test_stability_gd_against_dense(case):
+    c, d = case
+    h = torch.linalg.eigvalsh(d["H"])
+    lr = 1.5 / h[-1].item()  # below 2/η: stable top mode; the point is no minimum
+    rep = gs.stability(c.prob, lr=lr, tol=1e-10)
+    assert rep.sharpness == pytest.approx(h[-1].item(), rel=1e-8)
+    assert rep.threshold == pytest.approx(2 / lr)
+    saddle = h[0].item() < -1e-6 * h[-1].item()  # default flat_tol: 1e-6 at this tol
+    assert saddle or h[0].item() > -1e-9 * h[-1].item(), "borderline: pick another point"
+    assert rep.is_saddle is saddle
+    assert rep.gd_stable is (not saddle)  # top mode below 2/η; a saddle is never stable
+    assert rep.mu_top == pytest.approx(math.log(abs(1 - lr * h[-1].item())), rel=1e-7)
+    assert rep.smallest == pytest.approx(h[0].item(), rel=1e-6, abs=1e-8 * h[-1].item())
+    assert rep.gradient_norm == pytest.approx(d["grad"].norm().item(), rel=1e-10)
+    rep2 = gs.stability(c.prob, lr=2.5 / h[-1].item(), momentum=0.5, tol=1e-10)
+    hb = 2 * 1.5 / (2.5 / h[-1].item())  # heavy ball 2(1+β)/η
+    assert rep2.threshold == pytest.approx(hb)
+    assert rep2.count_above == int((h > hb).sum())
+
+
+def _adamw_steps(c: Case, steps: int = 3) -> tuple[nn.Module, gs.Problem, torch.optim.AdamW]:
+    """A copy of the case's model after a few real AdamW steps on its own full loss."""
+    model = copy.deepcopy(c.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    prob = c.prob.__class__(
+        model, c.prob._loss_arg, c.prob._full_batch or c.prob._loader, adapter=c.prob.adapter
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        with math_attention():
+            prob.loss(dict(model.named_parameters())).backward()
+        opt.step()
+    return model, prob, opt
+
+
+def _adam_precond(model: nn.Module, opt: torch.optim.Optimizer) -> Tensor:
+    """``(1−β₁ᵗ)(√(v/(1−β₂ᵗ)) + ε)`` straight from PyTorch's state, flat in parameter order."""
+    (b1, b2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    out = []
+    for p in model.parameters():
+        st = opt.state[p]
+        t = float(st["step"])
+        vhat = st["exp_avg_sq"] / (1 - b2**t)
+        out.append(((1 - b1**t) * (vhat.sqrt() + eps)).reshape(-1))
+    return torch.cat(out)
+
+
+def test_stability_adamw_preconditioned_sharpness(case):
+    c, _ = case
+    model, prob, opt = _adamw_steps(c)
+    dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk).dense()
+    Pinv = _adam_precond(model, opt).rsqrt()
+    A = Pinv[:, None] * dd["H"] * Pinv[None, :]
+    a = torch.linalg.eigvalsh(A)
+    assert a[-1] > 10 * torch.linalg.eigvalsh(dd["H"])[-1]  # v is small: P matters
+    rep = gs.stability(prob, lr=None, optimizer=opt, tol=1e-10)
+    assert rep.preconditioned_sharpness == pytest.approx(a[-1].item(), rel=1e-7)
+    assert rep.threshold == pytest.approx((2 + 2 * 0.9) / ((1 - 0.9) * 0.01))
+    assert rep.sharpness == pytest.approx(torch.linalg.eigvalsh(dd["H"])[-1].item(), rel=1e-8)
+
+
+# ----------------------------------------------------------------------------- predict
+@pytest.mark.parametrize("name", ["gpt", "vit"])
+def test_predict_first_step_equals_linearized_real_sgd_step(name):
+    """``F_lin(θ₁) = F(θ₀) + J(θ₁ − θ₀)`` with ``θ₁`` a real ``torch.optim.SGD`` step; the real
+    outputs differ from it at second order (the error falls 4× when η halves)."""
+    c = BUILDERS[name]()
+    d = c.dense()
+    flat0, _ = _flat(c.model)
+    errs = []
+    for lr in (0.05, 0.025):
+        model = copy.deepcopy(c.model)
+        prob = gs.Problem(model, c.prob._loss_arg, c.prob._full_batch)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        pred = gs.predict(prob, opt, 2)
+        assert pred.loss[0] == pytest.approx(c.prob.loss().item(), rel=1e-12)
+        torch.testing.assert_close(
+            torch.as_tensor(pred.outputs[0]), d["F"].reshape(-1), rtol=1e-12, atol=1e-12
+        )
+        opt.zero_grad()
+        with math_attention():
+            prob.loss(dict(model.named_parameters())).backward()
+        opt.step()
+        flat1, _ = _flat(model)
+        lin = d["F"].reshape(-1) + d["J"] @ (flat1 - flat0)
+        torch.testing.assert_close(torch.as_tensor(pred.outputs[1]), lin, rtol=1e-9, atol=1e-11)
+        assert pred.loss[1] == pytest.approx(c.ell(lin.reshape(d["F"].shape)).item(), rel=1e-9)
+        with torch.no_grad(), math_attention():
+            real = c.F_of(model)(flat1).reshape(-1)
+        errs.append((real - lin).norm().item())
+    assert 3.0 < errs[0] / errs[1] < 5.0, errs
+
+
+@pytest.mark.xfail(strict=True, reason="see /tmp/briefs/h1_requests.md R2: predict with an adapter")
+def test_predict_through_from_hf():
+    c = _hf_case()
+    pred = gs.predict(c.prob, torch.optim.SGD(c.model.parameters(), lr=0.05), 2)
+    assert pred.loss[0] == pytest.approx(c.prob.loss().item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- Tracker
+def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
+    """A hand-written AdamW loop over a DataLoader of dict batches through from_hf: every stored
+    value equals its direct recomputation at the same iterate."""
+    c = _hf_case()
+    model, prob = c.model, c.prob
+    loader = prob._loader
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    probes = default_probes(curvature_every=1)
+    for p in probes:  # tight solves, so values can be compared to 1e-7
+        if hasattr(p, "tol"):
+            p.tol, p.max_matvecs, p.warm_matvecs = 1e-10, 2000, None
+    tracker = gs.Tracker(prob, probes)
+    theta0 = _flat(model)[0].clone()
+    step = 0
+    for _epoch in range(2):
+        for batch in loader:
+            opt.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            grad_norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+            opt.step()
+            vals = tracker.step(
+                step, opt, loss=out.loss, outputs=out.logits, targets=batch["labels"]
+            )
+            step += 1
+            # values of the step's own loss and gradient (the iterate before the update)
+            assert vals["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
+            assert vals["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-12)
+            # values at the iterate after the update
+            flat, _ = _flat(model)
+            assert vals["dist_init"] == pytest.approx((flat - theta0).norm().item(), rel=1e-10)
+            assert vals["lr"] == 0.01
+            assert vals["preconditioned_threshold"] == pytest.approx(38 / 0.01)
+            dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk).dense()
+            h = torch.linalg.eigvalsh(dd["H"])
+            assert vals["sharpness_converged"] == 1.0
+            assert vals["sharpness"] == pytest.approx(h[-1].item(), rel=1e-7)
+            Pinv = _adam_precond(model, opt).rsqrt()
+            a = torch.linalg.eigvalsh(Pinv[:, None] * dd["H"] * Pinv[None, :])
+            assert vals["preconditioned_sharpness"] == pytest.approx(a[-1].item(), rel=1e-7)
+            tr = torch.trace(dd["H"]).item()
+            se = vals["hessian_trace_se"]
+            assert abs(vals["hessian_trace"] - tr) <= 4 * se + 1e-12, (vals["hessian_trace"], tr)
+            if "accuracy" in vals:  # token accuracy on the shifted, non-ignored labels
+                lg = out.logits[:, :-1].argmax(-1)
+                lb = batch["labels"][:, 1:]
+                keep = lb != -100
+                want = (lg[keep] == lb[keep]).double().mean().item()
+                assert vals["accuracy"] == pytest.approx(want, rel=1e-12)
+    assert step == 4
+    steps, losses = tracker.series("sharpness")
+    assert steps == [0, 1, 2, 3] and len(losses) == 4
