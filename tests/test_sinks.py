@@ -172,3 +172,19 @@ def test_bad_sink_arguments(tmp_path):
     with pytest.raises(InvalidArgumentError, match="experiment"):
         MLflowSink(experiment="")
     assert issubclass(CallableSink, Sink)
+
+
+def test_core_import_needs_no_integration_library():
+    """``import gdscope`` (and the CLI, export, the sinks module) load none of the optional
+    libraries: the core install stays free of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gdscope, gdscope.cli, gdscope.export, gdscope.integrations.sinks\n"
+        "heavy = {'lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'tensorboard',"
+        " 'mlflow', 'pyarrow', 'pandas'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
