@@ -492,9 +492,8 @@ def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
             out.loss.backward()
             grad_norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
             opt.step()
-            vals = tracker.step(
-                step, opt, loss=out.loss, outputs=out.logits, targets=batch["labels"]
-            )
+            labels = batch["labels"]
+            vals = tracker.step(step, opt, loss=out.loss, outputs=out.logits, targets=labels)
             step += 1
             # values of the step's own loss and gradient (the iterate before the update)
             assert vals["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
@@ -514,12 +513,12 @@ def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
             tr = torch.trace(dd["H"]).item()
             se = vals["hessian_trace_se"]
             assert abs(vals["hessian_trace"] - tr) <= 4 * se + 1e-12, (vals["hessian_trace"], tr)
-            if "accuracy" in vals:  # token accuracy on the shifted, non-ignored labels
-                lg = out.logits[:, :-1].argmax(-1)
-                lb = batch["labels"][:, 1:]
-                keep = lb != -100
-                want = (lg[keep] == lb[keep]).double().mean().item()
-                assert vals["accuracy"] == pytest.approx(want, rel=1e-12)
+            # token accuracy of the step's logits on the shifted, non-ignored labels
+            lg = out.logits[:, :-1].argmax(-1)
+            lb = labels[:, 1:]
+            keep = lb != -100
+            want = (lg[keep] == lb[keep]).double().mean().item()
+            assert vals["accuracy"] == pytest.approx(want, rel=1e-12)
     assert step == 4
     steps, losses = tracker.series("sharpness")
     assert steps == [0, 1, 2, 3] and len(losses) == 4
