@@ -293,3 +293,19 @@ def test_missing_loss_and_bad_arguments(tmp_path):
         GdscopeCallback(curvature_every=0)
     with pytest.raises(InvalidArgumentError, match="model="):
         GdscopeCallback(model=3)  # type: ignore[arg-type]
+
+
+def test_bf16_true_measures_float32_copies(tmp_path):
+    """A model held in bfloat16: curvature on float32 copies of its weights, which the probes
+    leave in bfloat16 and bit-identical to the run without the callback."""
+    X, Y = _data()
+    kw = {"opt": "sgd", "lr": 0.05, "dropout": 0.0}
+    plain = _fit(steps=2, module_kw=kw, precision="bf16-true")
+    cb = GdscopeCallback(tmp_path / "t.db", [SharpnessProbe(1, tol=1e-6)], eval_samples=64)
+    tracked = _fit([cb], steps=2, module_kw=kw, precision="bf16-true")
+    assert all(p.dtype == torch.bfloat16 for p in tracked.parameters())
+    assert _same_weights(plain, tracked)
+    sharp, run = _metric(tmp_path / "t.db", "sharpness")
+    assert run.config["param_dtype"] == "bfloat16" and run.config["curvature_dtype"] == "float32"
+    # the oracle at the same (bf16) weights in float64, on the float32 data gdscope measures on
+    assert sharp[1] == pytest.approx(_dense_top_eig(tracked, X, Y), rel=2e-4)
