@@ -16,7 +16,7 @@ from torch import nn
 
 import gdscope as gs
 from gdscope.errors import InvalidArgumentError
-from gdscope.probes.builtin import AccuracyProbe, LossProbe
+from gdscope.probes.builtin import AccuracyProbe, LossProbe, SharpnessProbe
 from gdscope.probes.certificates import (
     BlockJacobianProbe,
     DataSeparationProbe,
@@ -349,3 +349,26 @@ def test_sgd_stability_cross_entropy_module_equals_name():
     assert a.mean_square_rho is not None
     assert a.mean_square_rho == pytest.approx(b.mean_square_rho, rel=1e-8)
     assert a.wu_ma_e == pytest.approx(b.wu_ma_e, rel=1e-8)
+
+
+def test_tracker_subset_of_dict_data_against_dense_hessian():
+    model = _lm(14)
+    data = _joined(_lm_batches())
+    prob = gs.Problem.from_hf(model, data, shift=True)
+    tracker = gs.Tracker(prob, [SharpnessProbe(1, tol=1e-10, max_matvecs=2000)], subset=[0, 3, 4])
+    sub = {k: v[[0, 3, 4]] for k, v in data.items()}  # samples 0 and 3 are padded
+    flat, unflat = _flat(model)
+
+    def loss(t):
+        with math_attention():
+            out = torch.func.functional_call(
+                model, unflat(t), (sub["input_ids"],), {"attention_mask": sub["attention_mask"]}
+            )
+        lg, lb = out.logits[:, :-1].reshape(-1, V), sub["labels"][:, 1:].reshape(-1)
+        keep = lb != -100
+        logp = lg - torch.logsumexp(lg, 1, keepdim=True)
+        return -logp[keep, lb[keep]].sum() / keep.sum()
+
+    top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1].item()
+    assert tracker.subset.n == 3 and tracker.subset.adapter is prob.adapter
+    assert tracker.step(0)["sharpness"] == pytest.approx(top, rel=1e-8)

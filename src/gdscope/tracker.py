@@ -470,4 +470,17 @@ def _subset(prob: Problem, subset: int | Sequence[int] | Tensor | None, seed: in
             f"subset indices must be a non-empty 1-D list without repeats, got shape "
             f"{tuple(idx.shape)}: pass e.g. subset=[0, 3, 7] or a count subset=10."
         )
+    full = prob.full_batch
+    if full is not None and isinstance(full[0], Mapping) and prob.adapter is not None:
+        # dict inputs (an adapter's): the same problem on those samples, adapter kept
+        n = prob.n
+        if idx.ndim != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise InvalidArgumentError(
+                f"subset indices must lie in [0, {n}), got {_short(subset)}."
+            )
+        x, y = full
+        idx = idx.to(y.device)
+        data = {k: v[idx] if isinstance(v, Tensor) and v.ndim else v for k, v in x.items()}
+        data[prob.adapter.labels] = y[idx]
+        return prob.with_data(data)
     return prob.subset(idx)
