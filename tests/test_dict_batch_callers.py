@@ -23,7 +23,7 @@ from gdscope.probes.certificates import (
     MarginProbe,
     block_jacobian,
 )
-from gdscope.probes.kernel import NTKSpectrumProbe
+from gdscope.probes.kernel import DisparityProbe, NTKSpectrumProbe
 from gdscope.problem import math_attention
 from gdscope.theory.linearize import linearize
 from gdscope.theory.sgd_stability import SampleCurvature
@@ -372,3 +372,21 @@ def test_tracker_subset_of_dict_data_against_dense_hessian():
     top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1].item()
     assert tracker.subset.n == 3 and tracker.subset.adapter is prob.adapter
     assert tracker.step(0)["sharpness"] == pytest.approx(top, rel=1e-8)
+
+
+@pytest.mark.parametrize("cls", [MHA, SDPA])
+def test_kernel_probes_on_attention_models_against_dense_jacobian(cls):
+    torch.manual_seed(15)
+    model = cls().to(D).eval()
+    X, Y = torch.randn(4, 3, 4, dtype=D), torch.randn(4, 2, dtype=D)
+    prob = gs.Problem(model, "mse", (X, Y))
+    vals = gs.Tracker(prob, [NTKSpectrumProbe(samples=4), DisparityProbe(samples=4)]).step(0)
+    flat, unflat = _flat(model)
+    with math_attention():
+        J = torch.func.jacrev(lambda t: torch.func.functional_call(model, unflat(t), (X,)))(flat)
+    J = J.reshape(-1, flat.numel())  # (n·k, P), sample-major
+    ev = torch.linalg.eigvalsh(J @ J.T)
+    assert vals["ntk_lambda_max"] == pytest.approx(ev[-1].item(), rel=1e-9)
+    assert vals["ntk_lambda_min"] == pytest.approx(ev[0].item(), rel=1e-6)
+    sv = torch.linalg.svdvals(J)
+    assert vals["disparity_sigma_min"] == pytest.approx(sv[-1].item(), rel=1e-6)

@@ -3,7 +3,9 @@
 All evaluate the parameters the model holds (after the update) on one fixed sample of the
 training data, drawn once per probe (``samples``, ``seed``), and the empirical NTK Gram
 ``K = J Jᵀ`` (``nk × nk``, sample-major) of that sample is computed once per step and shared by
-every kernel probe with the same sample (``ProbeState.cache``).
+every kernel probe with the same sample (``ProbeState.cache``). Attention models are evaluated
+under the problem's :meth:`~gdscope.Problem.attention_context` (math SDPA). Problems with an
+adapter (dict batches, output objects) are refused: the NTK is formed on tensor inputs.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class KernelProbe(Probe):
         key = ("ntk", self.samples, self.seed)
         if key not in state.cache:
             x, _ = self.inputs(state.problem)
-            K = ntk(state.problem.model, x)
+            with state.problem.attention_context():  # math SDPA for attention models
+                K = ntk(state.problem.model, x)
             n, _, k, _ = K.shape
             state.cache[key] = K.permute(0, 2, 1, 3).reshape(n * k, n * k).double()
         return state.cache[key]
@@ -104,7 +107,8 @@ class KernelDriftProbe(KernelProbe):
 
     def start(self, prob: Problem) -> None:
         x, _ = self.inputs(prob)
-        K0 = ntk(prob.model, x)
+        with prob.attention_context():
+            K0 = ntk(prob.model, x)
         n, _, k, _ = K0.shape
         self._K0 = K0.permute(0, 2, 1, 3).reshape(n * k, n * k).double()
 
@@ -164,7 +168,8 @@ class DisparityProbe(KernelProbe):
 
     def compute(self, state: ProbeState) -> dict[str, float]:
         x, _ = self.inputs(state.problem)
-        rep = disparity(state.problem.model, x)
+        with state.problem.attention_context():  # forward-mode/vmap need math SDPA
+            rep = disparity(state.problem.model, x)
         out = {"disparity_sigma_min": rep.sigma_min}
         if rep.rank is not None:
             out["disparity_rank"] = float(rep.rank)
