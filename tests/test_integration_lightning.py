@@ -59,11 +59,15 @@ def _data(n: int = 64):
     return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def _fit(callbacks=(), *, seed=0, steps=5, logger=False, module_kw=None, **trainer_kw):
+def _fit(callbacks=(), *, seed=0, steps=5, logger=False, module_kw=None, make=None, **trainer_kw):
+    """Train for ``steps`` optimizer steps; ``make()`` may return another (module, loader)."""
     pl.seed_everything(seed, verbose=False)
-    X, Y = _data()
-    loader = DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True)
-    module = Net(**(module_kw or {}))
+    if make is None:
+        X, Y = _data()
+        loader = DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True)
+        module = Net(**(module_kw or {}))
+    else:
+        module, loader = make()
     trainer = pl.Trainer(
         max_steps=steps,
         callbacks=list(callbacks),
@@ -309,3 +313,90 @@ def test_bf16_true_measures_float32_copies(tmp_path):
     assert run.config["param_dtype"] == "bfloat16" and run.config["curvature_dtype"] == "float32"
     # the oracle at the same (bf16) weights in float64, on the float32 data gdscope measures on
     assert sharp[1] == pytest.approx(_dense_top_eig(tracked, X, Y), rel=2e-4)
+
+
+class TokenNet(pl.LightningModule):
+    """Token classifier on dict batches (``input_ids``, ``labels``), with dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(6, 10)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.tanh(self.emb(input_ids))))
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        return self.loss_fn(logits.reshape(-1, 10), batch["labels"].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, 10, (32, 5), generator=torch.Generator().manual_seed(4))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": (self.ids[i] + 1) % 10}
+
+
+def _tokens():
+    return TokenNet(), DataLoader(_Tokens(), batch_size=8, shuffle=True)
+
+
+def test_dict_batches_get_the_hf_adapter(tmp_path):
+    """Dict batches: inputs passed as keywords, labels as targets; eval_loss equals the
+    cross-entropy of the final module on the drawn subset, computed directly."""
+    plain = _fit(steps=4, make=_tokens)
+    cb = GdscopeCallback(tmp_path / "d.db", eval_samples=12, seed=3)
+    tracked = _fit([cb], steps=4, make=_tokens)
+    assert _same_weights(plain, tracked)
+    values, run = _metric(tmp_path / "d.db", "eval_loss")
+    assert run.config["eval_samples"] == 12 and sorted(values) == [0, 1, 2, 3]
+    idx = torch.randperm(32, generator=torch.Generator().manual_seed(3))[:12].sort().values
+    ds = _Tokens()
+    tracked.eval()
+    with torch.no_grad():
+        ids = ds.ids[idx]
+        ref = nn.functional.cross_entropy(
+            tracked(ids).reshape(-1, 10), ((ids + 1) % 10).reshape(-1)
+        )
+    assert values[3] == pytest.approx(ref.item(), rel=1e-6)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(2)
+        for _ in range(64):
+            yield torch.randn(4, generator=g), torch.randint(0, 3, (), generator=g)
+
+
+def test_iterable_dataset_uses_the_first_batches(tmp_path):
+    """No __getitem__: the subset is the loader's first batches (iterating a loader draws from
+    the global RNG; the callback restores it, so the weights stay bit-identical)."""
+
+    def make():
+        return Net(), DataLoader(_Stream(), batch_size=16)
+
+    plain = _fit(steps=3, make=make)
+    cb = GdscopeCallback(tmp_path / "i.db", [ThresholdProbe()], eval_samples=20)
+    tracked = _fit([cb], steps=3, make=make)
+    assert _same_weights(plain, tracked)
+    _, run = _metric(tmp_path / "i.db", "lr")
+    assert run.config["eval_samples"] == 32  # two batches of 16 cover the 20 asked for
+
+
+def test_bad_subset_arguments_fail_at_construction():
+    with pytest.raises(InvalidArgumentError, match="eval_samples"):
+        GdscopeCallback(eval_samples=0)
+    with pytest.raises(InvalidArgumentError, match="eval_batch_size"):
+        GdscopeCallback(eval_batch_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        GdscopeCallback(seed="0")  # type: ignore[arg-type]

@@ -188,3 +188,76 @@ def test_core_import_needs_no_integration_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------- the callbacks' session
+def _session(tmp_path, sinks, probes=None):
+    from gdscope.integrations._common import TrackingSession
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    X, Y = torch.randn(8, 3), torch.randn(8, 1)
+    model.eval()
+    prob = gs.Problem(model, "mse", (X, Y))
+    model.train()
+    tracker = gs.Tracker(prob, probes or [LossProbe()], store=tmp_path / "s.db", run_name="s")
+    return TrackingSession(tracker, sinks, model), model
+
+
+def test_session_drops_a_failing_sink_and_keeps_tracking(tmp_path):
+    class Broken(Sink):
+        def write(self, step, values):
+            raise OSError("disk full")
+
+    got: list[int] = []
+    session, _ = _session(tmp_path, [Broken(), CallableSink(lambda m, s: got.append(s))])
+    with pytest.warns(RuntimeWarning, match="Broken failed to write .*disk full"):
+        session.step(0, None, loss=torch.tensor(1.0))
+    session.step(1, None, loss=torch.tensor(0.5))
+    session.close()
+    assert got == [0, 1] and len(session.sinks) == 1
+    assert _stored(tmp_path / "s.db", 1)["loss"] == {0: 1.0, 1: 0.5}
+
+
+def test_session_diverged_loss_is_stored_mirrored_and_ends_tracking(tmp_path):
+    got: list[tuple[dict[str, float], int]] = []
+    session, _ = _session(tmp_path, [CallableSink(lambda m, s: got.append((m, s)))])
+    session.step(0, None, loss=torch.tensor(1.0))
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        assert session.step(1, None, loss=torch.tensor(float("inf"))) is None
+    assert session.closed and session.step(2, None, loss=torch.tensor(1.0)) is None
+    metrics, step = got[-1]
+    assert step == 1 and metrics["gdscope/loss"] == math.inf
+    with Store(tmp_path / "s.db", readonly=True) as s:
+        assert s.run(1).status == "diverged"
+
+
+def test_preserved_restores_rng_and_modes_even_on_error():
+    import random
+
+    import numpy as np
+
+    from gdscope.integrations._common import preserved
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2))
+    model.train()
+    model[2].eval()  # a mixed-mode model: each flag is restored, not model.train()
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    with (
+        pytest.raises(ValueError),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        preserved(model),
+    ):
+        assert not any(m.training for m in model.modules())
+        assert not torch.is_autocast_enabled("cpu")  # the trainer's autocast is off inside
+        torch.rand(100), random.random(), np.random.rand(5)
+        raise ValueError
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

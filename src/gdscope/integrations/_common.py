@@ -153,11 +153,7 @@ def eval_batches(
     over an iterable data set (no ``__getitem__``) gives its first batches instead; call this
     under :func:`preserved` then.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidArgumentError(
-            f"eval_samples={samples!r} must be a positive integer: the size of the fixed subset "
-            "curvature is measured on, e.g. 64."
-        )
+    check_subset_args(samples, batch_size, seed)
     dataset = getattr(loader, "dataset", None)
     bs = batch_size or getattr(loader, "batch_size", None)
     if bs is None:
@@ -250,6 +246,29 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
             break
         optimizer, seen = inner, seen + 1
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_subset_args(samples: Any, batch_size: Any, seed: Any) -> None:
+    """Refuse a bad ``eval_samples``, ``eval_batch_size`` or ``seed`` (at construction)."""
+    if not _positive_int(samples):
+        raise InvalidArgumentError(
+            f"eval_samples={samples!r} must be a positive integer: the size of the fixed subset "
+            "curvature is measured on, e.g. 64."
+        )
+    if batch_size is not None and not _positive_int(batch_size):
+        raise InvalidArgumentError(
+            f"eval_batch_size={batch_size!r} must be a positive integer or None (the training "
+            "loader's batch size)."
+        )
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InvalidArgumentError(
+            f"seed={seed!r} ({type(seed).__name__}) must be an integer: the seed of the "
+            "evaluation subset's draw, e.g. 0."
+        )
 
 
 def check_on_error(on_error: Any) -> str:

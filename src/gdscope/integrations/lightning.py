@@ -45,6 +45,7 @@ from gdscope.integrations._common import (
     callback_probes,
     check_every,
     check_on_error,
+    check_subset_args,
     curvature_dtype,
     eval_batches,
     move,
@@ -120,6 +121,7 @@ class GdscopeCallback(pl.Callback):
             )
         if config is not None and not isinstance(config, Mapping):
             raise InvalidArgumentError(f"config={config!r} must be a dict of settings or None.")
+        check_subset_args(eval_samples, eval_batch_size, seed)
         self.store = store
         self.curvature_every = check_every(curvature_every)
         self.probes = list(probes) if probes is not None else None
