@@ -9,6 +9,7 @@ the equivalent problem in another data layout.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from gdscope.probes.certificates import (
     block_jacobian,
 )
 from gdscope.probes.kernel import DisparityProbe, NTKSpectrumProbe
-from gdscope.problem import math_attention
+from gdscope.problem import ATTENTION_NOTE, math_attention
 from gdscope.theory.linearize import linearize
 from gdscope.theory.sgd_stability import SampleCurvature
 from gdscope.train.sampler import SAMPLERS
@@ -390,3 +391,72 @@ def test_kernel_probes_on_attention_models_against_dense_jacobian(cls):
     assert vals["ntk_lambda_min"] == pytest.approx(ev[0].item(), rel=1e-6)
     sv = torch.linalg.svdvals(J)
     assert vals["disparity_sigma_min"] == pytest.approx(sv[-1].item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------- predict
+class _Logits(nn.Module):
+    """input_ids, attention_mask -> logits of a TinyLM (a tensor-output module to linearize)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask):
+        return self.lm(ids, mask).logits
+
+
+@pytest.mark.parametrize(
+    "opt_kw", [{"lr": 0.5}, {"lr": 0.3, "momentum": 0.5, "weight_decay": 0.05}]
+)
+def test_predict_hf_problem_matches_trained_linearized_model(opt_kw):
+    """The NTK prediction of a causal LM (shifted rows, ignored labels masked) equals the loss
+    of the linearized network trained by the same optimizer (jvp-based, no kernel)."""
+    model = _lm(16)
+    data = _joined(_lm_batches())
+    prob = gs.Problem.from_hf(model, data, shift=True)
+    steps = 4
+    pred = gs.predict(prob, torch.optim.SGD(model.parameters(), **opt_kw), steps)
+    assert pred.loss[0] == pytest.approx(prob.loss().item(), rel=1e-12)
+    assert ATTENTION_NOTE in pred.notes
+    lin = linearize(_Logits(model))
+    opt = torch.optim.SGD(lin.parameters(), **opt_kw)
+    want = []
+    for _ in range(steps + 1):
+        opt.zero_grad()
+        lg = lin(data["input_ids"], data["attention_mask"])
+        loss = nn.functional.cross_entropy(
+            lg[:, :-1].reshape(-1, V), data["labels"][:, 1:].reshape(-1)
+        )
+        want.append(loss.item())
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(torch.as_tensor(pred.loss), torch.tensor(want, dtype=D))
+
+
+def test_predict_hf_problem_refusals():
+    model = _lm(17)
+    data = _joined(_lm_batches())
+    prob = gs.Problem.from_hf(model, data, shift=True)
+    with pytest.raises(InvalidArgumentError, match="x_test"):
+        gs.predict(prob, gs.GD(model.parameters(), lr=0.1), 2, x_test=data["input_ids"])
+    # a list of dict batches is joined: the same prediction as on the joined full batch
+    loader = gs.Problem.from_hf(model, _lm_batches(), shift=True)
+    a = gs.predict(loader, gs.GD(model.parameters(), lr=0.1), 3)
+    b = gs.predict(prob, gs.GD(model.parameters(), lr=0.1), 3)
+    torch.testing.assert_close(torch.as_tensor(a.loss), torch.as_tensor(b.loss))
+    assert a.loss[0] == pytest.approx(loader.loss().item(), rel=1e-12)
+    ragged = [dict(_lm_batches()[0]), {k: v[:, :4] for k, v in _lm_batches()[1].items()}]
+    bag = _Bigram().to(D)
+    with pytest.raises(InvalidArgumentError, match="do not join"):
+        gs.predict(gs.Problem.from_hf(bag, ragged, shift=True), gs.GD(bag.parameters(), lr=0.1), 2)
+
+
+class _Bigram(nn.Module):
+    """An HF-style bigram model (any sequence length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.emb(input_ids))

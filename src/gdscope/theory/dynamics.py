@@ -613,14 +613,8 @@ def _parse_loss(loss: Any) -> tuple[str, str | None, float | None]:
 def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_jtheta: bool):
     if not isinstance(prob, Problem):  # pragma: no cover - caller checks
         raise InvalidArgumentError("expected a gdscope.Problem.")
-    if prob.adapter is not None:
-        raise InvalidArgumentError(
-            "predict needs a model of tensor inputs with (n, k) outputs; the problem has an "
-            "adapter (dict batches): build Problem(model, loss, (X, Y)) with a module that "
-            "maps X to the logits (the NTK is formed on X)."
-        )
     fb = prob.full_batch
-    if fb is None:
+    if fb is None and prob.adapter is None:
         raise InvalidArgumentError(
             "predict needs the problem's data as (X, Y) tensors to form the NTK Gram matrix; "
             "the problem holds a DataLoader: build Problem(model, loss, (X, Y)) from the full "
@@ -643,6 +637,8 @@ def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_j
                 "prediction assumes every trainable parameter is updated; build the optimizer "
                 "on prob.model.parameters() (freeze the others with requires_grad_(False))."
             )
+    if prob.adapter is not None:
+        return _adapter_inputs(prob, x_test, need_jtheta)
     X, Y = fb
     params = prob.params
     n = prob.n
@@ -693,6 +689,88 @@ def _problem_inputs(prob: Problem, optimizer: Any, x_test: Tensor | None, need_j
     return K, f0, y, eps, jt0, Kt, f0t, jt0_test, n, k
 
 
+def _joined_batches(prob: Problem) -> tuple[dict[str, Tensor], Tensor]:
+    """A DataLoader's dict batches joined along dimension 0 (the full batch ``L`` sums).
+
+    Cross-entropy's mean over non-ignored labels of the whole data set is the mean over the
+    joined rows, so the joined batch has the same loss as ``Σ w_b L_b``.
+    """
+    xs: list[Any] = []
+    ys: list[Tensor] = []
+    for x, y, _ in prob.batches():
+        xs.append(x)
+        ys.append(y)
+    if not isinstance(xs[0], Mapping):
+        raise InvalidArgumentError("predict with an adapter needs dict batches.")
+    try:
+        X = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+        return X, torch.cat(ys)
+    except (RuntimeError, KeyError) as e:
+        raise InvalidArgumentError(
+            f"predict joins the problem's batches into one full batch, but they do not join "
+            f"({e}): pad every sequence to one length, or build the Problem on one dict of "
+            "tensors."
+        ) from e
+
+
+def _adapter_inputs(prob: Problem, x_test: Tensor | None, need_jtheta: bool):
+    """:func:`_problem_inputs` for a problem with an adapter (dict batches, e.g. a causal LM).
+
+    The "samples" of the prediction are the rows the loss compares: the adapter's
+    :meth:`~gdscope.adapters.Adapter.loss_view` of the logits (shifted, ``(N·T', V)``), with
+    their labels (``ignore_index`` rows are masked by the cross-entropy, as in PyTorch's mean
+    over non-ignored labels). ``K = J Jᵀ`` with ``J`` the dense Jacobian of those rows
+    (``torch.func.jacrev`` through :meth:`Problem.forward`, attention under math SDPA).
+    """
+    assert prob.adapter is not None
+    if prob.loss_name != "cross_entropy":
+        raise InvalidArgumentError(
+            f"predict on a problem with an adapter supports cross-entropy only (the causal-LM "
+            f"loss); the problem's loss is {prob.loss_name!r}: build Problem(model, loss, "
+            "(X, Y)) with a module that maps X to the outputs."
+        )
+    if x_test is not None:
+        raise InvalidArgumentError(
+            "x_test is not supported on a problem with an adapter (dict inputs): predict the "
+            "training rows only (x_test=None)."
+        )
+    adapter = prob.adapter
+    X, Y = prob.full_batch or _joined_batches(prob)
+    params = prob.params
+
+    def rows(p: dict[str, Tensor]) -> Tensor:
+        logits, _ = adapter.loss_view(prob.forward(p, X), Y)
+        return logits.reshape(logits.shape[0], -1)
+
+    with torch.no_grad():
+        f0 = rows(params)
+        _, y = adapter.loss_view(prob.forward(params, X), Y)
+    if f0.ndim != 2 or y.ndim != 1 or y.shape[0] != f0.shape[0]:
+        raise InvalidArgumentError(
+            f"cross-entropy prediction needs (rows, classes) logits and (rows,) class labels "
+            f"as the loss compares them; the adapter gives {tuple(f0.shape)} and "
+            f"{tuple(y.shape)}."
+        )
+    n, k = f0.shape
+    P = prob.num_params
+    need = (n * k * P + (n * k) ** 2) * f0.element_size()
+    budget = default_memory(prob.device)
+    if need > budget:
+        raise InvalidArgumentError(
+            f"predict on an adapter problem forms the dense Jacobian of its {n}×{k} logit rows "
+            f"by {P} parameters and their kernel ({need / 1e9:.3g} GB, over the "
+            f"{budget / 1e9:.3g} GB budget): use fewer or shorter sequences."
+        )
+    jac = torch.func.jacrev(lambda p: rows(p).reshape(-1))(params)
+    J = torch.cat([jac[name].reshape(n * k, -1) for name in prob.names], dim=1).detach()
+    K = J @ J.T
+    eps = float(torch.finfo(K.dtype).eps)
+    jt0 = None
+    if need_jtheta:
+        jt0 = torch.func.jvp(lambda p: rows(p).reshape(-1), (params,), (params,))[1].detach()
+    return K, f0, y, eps, jt0, None, None, None, n, k
+
+
 # ---------------------------------------------------------------------------------- predict
 def predict(
     problem_or_kernel: Problem | Tensor | np.ndarray,
@@ -717,7 +795,11 @@ def predict(
         problem_or_kernel: a :class:`gdscope.Problem` with ``(X, Y)`` tensor data and loss
             ``"mse"`` or ``"cross_entropy"`` (the kernel ``K = ntk(model, X)``, ``f0``, ``Y``,
             the loss and its reduction, and ``Jθ0`` are taken from it), **or** the kernel
-            ``K`` itself, ``(n·k, n·k)`` sample-major or ``(n, n, k, k)``.
+            ``K`` itself, ``(n·k, n·k)`` sample-major or ``(n, n, k, k)``. A Problem with an
+            adapter (a causal LM through ``Problem.from_hf``, cross-entropy) is predicted on
+            the rows the loss compares: the shifted logits ``(N·(T−1), V)`` with their labels
+            (ignored ones masked), ``K = J Jᵀ`` from the dense Jacobian of those rows; a
+            DataLoader's dict batches are joined into one.
         optimizer: a fresh ``gs.GD``, ``gs.HeavyBall``, ``gs.Nesterov`` or ``torch.optim.SGD``
             (``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay`` are read from
             its param groups), or a mapping (see :func:`optimizer_spec`). Constant ``lr`` only:
