@@ -1,0 +1,502 @@
+"""The central flow of full-batch GD: what gradient descent does at the edge of stability, averaged.
+
+Reference: Cohen, Damian, Talwalkar, Kolter & Lee, *Understanding Optimization in Deep Learning
+with Central Flows* (ICLR 2025). Written from the paper's equations; no code was copied.
+
+**Convention.** Time ``t`` counts GD steps (``t = 1`` is one step of size ``η``); the flow's
+point ``w(t)`` is compared with the iterate ``w_t``. ``H = ∇²L``, eigenpairs ``H v_i = λ_i v_i``
+with ``‖v_i‖ = 1``, ``λ_1 ≥ λ_2 ≥ …``; the threshold is ``2/η``.
+
+**Below the edge** (``λ_1 < 2/η``) the central flow is gradient flow in step time,
+
+    dw/dt = −η ∇L(w).
+
+**At the edge**, GD oscillates along the top eigenvectors around a smooth path. Writing
+``w_t = w(t) + δ_t`` with covariance ``E[δδᵀ] = Σ = V X Vᵀ`` (``V`` the ``m`` eigenvectors whose
+eigenvalues reached ``2/η``, ``X ⪰ 0`` an ``m × m`` matrix), a second-order Taylor expansion of the
+averaged gradient gives the implicit curvature penalty
+
+    dw/dt = −η [∇L(w) + ½ ∇⟨Σ, ∇²L(w)⟩] = −η [∇L(w) + ½ Σ_ij X_ij G_ij(w)],
+    G_ij = ∇_w (v_iᵀ ∇²L(w) v_j)     (third-derivative products, gdscope.curvature.third),
+
+and ``X`` is fixed by *stability*: the restricted Hessian ``M = VᵀHV`` may not exceed ``2/η``,
+``dM/dt ⪯ 0`` on the directions where it equals ``2/η``, and ``X`` lives only there. With
+``dM_ij/dt = G_ijᵀ dw/dt`` this is a semidefinite complementarity problem (SDCP) in ``X``:
+
+    X ⪰ 0,   A(X) ⪰ 0,   ⟨X, A(X)⟩ = 0,   A(X) = 2/η·I − M − dt·dM/dt   (linear in X),
+
+i.e. the next substep's ``M`` stays at or below ``2/η`` to first order (this discretization
+also pulls an eigenvalue that overshot back to ``2/η``). Because ``−dM/dt`` is affine in ``X``
+with a positive semidefinite part (a Gram matrix of the ``G_ij``), the SDCP is the optimality
+condition of the convex problem ``min_{X ⪰ 0} ½⟨X, B[X]⟩ + ⟨α, X⟩`` (scaled by ``η``:
+``α = 2I − ηM + dt·η²·[G_ijᵀ∇L]``, ``B[X]_ij = (dt·η²/2) Σ_kl (G_ijᵀG_kl) X_kl``), solved here
+by accelerated projected gradient (exact closed form ``X = max(0, −α/B)`` for one eigenvalue;
+scipy's NNLS/LCP solvers do not take a PSD cone, and no new dependency is needed). For one
+eigenvalue at the edge the flow is the projection of ``−η∇L`` onto ``{∇λ_1ᵀ dw ≤ 0}``:
+``X = σ² = −2∇λ_1ᵀ∇L/‖∇λ_1‖²`` when positive.
+
+**Predictions** (per step, on the flow):
+
+* time-averaged loss ``L̄ = L(w) + ½⟨X, VᵀHV⟩`` (``≈ L(w) + tr X/η`` at the edge),
+* sharpness ``λ_1(w)`` (pinned at ``2/η`` once at the edge),
+* oscillation magnitude ``E‖δ‖² = tr X = Σ_i σ_i²`` (``σ_i²`` the eigenvalues of ``X``).
+
+**Discretization.** Euler steps of ``dt = 1/substeps``; the top ``m`` eigenpairs by
+warm-started block Lanczos on the Hessian-vector product every ``eig_every`` substeps (default
+once per step) and by one block Rayleigh–Ritz step on ``span[V, HV − VM]`` in between. ``m``
+grows (up to ``max_edge``) while all tracked eigenvalues are within ``edge_fraction·2/η``.
+Layer norms are evaluated as PyTorch operations (built-in kernel: wrong third derivatives,
+:mod:`gdscope.curvature.third`).
+
+Only full-batch GD (``gs.GD`` or ``torch.optim.SGD`` without momentum and weight decay) is
+modelled; RMSProp/Adam central flows (preconditioned, with the optimizer's state in the flow)
+are not implemented yet and are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gdscope.curvature.products import check_params, check_problem, curvature_operator
+from gdscope.curvature.third import edge_derivatives, third_derivative_warnings
+from gdscope.errors import InvalidArgumentError, NonFiniteError
+from gdscope.linalg.lanczos import lanczos
+from gdscope.linalg.operator import CallableOperator
+from gdscope.problem import Params, Problem
+from gdscope.theory.dynamics import Prediction, optimizer_spec
+
+__all__ = ["CentralFlowPrediction", "central_flow", "solve_sdcp"]
+
+_MAX_RECORD = 200
+
+
+@dataclass(frozen=True, eq=False)
+class CentralFlowPrediction(Prediction):
+    """A :class:`~gdscope.theory.Prediction` from the central flow (module docstring).
+
+    Inherited fields, as set here: ``loss`` is the predicted *time-averaged* GD loss ``L̄(t)``,
+    ``t = 0..steps``; ``outputs``/``residuals`` are the model's outputs (and ``F − Y`` for MSE,
+    ``softmax(F) − Y`` for cross-entropy, ``sigmoid(F) − Y`` for BCE) at the flow's point
+    ``w(t)`` at ``record_steps``; ``eigenvalues`` the tracked top Hessian eigenvalues at the end
+    (ascending); ``rates``, ``initial_energy``, ``asymptotic_rate``, ``limit_loss`` and
+    ``test_outputs`` are ``None``; ``stable`` says the flow stayed finite and every
+    complementarity problem was solved.
+
+    Attributes:
+        sharpness: ``(steps+1,)`` ``λ_1(w(t))``.
+        edge_eigenvalues: ``(steps+1, max_edge)`` tracked top eigenvalues, NaN where untracked.
+        oscillation: ``(steps+1,)`` ``tr X = Σ σ_i²``, the predicted ``E‖w_t − w(t)‖²``.
+        sigma2: ``(steps+1, max_edge)`` eigenvalues of ``X`` (descending), NaN-padded.
+        flow_loss: ``(steps+1,)`` ``L(w(t))`` (the loss at the flow's point, not averaged).
+        edge_count: ``(steps+1,)`` eigenvalues in the complementarity problem.
+        threshold: ``2/η``.
+        onset_step: first step with ``X ≠ 0`` (the flow at the edge), or ``None``.
+        final_params: the flow's parameters at ``t = steps`` (flat, float64, ``prob.names``
+            order).
+        substeps, eig_every: the discretization used.
+    """
+
+    sharpness: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    edge_eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    oscillation: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sigma2: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    flow_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    edge_count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    threshold: float = math.nan
+    onset_step: int | None = None
+    final_params: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    substeps: int = 0
+    eig_every: int = 1
+
+    def __repr__(self) -> str:
+        onset = "never" if self.onset_step is None else f"step {self.onset_step}"
+        return (
+            f"CentralFlowPrediction(GD lr={self.optimizer.get('lr')}, {self.loss_name}, "
+            f"steps={self.steps}, loss {self.loss[0]:.4g} → {self.loss[-1]:.4g}, sharpness "
+            f"{self.sharpness[0]:.4g} → {self.sharpness[-1]:.4g} (2/η = {self.threshold:.4g}), "
+            f"edge onset {onset})"
+        )
+
+
+# ---------------------------------------------------------------------------------- SDCP
+def _psd_project(X: np.ndarray) -> np.ndarray:
+    w, Q = np.linalg.eigh(0.5 * (X + X.T))
+    return (Q * np.maximum(w, 0.0)) @ Q.T
+
+
+def solve_sdcp(
+    alpha: np.ndarray,
+    B: np.ndarray,
+    *,
+    x0: np.ndarray | None = None,
+    tol: float = 1e-11,
+    max_iter: int = 20000,
+) -> tuple[np.ndarray, float]:
+    """Solve ``X ⪰ 0, A = α + B[X] ⪰ 0, ⟨X, A⟩ = 0`` for symmetric ``α`` (``m × m``) and a
+    positive semidefinite ``B`` (``m² × m²``, acting on ``vec(X)``, row-major).
+
+    It is the optimality condition of ``min_{X ⪰ 0} ½ vec(X)ᵀ B vec(X) + ⟨α, X⟩``, solved by
+    FISTA with adaptive restart and projection onto the PSD cone (exact for ``m = 1``:
+    ``X = max(0, −α/B)``). Returns ``(X, residual)`` with ``residual`` the projected-gradient
+    norm ``‖X − Π(X − A)‖_F`` relative to ``max(1, ‖α‖_F)``; a problem without solution (``α``
+    negative along a direction ``B`` does not see) gives a large residual.
+    """
+    alpha = 0.5 * (np.asarray(alpha, dtype=np.float64) + np.asarray(alpha, dtype=np.float64).T)
+    m = alpha.shape[0]
+    B = np.asarray(B, dtype=np.float64).reshape(m * m, m * m)
+    B = 0.5 * (B + B.T)
+    scale = max(1.0, float(np.linalg.norm(alpha)))
+    if m == 0 or float(np.linalg.eigvalsh(alpha).min()) >= 0:
+        return np.zeros((m, m)), 0.0
+    if m == 1:
+        b = float(B[0, 0])
+        if b <= 0:
+            return np.zeros((1, 1)), abs(float(alpha[0, 0])) / scale
+        return np.array([[max(0.0, -float(alpha[0, 0]) / b)]]), 0.0
+
+    def grad(X: np.ndarray) -> np.ndarray:
+        return alpha + (B @ X.reshape(-1)).reshape(m, m)
+
+    def residual(X: np.ndarray) -> float:
+        return float(np.linalg.norm(X - _psd_project(X - grad(X)))) / scale
+
+    lip = float(np.linalg.eigvalsh(B).max())
+    if lip <= 0:
+        return np.zeros((m, m)), residual(np.zeros((m, m)))
+    step = 1.0 / lip
+    X = _psd_project(np.zeros((m, m)) if x0 is None else np.asarray(x0, dtype=np.float64))
+    Y, t = X.copy(), 1.0
+    res = residual(X)
+    for it in range(max_iter):
+        Xn = _psd_project(Y - step * grad(Y))
+        if np.sum((Y - Xn) * (Xn - X)) > 0:  # adaptive restart (O'Donoghue & Candès)
+            t, Y = 1.0, X.copy()
+            continue
+        tn = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        Y = Xn + ((t - 1) / tn) * (Xn - X)
+        X, t = Xn, tn
+        if it % 10 == 9:
+            res = residual(X)
+            if res <= tol:
+                break
+    return 0.5 * (X + X.T), residual(X)
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _parse_gd(optimizer: Any) -> float:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls = type(optimizer)
+        if not (cls is torch.optim.SGD or cls.__name__ == "GD"):
+            raise InvalidArgumentError(
+                f"central_flow models full-batch gradient descent: pass gs.GD(params, lr) or "
+                f"torch.optim.SGD(params, lr) without momentum, got {cls.__module__}."
+                f"{cls.__qualname__} (RMSProp/Adam central flows are not implemented)."
+            )
+    elif not isinstance(optimizer, Mapping):
+        raise InvalidArgumentError(
+            f"optimizer must be gs.GD / torch.optim.SGD or a mapping such as "
+            f"{{'class': 'GD', 'lr': 0.1}}, got {type(optimizer).__name__}."
+        )
+    try:
+        spec = optimizer_spec(optimizer)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"central_flow: {e}") from None
+    extra = {
+        k: spec.get(k)
+        for k in ("momentum", "weight_decay", "nesterov")
+        if spec.get(k) not in (None, 0, 0.0, False)
+    }
+    if spec.get("kind") not in ("gd", "sgd") or extra:
+        raise InvalidArgumentError(
+            f"central_flow models plain gradient descent; the optimizer has {extra or spec}: "
+            "use gs.GD(params, lr) or torch.optim.SGD(params, lr) with momentum=0 and "
+            "weight_decay=0."
+        )
+    return float(spec["lr"])
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidArgumentError(f"{name}={value!r} must be an integer >= {low}.")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not low < float(value) < high
+    ):
+        raise InvalidArgumentError(f"{name}={value!r} must be a number in ({low}, {high}).")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------- the flow
+@dataclass
+class _Tracker:
+    """The tracked top eigenspace: ``V`` (``P × m``), values ``lam`` (descending)."""
+
+    V: Tensor | None = None
+    lam: Tensor | None = None
+    matvecs: int = 0
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _top_eigs(
+    op: CallableOperator, m: int, warm: Tensor | None, tol: float, seed: int
+) -> tuple[Tensor, Tensor, int]:
+    """Top ``m`` eigenpairs by block Lanczos, warm-started from the tracked vectors."""
+    res = lanczos(
+        op,
+        m,
+        "largest",
+        tol,
+        v0=warm,
+        block_size=m,
+        return_vectors=True,
+        seed=seed,
+        verify_multiplicity=False,
+    )
+    assert res.vectors is not None
+    return res.values.to(op.dtype), res.vectors.to(op.dtype), res.matvecs
+
+
+def _refine(op: CallableOperator, V: Tensor) -> tuple[Tensor, Tensor, int]:
+    """One block Rayleigh–Ritz step on ``span[V, R]`` with ``R = HV − V(VᵀHV)`` (a LOBPCG
+    step without the previous direction): tracks a slowly moving top eigenspace with ``2m``
+    products instead of a fresh solve."""
+    m = V.shape[1]
+    HV = op.matmat(V)
+    R = HV - V @ (V.T @ HV)
+    R = R - V @ (V.T @ R)
+    Q, tri = torch.linalg.qr(R)
+    keep = tri.diagonal().abs() > 1e-10 * max(float(tri.diagonal().abs().max()), 1e-300)
+    Q = Q[:, keep]
+    if Q.shape[1] == 0:
+        M = 0.5 * (V.T @ HV + HV.T @ V)
+        w, S = torch.linalg.eigh(M)
+        return w.flip(-1), V @ S.flip(-1), m
+    Q = Q - V @ (V.T @ Q)
+    Q, _ = torch.linalg.qr(Q)
+    HQ = op.matmat(Q)
+    Z = torch.cat([V, Q], 1)
+    HZ = torch.cat([HV, HQ], 1)
+    T = Z.T @ HZ
+    w, S = torch.linalg.eigh(0.5 * (T + T.T))
+    w, S = w.flip(-1)[:m], S.flip(-1)[:, :m]
+    return w, Z @ S, m + Q.shape[1]
+
+
+def _residuals(prob: Problem, out: Tensor, Y: Tensor) -> Tensor:
+    name = prob.loss_name
+    if name == "mse":
+        return (out - Y.reshape(out.shape).to(out.dtype)).reshape(-1)
+    if name == "cross_entropy":
+        p = torch.softmax(out, dim=-1)
+        if Y.is_floating_point():
+            return (p - Y.reshape(p.shape)).reshape(-1)
+        return (p - torch.nn.functional.one_hot(Y.long(), p.shape[-1]).to(p.dtype)).reshape(-1)
+    if name == "bce_with_logits":
+        return (torch.sigmoid(out) - Y.reshape(out.shape).to(out.dtype)).reshape(-1)
+    return torch.full((out.numel(),), math.nan, dtype=out.dtype)
+
+
+def central_flow(
+    prob: Problem,
+    optimizer: Any,
+    steps: int,
+    *,
+    substeps: int = 4,
+    max_edge: int = 6,
+    edge_fraction: float = 0.95,
+    eig_every: int | None = None,
+    eig_tol: float = 1e-7,
+    params: Params | None = None,
+    seed: int = 0,
+) -> CentralFlowPrediction:
+    """Integrate the central flow of full-batch GD from the run's start (module docstring).
+
+    Args:
+        prob: the problem (full batch: every evaluation uses all of its data).
+        optimizer: ``gs.GD``/``torch.optim.SGD`` (no momentum, no weight decay) or a mapping
+            ``{"class": "GD", "lr": η}``; only ``lr`` is read.
+        steps: number of GD steps to predict (``t = 0..steps``).
+        substeps: Euler substeps per step (``dt = 1/substeps``).
+        max_edge: most eigenvalues tracked (and in the complementarity problem) at once.
+        edge_fraction: eigenvalues ``≥ edge_fraction·2/η`` enter the complementarity problem.
+        eig_every: substeps between full warm-started Lanczos solves (default: once per step);
+            in between, one block Rayleigh–Ritz refinement of the tracked eigenspace.
+        eig_tol: Lanczos relative residual tolerance.
+        params: starting point (default: the model's current parameters).
+        seed: Lanczos seed.
+    """
+    check_problem(prob)
+    eta = _parse_gd(optimizer)
+    steps = _check_int("steps", steps, 0)
+    substeps = _check_int("substeps", substeps, 1)
+    max_edge = _check_int("max_edge", max_edge, 1)
+    eig_every = substeps if eig_every is None else _check_int("eig_every", eig_every, 1)
+    edge_fraction = _check_float("edge_fraction", edge_fraction, 0.0, 1.0)
+    eig_tol = _check_float("eig_tol", eig_tol, 0.0, 1.0)
+    params = check_params(prob, params)
+    prob.check()
+    pure = bool(third_derivative_warnings(prob.model))
+    P = prob.num_params
+    max_edge = min(max_edge, P)
+    src = prob.params if params is None else params
+    theta = prob.flatten({n: src[n].detach() for n in prob.names}).clone().to(prob.dtype)
+    thr = 2.0 / eta
+    dt = 1.0 / substeps
+    notes: list[str] = list(prob.notes)
+    for line in third_derivative_warnings(prob.model):
+        notes.append(line)
+    if prob.dtype != torch.float64:
+        notes.append(
+            f"the problem is in {prob.dtype}: third-derivative products and the complementarity "
+            "problem are sensitive to round-off; float64 is recommended."
+        )
+
+    n_rec = steps + 1
+    loss_bar = np.full(n_rec, np.nan)
+    flow_loss = np.full(n_rec, np.nan)
+    sharp = np.full(n_rec, np.nan)
+    eigs_rec = np.full((n_rec, max_edge), np.nan)
+    sig_rec = np.full((n_rec, max_edge), np.nan)
+    osc = np.zeros(n_rec)
+    count = np.zeros(n_rec, dtype=int)
+    if steps <= _MAX_RECORD:
+        record_steps = np.arange(steps + 1)
+    else:
+        record_steps = np.unique(np.linspace(0, steps, _MAX_RECORD + 1).round().astype(int))
+    rec_set = {int(s): i for i, s in enumerate(record_steps)}
+    outs: list[np.ndarray] = [np.zeros(0)] * len(record_steps)
+    resid: list[np.ndarray] = [np.zeros(0)] * len(record_steps)
+    Yall = torch.cat([y.reshape(y.shape[0], -1) for _, y, _ in prob.batches()])
+
+    m = min(2, P, max_edge) if max_edge > 1 else 1
+    V: Tensor | None = None
+    lam: Tensor | None = None
+    X_prev: np.ndarray | None = None
+    worst_res = 0.0
+    onset: int | None = None
+    counter = 0
+    matvecs = 0
+    for t in range(steps + 1):
+        for s in range(substeps):
+            op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
+            if V is None or V.shape[1] != m or counter % eig_every == 0:
+                warm = None if V is None else V[:, : min(m, V.shape[1])]
+                lam, V, mv = _top_eigs(op, m, warm, eig_tol, seed)
+            else:
+                lam, V, mv = _refine(op, V)
+            matvecs += mv
+            counter += 1
+            near = bool((lam >= edge_fraction * thr).any())
+            D = edge_derivatives(
+                prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
+            )
+            M = V.T @ D.HU
+            M = 0.5 * (M + M.T)
+            g = D.grad
+            crit = [i for i in range(m) if float(lam[i]) >= edge_fraction * thr]
+            c = len(crit)
+            X = np.zeros((0, 0))
+            step_dir = -eta * g
+            if c:
+                idx = torch.tensor(crit, device=g.device)
+                Gc = D.G[idx][:, idx]  # (c, c, P)
+                Mc = M[idx][:, idx]
+                C = torch.einsum("ijp,p->ij", Gc, g)
+                Gf = Gc.reshape(c * c, -1)
+                eye = torch.eye(c, dtype=g.dtype, device=g.device)
+                alpha = 2 * eye - eta * Mc + dt * eta**2 * C
+                Bm = (dt * eta**2 / 2) * (Gf @ Gf.T)
+                x0 = X_prev if X_prev is not None and X_prev.shape == (c, c) else None
+                X, res = solve_sdcp(_np(alpha), _np(Bm), x0=x0)
+                worst_res = max(worst_res, res)
+                Xt = torch.as_tensor(X, dtype=g.dtype, device=g.device)
+                step_dir = step_dir - (eta / 2) * torch.einsum("ij,ijp->p", Xt, Gc)
+            X_prev = X if c else None
+            if s == 0:
+                lv = float(D.loss)
+                flow_loss[t] = lv
+                sharp[t] = float(lam[0])
+                eigs_rec[t, :m] = _np(lam[:m])
+                count[t] = c
+                loss_bar[t] = lv
+                if c:
+                    sx = np.sort(np.linalg.eigvalsh(X))[::-1]
+                    sig_rec[t, : sx.size] = sx
+                    osc[t] = float(np.trace(X))
+                    loss_bar[t] = lv + 0.5 * float(np.sum(X * _np(Mc)))
+                    if onset is None and osc[t] > 0:
+                        onset = t
+                if t in rec_set:
+                    with torch.no_grad():
+                        out = prob.outputs(prob.unflatten(theta))
+                    j = rec_set[t]
+                    outs[j] = _np(out.reshape(-1))
+                    resid[j] = _np(_residuals(prob, out, Yall))
+                if t == steps:
+                    break
+            theta = theta + dt * step_dir
+            if not bool(torch.isfinite(theta).all()):
+                raise NonFiniteError(
+                    f"the central flow left finite values at step {t} (substep {s}): "
+                    "lower lr, raise substeps, or shorten steps."
+                )
+            # grow the tracked space while every tracked eigenvalue is near the edge
+            if c == m and m < max_edge:
+                m += 1
+    stable = worst_res <= 1e-6 and bool(np.all(np.isfinite(loss_bar)))
+    if worst_res > 1e-6:
+        msg = (
+            f"a complementarity problem was solved only to relative residual {worst_res:.2g}: "
+            "an eigenvalue at the edge barely depends on the parameters (its third-derivative "
+            "products vanish), so the flow cannot hold it at 2/η."
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        notes.append(msg)
+    assert lam is not None
+    final_eigs = np.sort(lam.cpu().double().numpy())
+    return CentralFlowPrediction(
+        loss=loss_bar,
+        steps=steps,
+        record_steps=record_steps,
+        outputs=np.stack(outs),
+        residuals=np.stack(resid),
+        test_outputs=None,
+        eigenvalues=final_eigs,
+        rates=None,
+        initial_energy=None,
+        asymptotic_rate=None,
+        limit_loss=None,
+        stable=stable,
+        optimizer={"class": "GD", "kind": "gd", "lr": eta, "model": "central_flow"},
+        loss_name=prob.loss_name,
+        q=prob.q if prob.loss_name == "mse" else None,
+        reduction=prob.reduction,
+        notes=tuple(notes),
+        sharpness=sharp,
+        edge_eigenvalues=eigs_rec,
+        oscillation=osc,
+        sigma2=sig_rec,
+        flow_loss=flow_loss,
+        edge_count=count,
+        threshold=thr,
+        onset_step=onset,
+        final_params=theta.detach().cpu().double().numpy(),
+        substeps=substeps,
+        eig_every=eig_every,
+    )
