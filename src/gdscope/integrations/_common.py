@@ -85,18 +85,22 @@ class EvalLossProbe(Probe):
 def callback_probes(
     curvature_every: int = DEFAULT_CURVATURE_EVERY, *, eval_loss: bool = True
 ) -> list[Probe]:
-    """The callbacks' default probes: cheap ones every step (``loss``, ``eval_loss``,
-    ``grad_norm``, ``dist_init``, ``lr`` and the optimizer's ``threshold``), sharpness (and, for
-    adaptive optimizers, preconditioned sharpness) every ``curvature_every`` steps."""
-    cheap: list[Probe] = [LossProbe()]
-    if eval_loss:
-        cheap.append(EvalLossProbe())
-    cheap += [GradNormProbe(), DistanceProbe(per_layer=False), ThresholdProbe()]
-    return [
-        *cheap,
+    """The callbacks' default probes: cheap ones every step (``loss``, ``grad_norm``,
+    ``dist_init``, ``lr`` and the optimizer's ``threshold``); every ``curvature_every`` steps
+    sharpness, for adaptive optimizers preconditioned sharpness, and (``eval_loss=True``) the
+    loss on the evaluation subset, whose Hessian the sharpness is (a forward pass over the
+    subset: as costly as a training step, so not every step)."""
+    probes: list[Probe] = [
+        LossProbe(),
+        GradNormProbe(),
+        DistanceProbe(per_layer=False),
+        ThresholdProbe(),
         SharpnessProbe(curvature_every),
         PreconditionedSharpnessProbe(curvature_every),
     ]
+    if eval_loss:
+        probes.append(EvalLossProbe(curvature_every))
+    return probes
 
 
 # ---------------------------------------------------------------------- leaving training intact
