@@ -400,3 +400,21 @@ def test_bad_subset_arguments_fail_at_construction():
         GdscopeCallback(eval_batch_size=2.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="seed"):
         GdscopeCallback(seed="0")  # type: ignore[arg-type]
+
+
+def test_training_that_raises_stores_the_run_as_failed(tmp_path):
+    class Crash(Net):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise ArithmeticError("user code failed")
+            return super().training_step(batch, batch_idx)
+
+    def make():
+        X, Y = _data()
+        return Crash(), DataLoader(TensorDataset(X, Y), batch_size=16)
+
+    cb = GdscopeCallback(tmp_path / "x.db", [ThresholdProbe()])
+    with pytest.raises(ArithmeticError):
+        _fit([cb], steps=5, make=make)
+    lr, run = _metric(tmp_path / "x.db", "lr")
+    assert run.status == "failed" and sorted(lr) == [0, 1]
