@@ -220,3 +220,21 @@ def test_is_causal_lm():
     assert is_causal_lm(GPT2LMHeadModel(cfg))
     assert not is_causal_lm(GPT2ForSequenceClassification(cfg))
     assert not is_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_training_that_raises_is_closed_as_failed(tmp_path):
+    class Crash(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise ArithmeticError("user callback failed")
+
+    cb = GdscopeCallback(tmp_path / "x.db", [ThresholdProbe()])
+    with pytest.raises(ArithmeticError):
+        _train(tmp_path, [cb, Crash()], steps=4)
+    values, run = _stored(tmp_path / "x.db")
+    assert run.status == "running" and sorted(values["lr"]) == [0, 1]  # no hook saw the crash
+    cb.close()
+    assert _stored(tmp_path / "x.db")[1].status == "failed"
+    _train(tmp_path, [cb], steps=2)  # the same callback again: a new, completed run
+    with Store(tmp_path / "x.db", readonly=True) as s:
+        assert [r.status for r in s.runs()] == ["failed", "completed"]

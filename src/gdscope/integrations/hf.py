@@ -29,7 +29,8 @@ Promises (checked by the tests): weights bit-identical to a run without the call
 nothing done on processes other than the main one (``state.is_world_process_zero``), curvature
 in float32 under ``bf16``/``fp16`` mixed precision (stored config: ``precision``,
 ``curvature_dtype``, ``autocast_in_probes``). The Trainer has no hook for a crash: a run whose
-training raised stays ``running`` in the store (shown as incomplete).
+training raised stays ``running`` in the store (shown as incomplete) until the callback's next
+``train()`` (then ``failed``) or :meth:`GdscopeCallback.close`.
 """
 
 from __future__ import annotations
@@ -191,8 +192,10 @@ class GdscopeCallback(TrainerCallback):
         train_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
-        if self.session is not None:  # a second train() with the same callback: a new run
-            self.session.close("completed")
+        if self.session is not None:
+            # a second train() with the same callback makes a new run; a previous one still
+            # open never reached its end (the training raised): it is stored as failed
+            self.session.close("failed")
         self.session = None
         if not state.is_world_process_zero:
             return  # distributed: the main process tracks; the others do nothing at all
@@ -294,6 +297,12 @@ class GdscopeCallback(TrainerCallback):
     ) -> None:
         if self.session is not None:
             self.session.close("completed")
+
+    def close(self, status: str = "failed") -> None:
+        """End the stored run now with ``status`` (after a training that raised: the Trainer
+        has no exception hook). Does nothing once the run is closed."""
+        if self.session is not None:
+            self.session.close(status)
 
     @property
     def tracker(self) -> Tracker | None:

@@ -199,8 +199,10 @@ class GdscopeCallback(pl.Callback):
         return problem_data(batches)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.session is not None:  # a second fit with the same callback: a new run
-            self.session.close("completed")
+        if self.session is not None:
+            # a second fit with the same callback makes a new run; a previous one still
+            # open never reached its end (the training raised): it is stored as failed
+            self.session.close("failed")
         self.session = None
         if not trainer.is_global_zero:
             return  # DDP: rank 0 tracks; the others do nothing at all
