@@ -99,3 +99,13 @@ def test_hf_problem_results_carry_attention_note():
     prob = gs.Problem.from_hf(TinyLM().to(D).eval(), _lm_batches(), shift=True)
     assert gs.hessian_eigs(prob, k=1, tol=1e-6).notes == (ATTENTION_NOTE,)
     assert ATTENTION_NOTE in gs.stability(prob, lr=0.05).notes
+
+
+def test_gd_map_report_carries_attention_note():
+    prob = _attention_problem(MHA, seed=2)
+    h = torch.linalg.eigvalsh(_hessian(prob))
+    lr = 0.5 / h[-1].item() + 0.5 / h[-2].item()  # 1/lr between the top two eigenvalues
+    rep = gs.gd_map(prob, lr)
+    assert rep.count_above == 1 and rep.sign == -1
+    assert rep.notes == (ATTENTION_NOTE,)
+    assert gs.gd_map(_mlp_problem(), 0.1).notes == ()

@@ -9,6 +9,7 @@ stochastic Lanczos quadrature as an estimate with a standard error (exact when d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -34,7 +35,8 @@ class GDMapReport:
     eigenvalues above ``1/lr`` (``None`` when undetermined). ``singular_lr_below`` and
     ``singular_lr_above`` are the singular step sizes ``1/h`` nearest to ``lr`` on each side
     (``None`` where none was resolved). ``min_factor = min_i |1 − lr·h_i|`` over the eigenvalues
-    resolved near ``1/lr``.
+    resolved near ``1/lr``. ``notes`` are the problem's (e.g. attention through the math SDPA
+    backend).
     """
 
     lr: float
@@ -48,6 +50,7 @@ class GDMapReport:
     matvecs: int
     seconds: float
     note: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def determined(self) -> bool:
@@ -91,8 +94,10 @@ def gd_map(
     params = check_params(prob, params)
     t0 = time.perf_counter()
     if prob.num_params <= dense_limit:
-        return _dense(prob, float(lr), params, t0)
-    return _lanczos(prob, float(lr), params, tol, max_count, slq_vectors, slq_steps, seed, t0)
+        rep = _dense(prob, float(lr), params, t0)
+    else:
+        rep = _lanczos(prob, float(lr), params, tol, max_count, slq_vectors, slq_steps, seed, t0)
+    return dataclasses.replace(rep, notes=tuple(prob.notes))
 
 
 def _nearest(h: torch.Tensor, lr: float) -> tuple[float | None, float | None]:
