@@ -9,6 +9,16 @@
 
 Nothing here is imported by ``import gdscope``: each submodule imports its library when it is
 imported itself, so the core install needs none of them. See ``docs/integrations.md``.
+
+Here: :func:`callback_probes` (the callbacks' default probes, to extend) and
+:class:`EvalLossProbe`.
 """
 
-__all__: list[str] = []
+from gdscope.integrations._common import (
+    DEFAULT_CURVATURE_EVERY,
+    DEFAULT_EVAL_SAMPLES,
+    EvalLossProbe,
+    callback_probes,
+)
+
+__all__ = ["DEFAULT_CURVATURE_EVERY", "DEFAULT_EVAL_SAMPLES", "EvalLossProbe", "callback_probes"]

@@ -106,7 +106,7 @@ class GdscopeCallback(TrainerCallback):
     Args:
         store: SQLite store path (or a :class:`~gdscope.store.Store`); ``None``: memory only.
         probes: the probes (default: cheap ones every step, sharpness every
-            ``curvature_every`` steps; :func:`~gdscope.integrations._common.callback_probes`).
+            ``curvature_every`` steps; :func:`~gdscope.integrations.callback_probes`).
         loss: the loss (default ``nn.CrossEntropyLoss()``, as ``transformers``).
         shift: causal-LM label shift (default: :func:`is_causal_lm` of the model).
         labels, logits: the batch key of the targets and the output attribute of the logits.

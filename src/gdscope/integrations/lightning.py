@@ -21,7 +21,7 @@ state for Adam and other adaptive ones). Values go to the store, to every sink a
 ``log_to_trainer``) to each of ``trainer.loggers`` as ``gdscope/<name>``.
 
 What the callback promises (checked by the tests): the trained weights are bit-identical to a run
-without it (see :mod:`gdscope.integrations._common` for how), non-zero ranks under DDP do
+without it (``docs/integrations.md`` says how), non-zero ranks under DDP do
 nothing, and curvature is measured in float32 under ``16-mixed``/``bf16-mixed`` (and on
 float32 copies under ``16-true``/``bf16-true``), which the stored config says
 (``precision``, ``curvature_dtype``, ``autocast_in_probes``).
@@ -71,7 +71,7 @@ class GdscopeCallback(pl.Callback):
 
     Args:
         store: SQLite store path (or a :class:`~gdscope.store.Store`); ``None``: memory only.
-        probes: the probes (default :func:`~gdscope.integrations._common.callback_probes`:
+        probes: the probes (default :func:`~gdscope.integrations.callback_probes`:
             cheap ones every step, sharpness every ``curvature_every`` steps).
         loss: the training loss as gdscope takes it (``"mse"``, ``nn.CrossEntropyLoss()``, ...);
             default the module's ``loss_fn``/``criterion``/``loss_func``/``loss_module``.
