@@ -238,3 +238,10 @@ def test_training_that_raises_is_closed_as_failed(tmp_path):
     _train(tmp_path, [cb], steps=2)  # the same callback again: a new, completed run
     with Store(tmp_path / "x.db", readonly=True) as s:
         assert [r.status for r in s.runs()] == ["failed", "completed"]
+
+
+def test_gradient_accumulation_tracks_optimizer_steps(tmp_path):
+    cb = GdscopeCallback(tmp_path / "a.db", [ThresholdProbe()])
+    _train(tmp_path, [cb], steps=2, gradient_accumulation_steps=3)
+    values, run = _stored(tmp_path / "a.db")
+    assert sorted(values["lr"]) == [0, 1] and run.config["gradient_accumulation_steps"] == 3
