@@ -146,3 +146,17 @@ def test_completed_runs_store_no_error():
     info = _only_run(store)
     assert info.status == "completed" and "error" not in info.summary
     assert stop_reason(store, info) == "completed 3 steps (steps 0–2)"
+
+
+def test_fit_divergence_stores_the_reason():
+    prob = _problem(5)
+    store = Store(":memory:")
+    tracker = gs.Tracker(prob, [LossProbe()], store)
+    res = gs.fit(
+        prob, gs.GD(prob.model.parameters(), lr=1e6), steps=50, tracker=tracker, on_nonfinite="stop"
+    )
+    assert res.diverged
+    info = _only_run(store)
+    assert info.status == "diverged"
+    assert info.summary["error"].startswith(f"NonFiniteError: step {res.diverged_at}")
+    assert stop_reason(store, info).startswith("diverged")

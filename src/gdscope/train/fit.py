@@ -60,7 +60,11 @@ def _finish(tracker: TrackerLike, status: str, summary: dict[str, Any] | None = 
     method takes no summary is called with the status alone.
     """
     finish = getattr(tracker, "finish", None)
-    end = finish if callable(finish) else tracker.close
+    _end(finish if callable(finish) else tracker.close, status, summary)
+
+
+def _end(end: Any, status: str, summary: dict[str, Any] | None) -> None:
+    """``end(status, summary)``, or ``end(status)`` for a method that takes no summary."""
     if summary is None:
         end(status)
         return
@@ -281,7 +285,7 @@ def fit(
 
     if tracker is not None:
         if error is not None:
-            tracker.close("diverged")
+            _end(tracker.close, "diverged", error_summary(error))
         else:
             _finish(tracker, "completed")
     if error is not None and on_nonfinite == "raise":
