@@ -37,7 +37,10 @@ reduction "sum"), and ``H_ξ`` is the unbiased mini-batch Hessian (see
 **Verdicts** are ``True``, ``False`` or ``None`` ("undetermined": a solver did not converge, an
 eigenvalue is within its residual of the threshold, a confidence interval contains 0, the
 sufficient and necessary conditions disagree, or the analysis does not apply); ``notes`` says
-which. Nothing undetermined is reported as a plain verdict.
+which, after the problem's own notes (e.g. attention evaluated through the math SDPA backend).
+Nothing undetermined is reported as a plain verdict. The SGD parts need the loss to be a uniform
+mean of per-sample losses: cross-entropy's mean over non-ignored labels (``ignore_index``) with
+samples holding different numbers of them is refused (undetermined, with the reason).
 
 **Near, not at, a minimum.** The analysis linearizes at a critical point. ``gradient_ratio =
 ‖∇L‖/(h_max‖θ‖)`` estimates the relative distance to one along the stiff directions (``‖θ − θ*‖ ≳
