@@ -50,6 +50,7 @@ before anything is allocated (see :func:`ntk` for the alternatives).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import os
@@ -68,7 +69,7 @@ from gdscope.errors import (
     StatefulModuleError,
 )
 from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
-from gdscope.kernels.rules import Rule, make_rule
+from gdscope.kernels.rules import Rule, make_rule, mha_forward, mha_inputs
 from gdscope.problem import math_attention
 
 __all__ = ["NtkMethod", "ntk", "ntk_blocks"]
@@ -156,8 +157,14 @@ class _Hooks:
         self.handles: list = []
 
     def __enter__(self) -> _Hooks:
+        self.patched: list[nn.Module] = []
         for name, mod in self.model.named_modules():
             if self.mode == "capture" and name not in self.probes:
+                continue
+            if self.mode == "capture" and isinstance(self.probes[name], dict):
+                # a composite rule (nn.MultiheadAttention): its decomposed forward, with probes
+                mod.forward = functools.partial(self._composite, mod, name)
+                self.patched.append(mod)
                 continue
             h = mod.register_forward_hook(self._make(name), with_kwargs=True, prepend=True)
             self.handles.append(h)
@@ -167,6 +174,17 @@ class _Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for mod in self.patched:
+            del mod.forward  # the instance attribute: the class's forward again
+        self.patched.clear()
+
+    def _composite(self, mod: nn.Module, name: str, *args: object, **kwargs: object) -> object:
+        if not self.active:
+            return type(mod).forward(mod, *args, **kwargs)
+        aux: dict[str, Tensor] = {}
+        out = mha_forward(mod, self.probes[name], aux, *args, **kwargs)
+        self.aux[name] = aux
+        return out
 
     def _make(self, name: str):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
@@ -179,6 +197,13 @@ class _Hooks:
                 rec["in"] = tuple(inp.shape) if inp is not None else None
                 rec["out"] = tuple(output.shape) if isinstance(output, Tensor) else None
                 rec["leaf"] = next(iter(mod.children()), None) is None
+                if isinstance(mod, nn.MultiheadAttention):
+                    a = mha_inputs(mod, args, kwargs)
+                    rec["out"] = tuple(output[0].shape)
+                    rec["extra"] = {
+                        n: tuple(a[n].shape) if isinstance(a[n], Tensor) else None
+                        for n in ("query", "key", "value")
+                    }
                 return None
             self.aux[name] = inp
             return output + self.probes[name]
@@ -265,7 +290,8 @@ def _check_model(model: nn.Module) -> ModelFunction:
     drop = [
         n or type(model).__name__
         for n, m in model.named_modules()
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        if (isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0)
+        or (isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0)
     ]
     if drop:
         raise NonDeterministicError(
@@ -372,32 +398,51 @@ def _build_plan(
         for p in mod._parameters.values():
             if p is not None:
                 holders[id(p)] = holders.get(id(p), 0) + 1
+    claimed: set[str] = set()  # covered by a composite rule of a parent module
+    shapes = {n: tuple(p.shape) for n, p in fn.params.items()}
     for mname, mod in model.named_modules():
         own = {
             pn: canon[id(p)]
             for pn, p in mod._parameters.items()
-            if p is not None and canon.get(id(p)) in trainable
+            if p is not None and canon.get(id(p)) in trainable and canon[id(p)] not in claimed
         }
+        sub: dict[str, str] = {}
+        sub_shared = False
+        if isinstance(mod, nn.MultiheadAttention) and own:
+            # its out_proj is never called: F.multi_head_attention_forward uses its weights
+            op = mod.out_proj
+            sub = {
+                f"out_proj.{pn}": canon[id(p)]
+                for pn, p in op._parameters.items()
+                if p is not None and canon.get(id(p)) in trainable
+            }
+            sub_shared = any(holders[id(p)] > 1 for p in op._parameters.values() if p is not None)
         if not own:
             continue
         label = mname or type(model).__name__
         rec = info.get(mname)
         calls = rec["calls"] if rec else 0
         rule = None
+        sub_calls = info.get(f"{mname}.out_proj" if mname else "out_proj", {}).get("calls", 0)
         if method == "jacobian":
             why = "method='jacobian'"
-        elif any(holders[id(mod._parameters[pn])] > 1 for pn in own):
+        elif any(holders[id(mod._parameters[pn])] > 1 for pn in own) or sub_shared:
             why = "parameter shared with another module"
         elif calls != 1:
             why = f"called {calls} times per forward"
+        elif sub and sub_calls:
+            why = "its out_proj is also called on its own"
         else:
-            rule = make_rule(mname, mod, own, rec["in"], rec["out"], k)
+            rule = make_rule(
+                mname, mod, {**own, **sub}, rec["in"], rec["out"], k, rec.get("extra"), shapes
+            )
             why = f"no structured rule for {type(mod).__name__}"
         if rule is None:
             plan.fb.extend(n for n in own.values() if n not in plan.fb)
             plan.fallback_why[label] = why
         else:
-            plan.rules.append(rule)
+            plan.rules.extend(rule if isinstance(rule, list) else [rule])
+            claimed.update(sub.values())
     if plan.rules:
         _verify_rules(plan, x[: min(2, x.shape[0])])
     if method == "structured" and plan.fb:
@@ -412,7 +457,7 @@ def _build_plan(
 
 def _choose(plan: _Plan, trace: bool, n_other: int, force: str | dict[str, str] | None) -> None:
     for r in plan.rules:
-        want = force.get(r.name) if isinstance(force, dict) else force
+        want = force.get(r.key, force.get(r.name)) if isinstance(force, dict) else force
         options = [a for a in r.approaches if not (trace and a == "pair")]
         if want is not None and want in options:
             r.approach = want
@@ -444,22 +489,26 @@ def _verify_rules(plan: _Plan, xs: Tensor) -> None:
     if fn.dtype == torch.float32 and fn.device.type == "cuda":
         tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
         tol = 1e-2 if tf32 else tol  # autograd's convolutions may run in TF32 there
-    bad = []
+    mine: dict[str, Tensor] = {}  # the parts of a composite rule add up
+    owner: dict[str, str] = {}
     for r in plan.rules:
-        mine = r.grad(aux[r.name], G[r.name], v)
-        for n, g in mine.items():
-            t = true[n]
-            scale = max(float(t.norm()), float(g.norm()))
-            if scale > 0 and float((g - t).norm()) > tol * scale:
-                bad.append(r)
-                break
-    for r in bad:
+        for n, g in r.grad(aux[r.name], G[r.name], v).items():
+            mine[n] = mine[n] + g if n in mine else g
+            owner[n] = r.name
+    bad = set()
+    for n, g in mine.items():
+        t = true[n]
+        scale = max(float(t.norm()), float(g.norm()))
+        if scale > 0 and float((g - t).norm()) > tol * scale:
+            bad.add(owner[n])
+    for r in [r for r in plan.rules if r.name in bad]:
         plan.rules.remove(r)
         plan.fb.extend(n for n in r.params.values() if n not in plan.fb)
         plan.fallback_why[r.name or type(model).__name__] = (
             "its parameters are also used outside its forward (gradient check failed)"
         )
-        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", r.name)
+    for name in bad:
+        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +520,13 @@ def _capture(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Per-sample output cotangents at each rule's module, fallback Jacobians, module inputs."""
     fn, model = plan.fn, plan.model
-    probes = {r.name: torch.zeros(r.out_shape, dtype=fn.dtype, device=fn.device) for r in rules}
+    probes: dict[str, Tensor | dict[str, Tensor]] = {}
+    for r in rules:
+        z = torch.zeros(r.out_shape, dtype=fn.dtype, device=fn.device)
+        if r.part is None:
+            probes[r.name] = z
+        else:
+            probes.setdefault(r.name, {})[r.part] = z
     fbp = {n: fn.params[n] for n in fb}
     fixed = {n: p for n, p in fn.params.items() if n not in fbp}
     hooks = _Hooks(model, "capture", probes)
@@ -523,9 +578,9 @@ def _features(plan: _Plan, xs: Tensor, trace: bool, chunk: int) -> _Feats:
             off += Jn.shape[2]
         for r in fr:
             ts = r.features(aux[r.name], G[r.name], trace)
-            if r.name not in store:
-                store[r.name] = tuple(t.new_empty((N, *t.shape[1:])) for t in ts)
-            for dst, t in zip(store[r.name], ts, strict=True):
+            if r.key not in store:
+                store[r.key] = tuple(t.new_empty((N, *t.shape[1:])) for t in ts)
+            for dst, t in zip(store[r.key], ts, strict=True):
                 dst[s0:s1] = t
         del G, Jfb, aux
     return _Feats(jac, store)
@@ -547,7 +602,7 @@ def _contract(plan: _Plan, fI: _Feats, fJ: _Feats, trace: bool, ws: int) -> Tens
     else:
         acc = torch.zeros(shape, dtype=fn.dtype, device=fn.device)
     for r in plan.feat_rules:
-        r.contract(fI.rules[r.name], fJ.rules[r.name], acc, trace, ws)
+        r.contract(fI.rules[r.key], fJ.rules[r.key], acc, trace, ws)
     return acc
 
 
@@ -885,12 +940,30 @@ def ntk_blocks(
     >>> torch.allclose(K, ntk(lin, X))
     True
     """
-    job, _ = _prepare(
-        model, x, x2, method, trace_outputs, memory, None, for_blocks=True, block_size=block_size
-    )
+    with math_attention():
+        job, _ = _prepare(
+            model,
+            x,
+            x2,
+            method,
+            trace_outputs,
+            memory,
+            None,
+            for_blocks=True,
+            block_size=block_size,
+        )
+
+    def tiles() -> Iterator[Block]:  # math attention while a tile is computed, not in between
+        it = job.blocks()
+        while True:
+            with math_attention():
+                item = next(it, None)
+            if item is None:
+                return
+            yield item
 
     def gen() -> Iterator[Block]:
-        for i0, i1, j0, j1, acc in job.blocks():
+        for i0, i1, j0, j1, acc in tiles():
             if trace_outputs:
                 yield i0, i1, j0, j1, acc
                 if job.sym and job.method != "vp" and j0 != i0:
@@ -914,7 +987,8 @@ def _explain(
     force: str | dict[str, str] | None = None,
 ) -> dict:
     """What :func:`ntk` would do (per-module routes, tiles) and its GEMM FLOP count."""
-    job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
+    with math_attention():
+        job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
     plan, lay = job.plan, job.layout
     info = {"method": job.method, "k": job.k, "modules": plan.describe()}
     if lay is not None:

@@ -32,6 +32,19 @@ mode): ``y = x̂ ⊙ γ + β`` broadcast over positions ``p``, so ``J_γ[a] = Σ
 ``J_β[a] = Σ_p G_p[a]``, ``2C`` columns per sample (``"jac"``). ``x̂`` is recomputed from the
 captured input with the module's own functional (``F.layer_norm`` etc. without affine).
 
+**Multi-head attention** (``nn.MultiheadAttention``): its parameters enter only through the input
+projections ``q = query W_qᵀ + b_q`` (likewise ``k``, ``v``; packed ``in_proj_weight`` or separate
+``q/k/v_proj_weight`` for ``kdim``/``vdim``) and the output projection ``out = core W_oᵀ + b_o``,
+each affine at every position, while the attention core (softmax, masks) has none. During the
+capture pass the module's ``forward`` is replaced by :func:`mha_forward`, the same computation
+decomposed: the four projections by ``F.linear`` with a probe added to each result, the core by
+``F.multi_head_attention_forward`` with identity projections (so masks, ``is_causal``,
+``need_weights``, ``add_zero_attn`` and ``batch_first`` keep PyTorch's own semantics). Each
+projection is then a Linear-like part (:class:`MhaPartRule`) with its own input (``query``,
+``key``, ``value``, core output) and cotangent, evaluated by any of the three routes above.
+Refused (the Jacobian route takes the module): ``add_bias_kv``, dropout in train mode, a
+subclass with its own ``forward``, an ``out_proj`` called anywhere else.
+
 Every rule also gives ``grad`` (``Σ_{i,a} v_ia J_l(x_i)[a]`` from the captures), which the planner
 compares with autograd on two samples before trusting the rule: a parameter also used outside its
 module's ``forward`` (tied weights, ``F.linear(h, self.lin.weight)``) fails that check and its
@@ -44,7 +57,9 @@ module saw in a per-sample call (usually with a leading batch dimension 1).
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gdscope.zoo.models import NTKLinear
 
-__all__ = ["APPROACHES", "Rule", "make_rule"]
+__all__ = ["APPROACHES", "MhaPartRule", "Rule", "make_rule", "mha_forward", "mha_inputs"]
 
 APPROACHES = ("gram", "pair", "jac")
 
@@ -67,6 +82,10 @@ class Rule:
     """One module's structured NTK contribution. Subclasses fill in the geometry."""
 
     approaches: tuple[str, ...] = ("jac",)
+    #: ``None``, or the part of a composite module (``"q"``, ``"k"``, ``"v"``, ``"o"`` of an
+    #: ``nn.MultiheadAttention``): the capture then holds a dict of inputs and cotangents per
+    #: module name, one entry per part.
+    part: str | None = None
 
     def __init__(
         self,
@@ -84,6 +103,11 @@ class Rule:
         self.out_shape = tuple(out_shape)
         self.k = k
         self.approach = "jac"
+
+    @property
+    def key(self) -> str:
+        """Unique name of this rule (module name, and ``#part`` for a composite's part)."""
+        return self.name if self.part is None else f"{self.name}#{self.part}"
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -529,6 +553,194 @@ class ChannelNormRule(_NormRule):
         return xh, Gn.reshape(c, self.k, P, self.C)
 
 
+class MhaPartRule(_AffineRule):
+    """One projection of an ``nn.MultiheadAttention``: ``y_t = W A_t + b`` at ``T`` positions.
+
+    ``part`` is ``"q"``, ``"k"``, ``"v"`` (input projections; ``A`` the query, key or value) or
+    ``"o"`` (output projection; ``A`` the attention core's output). A packed ``in_proj_weight``
+    (``3E × E``) and the packed ``in_proj_bias`` contribute rows ``rows`` of the parameter;
+    :meth:`grad` returns the full-size gradient, zero outside those rows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        params: dict[str, str],
+        part: str,
+        T: int,
+        d: int,
+        o: int,
+        k: int,
+        shapes: dict[str, tuple[int, ...]],
+        w_rows: slice | None,
+        b_rows: slice | None,
+        probe_shape: tuple[int, ...],
+    ) -> None:
+        super().__init__(name, module, params, (T, d), probe_shape, k)
+        self.part, self.T, self.d, self.o = part, T, d, o
+        self.shapes = shapes  # canonical name -> full parameter shape
+        self.w_rows, self.b_rows = w_rows, b_rows
+
+    def _A(self, inp: Any) -> Tensor:
+        x = inp[self.part]
+        return x.reshape(x.shape[0], self.T, self.d)
+
+    def _Gc(self, G: Any) -> Tensor:
+        g = G[self.part]
+        return g.reshape(g.shape[0], self.k, self.T, self.o).transpose(2, 3)
+
+    def grad(self, inp: Any, G: Any, v: Tensor) -> dict[str, Tensor]:
+        A, Gc = self._A(inp), self._Gc(G)
+        Gv = torch.einsum("ca,caot->cot", v, Gc)
+        out = {}
+        for local, rows, val in (
+            ("weight", self.w_rows, lambda: torch.einsum("cot,ctd->od", Gv, A)),
+            ("bias", self.b_rows, lambda: Gv.sum((0, 2))),
+        ):
+            if local not in self.params:
+                continue
+            g = val()
+            canon = self.params[local]
+            if rows is not None:
+                full = g.new_zeros(self.shapes[canon])
+                full[rows] = g
+                g = full
+            out[canon] = g
+        return out
+
+    def describe(self) -> str:
+        return f"{self.name} (MultiheadAttention, {_PART_NAMES[self.part]}): {self.approach}"
+
+
+_PART_NAMES = {"q": "query proj.", "k": "key proj.", "v": "value proj.", "o": "out proj."}
+_MHA_ARGS = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def mha_inputs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of ``module.forward(*args, **kwargs)`` by name (defaults filled in)."""
+    bound = _MHA_ARGS.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop("self", None)
+    return out
+
+
+def _mha_layout(m: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """``x`` in the ``(L, B, E)`` layout of ``F.multi_head_attention_forward``."""
+    return x.transpose(0, 1) if m.batch_first and x.dim() == 3 else x
+
+
+def _mha_weights(m: nn.MultiheadAttention) -> tuple[list[Tensor], list[Tensor | None]]:
+    E = m.embed_dim
+    if m._qkv_same_embed_dim:
+        W = list(m.in_proj_weight.split(E, dim=0))
+    else:
+        W = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+    b = [None] * 3 if m.in_proj_bias is None else list(m.in_proj_bias.split(E, dim=0))
+    return W, b
+
+
+def mha_forward(
+    module: nn.MultiheadAttention,
+    probes: dict[str, Tensor],
+    aux: dict[str, Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """``module.forward`` decomposed, with ``probes[part]`` added to each projection's output.
+
+    The inputs of the four projections are stored in ``aux`` (``(L, B, ·)`` layout). Same
+    arguments and result as ``nn.MultiheadAttention.forward``; the attention core is
+    ``F.multi_head_attention_forward`` with identity projections.
+    """
+    m = module
+    a = mha_inputs(m, args, kwargs)
+    query, key, value = (_mha_layout(m, a[n]) for n in ("query", "key", "value"))
+    W, b = _mha_weights(m)
+    proj = []
+    for part, x, w, bias in zip("qkv", (query, key, value), W, b, strict=True):
+        aux[part] = x
+        y = F.linear(x, w, bias)
+        proj.append(y + probes[part] if part in probes else y)
+    E = m.embed_dim
+    eye = torch.eye(E, dtype=query.dtype, device=query.device)
+    core, weights = F.multi_head_attention_forward(
+        *proj,
+        E,
+        m.num_heads,
+        None,
+        None,
+        None,
+        None,
+        m.add_zero_attn,
+        m.dropout,
+        eye,
+        None,
+        training=m.training,
+        key_padding_mask=a["key_padding_mask"],
+        need_weights=a["need_weights"],
+        attn_mask=a["attn_mask"],
+        use_separate_proj_weight=True,
+        q_proj_weight=eye,
+        k_proj_weight=eye,
+        v_proj_weight=eye,
+        average_attn_weights=a["average_attn_weights"],
+        is_causal=a["is_causal"],
+    )
+    aux["o"] = core
+    out = F.linear(core, m.out_proj.weight, m.out_proj.bias)
+    if "o" in probes:
+        out = out + probes["o"]
+    return _mha_layout(m, out), weights
+
+
+def _mha_rules(
+    name: str,
+    m: nn.MultiheadAttention,
+    params: dict[str, str],
+    extra: dict[str, Any] | None,
+    k: int,
+    shapes: dict[str, tuple[int, ...]],
+) -> list[Rule] | None:
+    """The projection parts of an ``nn.MultiheadAttention`` (``None`` where refused)."""
+    if extra is None or m.bias_k is not None or m.bias_v is not None:
+        return None
+    if m.training and m.dropout > 0:
+        return None
+    q, key, v = (extra.get(n) for n in ("query", "key", "value"))
+    if q is None or key is None or v is None:
+        return None
+    E = m.embed_dim
+    L = math.prod(q[:-1])  # positions (times batch) of the per-sample call
+    S = math.prod(key[:-1])
+    lay = (lambda s: (s[1], s[0], E)) if m.batch_first and len(q) == 3 else (lambda s: (*s[:-1], E))
+    dims = {"q": (L, q[-1], lay(q)), "k": (S, key[-1], lay(key)), "v": (S, v[-1], lay(v))}
+    dims["o"] = (L, E, lay(q))
+    if m._qkv_same_embed_dim:
+        wname = {p: "in_proj_weight" for p in "qkv"}
+        wrows = {p: slice(i * E, (i + 1) * E) for i, p in enumerate("qkv")}
+    else:
+        wname = {"q": "q_proj_weight", "k": "k_proj_weight", "v": "v_proj_weight"}
+        wrows = dict.fromkeys("qkv")
+    wname["o"], wrows["o"] = "out_proj.weight", None
+    bname = {p: "in_proj_bias" for p in "qkv"} | {"o": "out_proj.bias"}
+    brows = {p: slice(i * E, (i + 1) * E) for i, p in enumerate("qkv")} | {"o": None}
+    rules: list[Rule] = []
+    for part, (T, d, pshape) in dims.items():
+        own = {}
+        if wname[part] in params:
+            own["weight"] = params[wname[part]]
+        if bname[part] in params:
+            own["bias"] = params[bname[part]]
+        if not own:
+            continue
+        rules.append(
+            MhaPartRule(name, m, own, part, T, d, E, k, shapes, wrows[part], brows[part], pshape)
+        )
+    return rules or None
+
+
 # --------------------------------------------------------------------------------------------
 # Which modules have a rule
 
@@ -540,6 +752,8 @@ def _forward_is(m: nn.Module, cls: type) -> bool:
 
 
 def _rule_class(m: nn.Module) -> type[Rule] | None:
+    if _forward_is(m, nn.MultiheadAttention):
+        return MhaPartRule
     if _forward_is(m, nn.Linear):
         return LinearRule
     if _forward_is(m, NTKLinear):
@@ -568,6 +782,13 @@ _ALLOWED = {
     EmbeddingRule: {"weight"},
     LayerNormRule: {"weight", "bias"},
     ChannelNormRule: {"weight", "bias"},
+    MhaPartRule: {
+        "in_proj_weight",
+        "in_proj_bias",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+    },
 }
 
 
@@ -578,16 +799,29 @@ def make_rule(
     in_shape: tuple[int, ...] | None,
     out_shape: tuple[int, ...] | None,
     k: int,
-) -> Rule | None:
-    """A rule for ``module`` if one applies, else ``None``.
+    extra: dict[str, Any] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Rule | list[Rule] | None:
+    """A rule (or, for a composite module, a list of part rules) for ``module``, else ``None``.
 
-    ``params`` maps the module's own trainable parameter names to canonical model names.
-    ``in_shape``/``out_shape`` come from the record pass (``None`` if not a plain tensor).
+    ``params`` maps the module's own trainable parameter names to canonical model names (for an
+    ``nn.MultiheadAttention`` also ``"out_proj.weight"``/``"out_proj.bias"``).
+    ``in_shape``/``out_shape`` come from the record pass (``None`` if not a plain tensor);
+    ``extra`` holds an ``nn.MultiheadAttention``'s ``query``/``key``/``value`` shapes and
+    ``shapes`` the canonical parameters' shapes.
     """
     cls = _rule_class(module)
-    if cls is None or in_shape is None or out_shape is None or not params:
+    if cls is None or not params:
         return None
-    own = set(module._parameters)
+    own = {n for n, p in module._parameters.items() if p is not None}
+    if cls is MhaPartRule:
+        sub = {n for n, p in module.out_proj._parameters.items() if p is not None}
+        mine = {n for n in params if not n.startswith("out_proj.")}
+        if not (own | mine) <= _ALLOWED[cls] or not sub <= {"weight", "bias"}:
+            return None
+        return _mha_rules(name, module, params, extra, k, shapes or {})
+    if in_shape is None or out_shape is None:
+        return None
     if not own <= _ALLOWED[cls] or not set(params) <= _ALLOWED[cls]:
         return None
     if cls is ConvRule:
