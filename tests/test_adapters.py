@@ -239,5 +239,52 @@ def test_adapter_refusals():
     with pytest.raises(gs.errors.InvalidArgumentError, match="labels"):
         gs.Problem.from_hf(model, bad)
     prob = gs.Problem.from_hf(model, batches, shift=True)
-    with pytest.raises(gs.errors.InvalidArgumentError, match="adapter"):
-        gs.predict(prob, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    with pytest.raises(gs.errors.InvalidArgumentError, match="x_test"):
+        gs.predict(
+            prob,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            3,
+            x_test=batches[0]["input_ids"],
+        )
+
+
+def test_outputs_of_dict_batches_are_each_sequence_flattened():
+    model = TinyLM().to(D).eval()
+    batches = _lm_batches()
+    prob = gs.Problem.from_hf(model, batches, shift=True)
+    out = prob.outputs()
+    with torch.no_grad():
+        direct = torch.cat([model(b["input_ids"], b["attention_mask"]).logits for b in batches])
+    assert out.shape == (5, T * V)
+    torch.testing.assert_close(out, direct.reshape(5, -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_mean_is_pytorchs_and_vmappable(smoothing):
+    """nn.CrossEntropyLoss() (ignore_index -100) per sample under vmap: per-sample Hessians of
+    the problem's criterion equal those of F.cross_entropy; an all-ignored batch has loss 0."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    X = torch.randn(6, 3, dtype=D)
+    Y = torch.tensor([0, 2, -100, 1, 1, 2])
+    prob = gs.Problem(model, nn.CrossEntropyLoss(label_smoothing=smoothing), (X, Y))
+    o = model(X).detach()
+    ref = F.cross_entropy(o, Y, label_smoothing=smoothing)
+    torch.testing.assert_close(prob.loss_fn(o, Y), ref, rtol=1e-13, atol=1e-13)
+    assert prob.loss_fn(o[:1], torch.tensor([-100])).item() == 0.0
+
+    def per(oi, yi):
+        return prob.loss_fn(oi[None], yi[None])
+
+    H = torch.func.vmap(torch.func.hessian(per))(o, Y)
+    for i in range(6):
+        if Y[i] == -100:
+            assert H[i].abs().max() == 0
+            continue
+        Hi = torch.autograd.functional.hessian(
+            lambda oi, i=i: F.cross_entropy(oi[None], Y[i : i + 1], label_smoothing=smoothing), o[i]
+        )
+        torch.testing.assert_close(H[i], Hi, rtol=1e-12, atol=1e-13)
+    rep = gs.stability(prob, lr=0.1, batch_size=2)  # per-sample Hessians through vmap
+    assert rep.sharpness > 0
+    with pytest.raises(gs.errors.ShapeMismatchError, match="cannot compare"):
+        prob.loss_fn(o, Y[:4])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -611,7 +612,9 @@ class Problem:
         outputs, targets = self._loss_view(outputs, targets)
         try:
             return self._criterion(outputs, targets)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
+            if not _SHAPE_ERROR.search(str(e)):
+                raise  # not about shapes (e.g. under vmap): the error as PyTorch gave it
             raise ShapeMismatchError(
                 f"loss {self.loss_name!r} cannot compare outputs of shape {tuple(outputs.shape)} "
                 f"with targets of shape {tuple(targets.shape)}: {e}"
@@ -638,11 +641,12 @@ class Problem:
         return self.flatten(grads)
 
     def outputs(self, params: Params | None = None) -> Tensor:
-        """All outputs ``(n, k)``, sample-major."""
+        """All outputs ``(n, k)``, sample-major (each sample's output flattened: with an adapter,
+        a sequence's logits ``(T, C)`` become ``T·C`` columns)."""
         params = self.params if params is None else params
         with torch.no_grad():
             return torch.cat(
-                [self.forward(params, x).reshape(x.shape[0], -1) for x, _, _ in self.batches()]
+                [self.forward(params, x).reshape(_batch_size(x), -1) for x, _, _ in self.batches()]
             )
 
     # ------------------------------------------------------------------ loss curvature
@@ -1064,12 +1068,12 @@ class _CrossEntropy:
 
     def __call__(self, o: Tensor, t: Tensor) -> Tensor:
         kw = {"ignore_index": self.ignore_index, "label_smoothing": self.label_smoothing}
-        if (
-            self.reduction == "mean"
-            and not t.is_floating_point()
-            and not bool((t != self.ignore_index).any())
-        ):
-            return nn.functional.cross_entropy(o, t, reduction="sum", **kw) * 0.0
+        if self.reduction == "mean" and not t.is_floating_point():
+            # PyTorch's mean over the non-ignored labels (label smoothing included: both of its
+            # terms are divided by that count), written without a data-dependent branch so that
+            # vmap (per-sample Hessians) can trace it
+            total = nn.functional.cross_entropy(o, t, reduction="sum", **kw)
+            return total / (t != self.ignore_index).sum().clamp_min(1)
         return nn.functional.cross_entropy(o, t, reduction=self.reduction, **kw)
 
 
@@ -1136,6 +1140,10 @@ def _as_full_batch(data: Any) -> tuple[Tensor, Tensor] | None:
             f"DataLoader, got {type(data).__name__}."
         )
     return None
+
+
+#: RuntimeError messages of a criterion that mean its operands' shapes do not fit.
+_SHAPE_ERROR = re.compile(r"size|shape|dimension|expected", re.I)
 
 
 def _batch_size(x: Any) -> int:

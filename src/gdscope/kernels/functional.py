@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from gdscope.errors import InvalidArgumentError, StatefulModuleError
-from gdscope.problem import check_finite, check_finite_params
+from gdscope.problem import check_finite, check_finite_params, math_attention
 
 __all__ = ["ModelFunction", "check_finite", "check_finite_params", "jacobian"]
 
@@ -55,8 +55,11 @@ class ModelFunction:
         self.dtype, self.device = first.dtype, first.device
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Outputs ``(n, k)`` (each sample's output flattened)."""
-        out = functional_call(self.model, (params, self.buffers), (x,))
+        """Outputs ``(n, k)`` (each sample's output flattened), attention through the math
+        backend (:func:`~gdscope.problem.math_attention`: fused kernels have no forward-mode AD
+        and no vmap rule)."""
+        with math_attention():
+            out = functional_call(self.model, (params, self.buffers), (x,))
         return out.reshape(x.shape[0], -1)
 
     def per_sample(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
