@@ -1,5 +1,7 @@
 """Wall and CPU time of every built-in experiment at its default size, with its verdicts.
 
+Every registered experiment is on the list (:func:`gdscope.experiments.experiment_names`:
+attention, cross_entropy, disparity, optimizers, skips, stability, width); ``--only`` picks some.
 Each experiment runs through :func:`gdscope.run_experiment` with the serial executor (this
 process, one intra-op thread unless ``--threads``), into a fresh temporary folder (store,
 ``verdict.json``, ``report.html``: the pages are timed too). Recorded per experiment: wall

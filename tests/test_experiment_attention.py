@@ -237,6 +237,16 @@ def test_eos_rule_outside_and_undetermined():
     assert div.status == "undetermined"
 
 
+def test_eos_rule_leaves_out_unconverged_values():
+    ratio = _rise_then(1.0)
+    low = [r if i < 25 else 0.3 for i, r in enumerate(ratio)]  # lower bounds after the onset
+    conv = [i < 25 or i % 3 == 0 for i in range(len(ratio))]
+    mixed = [r if c else lo for r, lo, c in zip(ratio, low, conv, strict=True)]
+    assert ap.eos_verdict(_run(mixed), **RULE).status == "fails"  # counted, they drag it down
+    v = ap.eos_verdict(_run(mixed, converged=conv), **RULE)
+    assert v.status == "holds" and v.details["unconverged"] == conv.count(False)
+
+
 def test_control_rule():
     below = ap.control_verdict(_run(np.linspace(0.01, 0.2, 30)), burn_in=20, eos_lrs=[1e-2])
     assert below.status == "holds"

@@ -474,9 +474,12 @@ def singular_verdict(points: list[dict[str, Any]]) -> Verdict:
 
 
 def _ratio_series(run: dict[str, Any], burn_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and preconditioned sharpness / threshold after the burn-in; an unconverged
+    Lanczos value (a lower bound on λ_max, flagged ``converged`` False) is left out."""
     x = np.asarray(run["steps"], dtype=np.int64)
     r = np.asarray(run["psharp"], dtype=np.float64) / float(run["threshold"])
-    keep = np.isfinite(r) & (x >= burn_in)
+    conv = np.asarray(run.get("converged", [True] * x.size), dtype=bool)
+    keep = np.isfinite(r) & (x >= burn_in) & conv
     return x[keep], r[keep]
 
 
@@ -497,7 +500,12 @@ def eos_verdict(
     )
     predicted = f"post-onset median of λ_max(P^-1/2 H P^-1/2)/threshold in [{lo:g}, {hi:g}]"
     common: dict[str, Any] = {"theorem": EOS_THEOREM, "section": GDMAP_SECTION}
-    details: dict[str, Any] = {"threshold": thr, "burn_in": burn_in, "lr": lr}
+    details: dict[str, Any] = {
+        "threshold": thr,
+        "burn_in": burn_in,
+        "lr": lr,
+        "unconverged": int(sum(not c for c in run.get("converged", []))),
+    }
     if run.get("diverged"):
         why = f"the run diverged at step {run.get('diverged_at')}: no hover to judge"
         return Verdict(claim, predicted, why, None, details, reason=why, **common)
