@@ -280,14 +280,18 @@ def _refine(op: CallableOperator, V: Tensor) -> tuple[Tensor, Tensor, int]:
     HV = op.matmat(V)
     R = HV - V @ (V.T @ HV)
     R = R - V @ (V.T @ R)
-    Q, tri = torch.linalg.qr(R)
-    keep = tri.diagonal().abs() > 1e-10 * max(float(tri.diagonal().abs().max()), 1e-300)
-    Q = Q[:, keep]
-    if Q.shape[1] == 0:
+    floor = 1e-10 * max(float(torch.linalg.norm(HV)), 1e-300)
+    norms = torch.linalg.norm(R, dim=0)
+    R = R[:, norms > floor][:, : max(0, V.shape[0] - m)]
+    if R.shape[1]:
+        Q, tri = torch.linalg.qr(R)
+        Q = Q[:, tri.diagonal().abs() > floor]
+        Q = Q - V @ (V.T @ Q)
+        Q = Q[:, torch.linalg.norm(Q, dim=0) > 0.5]  # drop what lay in span V
+    if R.shape[1] == 0 or Q.shape[1] == 0:
         M = 0.5 * (V.T @ HV + HV.T @ V)
         w, S = torch.linalg.eigh(M)
         return w.flip(-1), V @ S.flip(-1), m
-    Q = Q - V @ (V.T @ Q)
     Q, _ = torch.linalg.qr(Q)
     HQ = op.matmat(Q)
     Z = torch.cat([V, Q], 1)

@@ -1,0 +1,253 @@
+"""The GD central flow (gdscope.theory.central_flow) against closed forms, gradient flow and GD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gdscope.errors import InvalidArgumentError
+from gdscope.problem import Problem
+from gdscope.theory.central_flow import CentralFlowPrediction, central_flow, solve_sdcp
+from gdscope.theory.dynamics import Prediction
+
+D = torch.float64
+
+
+# ---------------------------------------------------------------------------------- SDCP
+def _kkt(alpha: np.ndarray, B: np.ndarray, X: np.ndarray) -> tuple[float, float, float]:
+    m = alpha.shape[0]
+    A = alpha + (B @ X.reshape(-1)).reshape(m, m)
+    A = 0.5 * (A + A.T)
+    return (
+        float(np.linalg.eigvalsh(X).min()),
+        float(np.linalg.eigvalsh(A).min()),
+        abs(float(np.sum(X * A))),
+    )
+
+
+def test_sdcp_one_eigenvalue_closed_form() -> None:
+    X, res = solve_sdcp(np.array([[-0.3]]), np.array([[1.5]]))
+    assert X[0, 0] == pytest.approx(0.2) and res == 0.0
+    X, _ = solve_sdcp(np.array([[0.3]]), np.array([[1.5]]))
+    assert X[0, 0] == 0.0
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_sdcp_random_instances_satisfy_complementarity(m: int) -> None:
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        Gm = rng.normal(size=(m * m, 3 * m * m))
+        Gm = Gm.reshape(m, m, -1)
+        Gm = 0.5 * (Gm + Gm.transpose(1, 0, 2)).reshape(m * m, -1)  # G_ij = G_ji
+        B = Gm @ Gm.T
+        S = rng.normal(size=(m, m))
+        alpha = 0.5 * (S + S.T) - 0.5 * np.eye(m)
+        X, res = solve_sdcp(alpha, B)
+        xmin, amin, comp = _kkt(alpha, B, X)
+        scale = np.linalg.norm(alpha)
+        assert res < 1e-8
+        assert xmin >= -1e-10 and amin >= -1e-7 * scale and comp <= 1e-7 * scale
+        assert np.linalg.norm(X) > 0  # alpha had a negative direction: the penalty is active
+
+
+def test_sdcp_decoupled_is_diagonal_closed_form() -> None:
+    """Orthogonal G_ii and G_ij = 0 (i ≠ j): X = diag(max(0, −α_ii/B_ii))."""
+    alpha = np.diag([-0.4, 0.2, -0.1])
+    b = np.array([2.0, 1.0, 0.5])
+    B = np.zeros((9, 9))
+    for i in range(3):
+        B[4 * i, 4 * i] = b[i]  # vec index of (i, i) is 3i + i
+    X, res = solve_sdcp(alpha, B)
+    assert res < 1e-9
+    assert np.allclose(X, np.diag([0.2, 0.0, 0.2]), atol=1e-8)
+
+
+def test_sdcp_stable_alpha_gives_zero() -> None:
+    X, res = solve_sdcp(np.eye(2), np.eye(4))
+    assert np.all(X == 0) and res == 0.0
+
+
+# ---------------------------------------------------------------------------------- below edge
+def _regression(seed: int = 0, n: int = 20, d: int = 4) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=D)
+    Y = torch.randn(n, 1, generator=g, dtype=D)
+    torch.manual_seed(seed)
+    return Problem(nn.Linear(d, 1).double(), "mse", (X, Y))
+
+
+def _quadratic_parts(prob: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``L(θ) = ½(θ − θ*)ᵀA(θ − θ*) + L*`` for linear least squares: ``A``, ``θ*``, ``L*``."""
+    X, Y = prob.full_batch
+    Z = torch.cat([X, torch.ones(X.shape[0], 1, dtype=D)], 1)  # [W | b]
+    A = 2 * Z.T @ Z / X.shape[0]
+    sol = torch.linalg.lstsq(Z, Y).solution.reshape(-1)
+    lstar = float(((Z @ sol - Y.reshape(-1)) ** 2).mean())
+    return A, sol, torch.tensor(lstar, dtype=D)
+
+
+def test_below_edge_equals_gradient_flow_on_a_quadratic() -> None:
+    prob = _regression()
+    A, sol, lstar = _quadratic_parts(prob)
+    lam_max = float(torch.linalg.eigvalsh(A)[-1])
+    eta = 0.2 / lam_max  # far below the edge: 2/η = 10 λ_max
+    th0 = prob.flatten(prob.params).clone()
+    w, Q = torch.linalg.eigh(A)
+    errs = {}
+    for sub in (2, 8):
+        pred = central_flow(prob, {"class": "GD", "lr": eta}, 20, substeps=sub)
+        exact = []
+        for t in range(21):
+            e = Q @ (torch.exp(-eta * t * w) * (Q.T @ (th0 - sol)))
+            exact.append(float(0.5 * e @ A @ e + lstar))
+        exact_np = np.array(exact)
+        assert np.all(pred.oscillation == 0) and pred.onset_step is None
+        assert np.allclose(pred.loss, pred.flow_loss)
+        errs[sub] = float(np.max(np.abs(pred.loss - exact_np) / exact_np))
+    assert errs[8] < 2e-3
+    assert errs[8] < errs[2] / 3  # Euler error shrinks with the substep (≈ 1/substeps)
+    # and the tracked sharpness is A's top eigenvalue (constant on a quadratic)
+    assert np.allclose(pred.sharpness, lam_max, rtol=1e-6)
+
+
+def test_below_edge_matches_gd_on_a_quadratic_at_small_step() -> None:
+    prob = _regression(seed=1)
+    A, sol, lstar = _quadratic_parts(prob)
+    eta = 0.01 / float(torch.linalg.eigvalsh(A)[-1])
+    th = prob.flatten(prob.params).clone()
+    gd = []
+    for _ in range(201):
+        e = th - sol
+        gd.append(float(0.5 * e @ A @ e + lstar))
+        th = th - eta * (A @ e)
+    pred = central_flow(prob, {"class": "GD", "lr": eta}, 200, substeps=1, eig_every=50)
+    rel = np.abs(pred.loss - np.array(gd)) / np.array(gd)
+    assert rel.max() < 0.02
+
+
+def test_below_edge_tanh_mlp_matches_rk4_gradient_flow() -> None:
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 3, generator=g, dtype=D), torch.randn(12, 2, generator=g, dtype=D)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    prob = Problem(net, "mse", (X, Y))
+    eta, steps = 0.1, 20
+    pred = central_flow(prob, {"class": "GD", "lr": eta}, steps, substeps=8)
+    assert pred.onset_step is None and float(np.max(pred.sharpness)) < 2 / eta
+
+    def f(th: torch.Tensor) -> torch.Tensor:
+        return -eta * prob.gradient(prob.unflatten(th))
+
+    th = prob.flatten(prob.params).clone()
+    h = 1 / 4
+    for _ in range(steps * 4):  # RK4, step 1/4 of a GD step (error ~1e-7 here)
+        k1 = f(th)
+        k2 = f(th + h / 2 * k1)
+        k3 = f(th + h / 2 * k2)
+        k4 = f(th + h * k3)
+        th = th + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    ref = float(prob.loss(prob.unflatten(th)))
+    assert abs(pred.loss[-1] - ref) / ref < 5e-3
+    assert np.allclose(pred.final_params, th.numpy(), atol=5e-3 * float(th.abs().max()))
+
+
+# ---------------------------------------------------------------------------------- at edge
+class _Edge(nn.Module):
+    """``L(x, y) = ½(1 + y)x² + (κ/4)x⁴ − c·y``: the sharpness ``1 + y`` rises while ``x`` is
+    small. Central flow (closed form): ``x → 0``, ``y → y* = 2/η − 1``, ``σ² = 2c``,
+    ``L̄ = L(0, y*) + ½σ²·2/η = c(2/η − y*)``. GD (κ < 0) settles into a period-2 orbit with
+    ``x² = 2c`` and ``1 + y = 2/η + 2|κ|c``."""
+
+    def __init__(self, x0: float, y0: float, c: float, kappa: float) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(x0, dtype=D))
+        self.y = nn.Parameter(torch.tensor(y0, dtype=D))
+        self.c, self.kappa = c, kappa
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x, y = self.x, self.y
+        val = 0.5 * (1 + y) * x**2 + self.kappa / 4 * x**4 - self.c * y
+        return val.expand(inp.shape[0], 1)
+
+
+def _mean_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return out.mean()
+
+
+def test_edge_closed_form_and_gd_time_average() -> None:
+    eta, c, kappa = 0.1, 0.02, -1.0
+    x0, y0 = 0.05, 18.95  # sharpness 19.95 < 2/η = 20: gradient flow first
+    zero = torch.zeros(2, 1, dtype=D)
+    prob = Problem(_Edge(x0, y0, c, kappa), _mean_loss, (zero, zero))
+    pred = central_flow(prob, {"class": "GD", "lr": eta}, 60, substeps=2)
+    thr, ystar = 2 / eta, 2 / eta - 1
+    on = pred.onset_step
+    assert on is not None and 5 < on < 40
+    assert np.all(pred.oscillation[:on] == 0) and np.all(pred.sharpness[:on] < thr)
+    # from the onset on the flow holds λ at 2/η (the onset step: within one substep's rise)
+    assert abs(pred.sharpness[on] - thr) <= 1e-4 * thr
+    assert np.all(np.abs(pred.sharpness[on + 1 :] - thr) <= 1e-6 * thr)
+    assert np.all(pred.edge_count[on:] == 1)
+    assert pred.oscillation[-1] == pytest.approx(2 * c, rel=1e-4)
+    assert pred.final_params[1] == pytest.approx(ystar, abs=1e-4)
+    assert abs(pred.final_params[0]) < 1e-6
+    assert pred.loss[-1] == pytest.approx(c * (thr - ystar), rel=1e-3)
+    # GD from the same point: time averages over the second half of 4000 steps
+    x, y, xs, ys, ls = x0, y0, [], [], []
+    for _ in range(4000):
+        ls.append(0.5 * (1 + y) * x * x + kappa / 4 * x**4 - c * y)
+        xs.append(x)
+        ys.append(y)
+        x, y = x - eta * ((1 + y) * x + kappa * x**3), y - eta * (0.5 * x * x - c)
+    half = slice(2000, None)
+    x2 = float(np.mean(np.square(xs[half])))
+    assert x2 == pytest.approx(pred.oscillation[-1], rel=0.05)  # E‖δ‖² = σ²
+    assert 1 + float(np.mean(ys[half])) == pytest.approx(thr, rel=0.01)  # GD's mean sharpness
+    assert float(np.mean(ls[half])) == pytest.approx(pred.loss[-1], rel=0.05)
+
+
+# ---------------------------------------------------------------------------------- api
+def test_prediction_fields_and_compatibility() -> None:
+    prob = _regression(seed=2)
+    pred = central_flow(prob, {"class": "GD", "lr": 0.05}, 5)
+    assert isinstance(pred, CentralFlowPrediction) and isinstance(pred, Prediction)
+    assert pred.loss.shape == (6,) and pred.sharpness.shape == (6,)
+    assert list(pred.record_steps) == list(range(6))
+    assert pred.outputs.shape == (6, 20) and pred.residuals.shape == (6, 20)
+    X, Y = prob.full_batch
+    with torch.no_grad():
+        first = prob.model(X)
+    assert np.allclose(pred.outputs[0], first.reshape(-1).numpy())
+    assert np.allclose(pred.residuals[0], (first - Y).reshape(-1).numpy())
+    assert pred.threshold == pytest.approx(40.0) and pred.q == prob.q and pred.stable
+    assert pred.eigenvalues.size >= 1 and "2/η" in repr(pred)
+
+
+def test_optimizers_and_arguments_are_checked() -> None:
+    prob = _regression()
+    params = list(prob.model.parameters())
+    with pytest.raises(InvalidArgumentError, match="RMSProp/Adam"):
+        central_flow(prob, torch.optim.Adam(params, lr=0.1), 3)
+    with pytest.raises(InvalidArgumentError, match="momentum"):
+        central_flow(prob, torch.optim.SGD(params, lr=0.1, momentum=0.9), 3)
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        central_flow(prob, {"class": "GD", "lr": 0.1}, -1)
+    with pytest.raises(InvalidArgumentError, match="substeps"):
+        central_flow(prob, {"class": "GD", "lr": 0.1}, 2, substeps=0)
+    with pytest.raises(InvalidArgumentError, match="edge_fraction"):
+        central_flow(prob, {"class": "GD", "lr": 0.1}, 2, edge_fraction=1.5)
+    with pytest.raises(InvalidArgumentError, match="optimizer"):
+        central_flow(prob, "GD", 2)
+    pred = central_flow(prob, torch.optim.SGD(params, lr=0.1), 0)
+    assert pred.loss.shape == (1,)
+
+
+def test_layernorm_model_is_noted() -> None:
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(8, 3, generator=g, dtype=D), torch.randn(8, 2, generator=g, dtype=D)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    pred = central_flow(Problem(net, "mse", (X, Y)), {"class": "GD", "lr": 0.1}, 2)
+    assert any("LayerNorm" in n for n in pred.notes)
