@@ -460,3 +460,22 @@ class _Bigram(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=self.emb(input_ids))
+
+
+def test_sample_hessians_through_layernorm_against_autograd():
+    """Per-sample Hessians by reverse-over-reverse products (H6 R1: forward-over-reverse is
+    wrong through the fused LayerNorm kernel in torch 2.13)."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).to(D)
+    X, Y = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
+    prob = gs.Problem(model, "mse", (X, Y))
+    Hs = SampleCurvature(prob).dense()
+    flat, unflat = _flat(model)
+    for i in range(6):
+
+        def loss(t, i=i):
+            out = torch.func.functional_call(model, unflat(t), (X[i : i + 1],))
+            return ((out - Y[i : i + 1]) ** 2).mean()
+
+        H = torch.autograd.functional.hessian(loss, flat)
+        torch.testing.assert_close(Hs[i], H, rtol=1e-9, atol=1e-11)

@@ -109,3 +109,31 @@ def test_gd_map_report_carries_attention_note():
     assert rep.count_above == 1 and rep.sign == -1
     assert rep.notes == (ATTENTION_NOTE,)
     assert gs.gd_map(_mlp_problem(), 0.1).notes == ()
+
+
+def test_preconditioned_sharpness_is_not_faked_at_lr_zero():
+    """H5 R1: at lr = 0 (the end of a linear schedule) nothing is measured: no value, no inf
+    threshold; with lr > 0 the value is λ_max(P^{-1/2} H P^{-1/2}) of the dense Hessian."""
+    from gdscope.probes.builtin import PreconditionedSharpnessProbe, ThresholdProbe
+    from gdscope.theory.optim import read_optimizer
+
+    prob = _mlp_problem(5)
+    opt = torch.optim.Adam(prob.model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        prob.loss(dict(prob.model.named_parameters())).backward()
+        opt.step()
+    probes = [ThresholdProbe(), PreconditionedSharpnessProbe(tol=1e-10, max_matvecs=500)]
+    vals = gs.Tracker(prob, probes).step(0, opt)
+    named = dict(prob.model.named_parameters())
+    st = read_optimizer(opt, [named[n] for n in prob.names], prob.names)
+    d = st.precond.rsqrt()
+    want = torch.linalg.eigvalsh(d[:, None] * _hessian(prob) * d[None, :])[-1].item()
+    assert vals["preconditioned_sharpness"] == pytest.approx(want, rel=1e-8)
+    assert vals["preconditioned_threshold"] == pytest.approx(st.threshold)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    probes = [ThresholdProbe(), PreconditionedSharpnessProbe()]
+    vals = gs.Tracker(prob, probes).step(0, opt)
+    assert vals["lr"] == 0.0
+    assert not any(k.startswith(("preconditioned_", "threshold")) for k in vals)

@@ -181,6 +181,7 @@ class ThresholdProbe(Probe):
     (:mod:`gdscope.theory.optim`); an optimizer without one gives only ``lr``.
 
     Cheap: reads the current param groups, so a learning-rate schedule moves the line every step.
+    An infinite threshold (``lr = 0``: no step, nothing can be unstable) is not stored.
     """
 
     name = "threshold"
@@ -191,7 +192,7 @@ class ThresholdProbe(Probe):
             return {}
         out = {"lr": float(state.optimizer.param_groups[0]["lr"])}
         st = read_optimizer(state.optimizer)
-        if st.threshold is not None:
+        if st.threshold is not None and math.isfinite(st.threshold):
             key = "preconditioned_threshold" if st.preconditioned else "threshold"
             out[key] = float(st.threshold)
         return out
@@ -277,7 +278,8 @@ class PreconditionedSharpnessProbe(_WarmTopEig):
     subset. Lanczos on ``v ↦ P^{-1/2} H P^{-1/2} v`` (one Hessian-vector product each),
     warm-started like :class:`SharpnessProbe`. Compare with the threshold probe's
     ``preconditioned_threshold`` (38/η for Adam at β₁ = 0.9: Cohen et al. 2022). Gives nothing
-    for the SGD family (use :class:`SharpnessProbe`) or before the optimizer's first step.
+    for the SGD family (use :class:`SharpnessProbe`), before the optimizer's first step, or while
+    its learning rate is 0 (the end of a schedule: ``P`` is infinite, nothing is measured).
     Also ``_residual``, ``_converged`` and ``_matvecs`` as for :class:`SharpnessProbe`.
     """
 
@@ -291,6 +293,8 @@ class PreconditionedSharpnessProbe(_WarmTopEig):
         named = dict(prob.model.named_parameters())
         st = read_optimizer(state.optimizer, [named[n] for n in prob.names], prob.names)
         if not st.preconditioned or st.precond is None:
+            return {}
+        if not st.lr > 0:  # lr = 0 (end of a schedule): P = ∞, nothing to measure
             return {}
         op = self._operator(prob)
         d_isq = st.precond.to(prob.device, prob.dtype).rsqrt()
