@@ -43,7 +43,9 @@ eigenvalue at the edge the flow is the projection of ``−η∇L`` onto ``{∇λ
 
 **Discretization.** Euler steps of ``dt = 1/substeps``; the top ``m`` eigenpairs by
 warm-started block Lanczos on the Hessian-vector product every ``eig_every`` substeps (default
-once per step) and by one block Rayleigh–Ritz step on ``span[V, HV − VM]`` in between. ``m``
+every 10 steps) and by one block Rayleigh–Ritz step on ``span[V, HV − VM]`` in between; a
+tracked pair whose residual exceeds ``track_tol·|λ_1|`` (read off the derivative pass's ``HV``)
+triggers a fresh solve. ``m``
 grows (up to ``max_edge``) while all tracked eigenvalues are within ``edge_fraction·2/η``.
 Layer norms are evaluated as PyTorch operations (built-in kernel: wrong third derivatives,
 :mod:`gdscope.curvature.third`).
@@ -102,6 +104,8 @@ class CentralFlowPrediction(Prediction):
         final_params: the flow's parameters at ``t = steps`` (flat, float64, ``prob.names``
             order).
         substeps, eig_every: the discretization used.
+        eig_solves, eig_products: full Lanczos solves, and Hessian-vector products spent on
+            tracking the eigenspace (solves and refinements; the derivative pass not counted).
     """
 
     sharpness: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -115,6 +119,8 @@ class CentralFlowPrediction(Prediction):
     final_params: np.ndarray = field(default_factory=lambda: np.zeros(0))
     substeps: int = 0
     eig_every: int = 1
+    eig_solves: int = 0
+    eig_products: int = 0
 
     def __repr__(self) -> str:
         onset = "never" if self.onset_step is None else f"step {self.onset_step}"
@@ -240,15 +246,6 @@ def _check_float(name: str, value: Any, low: float, high: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- the flow
-@dataclass
-class _Tracker:
-    """The tracked top eigenspace: ``V`` (``P × m``), values ``lam`` (descending)."""
-
-    V: Tensor | None = None
-    lam: Tensor | None = None
-    matvecs: int = 0
-
-
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
@@ -326,6 +323,7 @@ def central_flow(
     edge_fraction: float = 0.95,
     eig_every: int | None = None,
     eig_tol: float = 1e-7,
+    track_tol: float = 1e-4,
     params: Params | None = None,
     seed: int = 0,
 ) -> CentralFlowPrediction:
@@ -339,8 +337,10 @@ def central_flow(
         substeps: Euler substeps per step (``dt = 1/substeps``).
         max_edge: most eigenvalues tracked (and in the complementarity problem) at once.
         edge_fraction: eigenvalues ``≥ edge_fraction·2/η`` enter the complementarity problem.
-        eig_every: substeps between full warm-started Lanczos solves (default: once per step);
-            in between, one block Rayleigh–Ritz refinement of the tracked eigenspace.
+        eig_every: substeps between full warm-started Lanczos solves (default: every 10
+            steps); in between, one block Rayleigh–Ritz refinement of the tracked eigenspace.
+        track_tol: a refined pair whose residual ``‖Hv − λv‖`` exceeds ``track_tol·|λ_1|``
+            (checked for free from the derivative pass) triggers a full solve next substep.
         eig_tol: Lanczos relative residual tolerance.
         params: starting point (default: the model's current parameters).
         seed: Lanczos seed.
@@ -350,7 +350,8 @@ def central_flow(
     steps = _check_int("steps", steps, 0)
     substeps = _check_int("substeps", substeps, 1)
     max_edge = _check_int("max_edge", max_edge, 1)
-    eig_every = substeps if eig_every is None else _check_int("eig_every", eig_every, 1)
+    eig_every = 10 * substeps if eig_every is None else _check_int("eig_every", eig_every, 1)
+    track_tol = _check_float("track_tol", track_tol, 0.0, 1.0)
     edge_fraction = _check_float("edge_fraction", edge_fraction, 0.0, 1.0)
     eig_tol = _check_float("eig_tol", eig_tol, 0.0, 1.0)
     params = check_params(prob, params)
@@ -394,24 +395,27 @@ def central_flow(
     X_prev: np.ndarray | None = None
     worst_res = 0.0
     onset: int | None = None
-    counter = 0
-    matvecs = 0
+    since, solves, matvecs, refresh = 0, 0, 0, False
     for t in range(steps + 1):
         for s in range(substeps):
             op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
-            if V is None or V.shape[1] != m or counter % eig_every == 0:
+            if V is None or V.shape[1] != m or since >= eig_every or refresh:
                 warm = None if V is None else V[:, : min(m, V.shape[1])]
                 lam, V, mv = _top_eigs(op, m, warm, eig_tol, seed)
+                since, solves = 0, solves + 1
             else:
                 lam, V, mv = _refine(op, V)
             matvecs += mv
-            counter += 1
+            since += 1
             near = bool((lam >= edge_fraction * thr).any())
             D = edge_derivatives(
                 prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
             )
             M = V.T @ D.HU
             M = 0.5 * (M + M.T)
+            # the tracked pairs' residuals come free with HU: a poor one asks for a fresh solve
+            resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
+            refresh = bool((resid_eig > track_tol * max(float(lam.abs().max()), 1e-300)).any())
             g = D.grad
             crit = [i for i in range(m) if float(lam[i]) >= edge_fraction * thr]
             c = len(crit)
@@ -503,4 +507,6 @@ def central_flow(
         final_params=theta.detach().cpu().double().numpy(),
         substeps=substeps,
         eig_every=eig_every,
+        eig_solves=solves,
+        eig_products=matvecs,
     )
