@@ -319,3 +319,65 @@ def test_walk_finds_a_repeated_singular_step_size():
     assert walk["complete"]
     np.testing.assert_allclose(walk["lrs"], [0.5, 1.0], rtol=1e-9)
     assert walk["multiplicity"] == [2, 1]
+
+
+# ------------------------------------------ the measurement pipeline can say "fails" as well
+def _diag_problem():
+    """L = mean((Xw − y)²), H = 2XᵀX/n = diag(2, 2, 1): singular step sizes 0.5 (twice), 1."""
+    X = torch.zeros(4, 3, dtype=torch.float64)
+    X[0, 0] = X[1, 1] = 2.0
+    X[2, 2] = math.sqrt(2.0)
+    model = nn.Linear(3, 1, bias=False).double()
+    return gs.Problem(model, "mse", (X, torch.randn(4, 1, dtype=torch.float64)))
+
+
+MEASURE = {
+    "grid_points": 50,
+    "tol": 1e-10,
+    "max_count": 8,
+    "walk_step": 1e-6,
+    "max_calls": 10,
+    "factor": 10.0,
+    "oracle_limit": 10,
+    "lu_checks": 4,
+}
+
+
+def test_measure_point_holds_on_the_exact_case():
+    prob = _diag_problem()
+    # grid η ∈ [0.3, 0.95]: 0.5 (multiplicity 2) inside, 1 outside
+    p = ap.measure_point(prob, prob.params, 0, grid_range=(0.6, 1.9), **MEASURE)
+    assert p["oracle_lrs"] == pytest.approx([0.5, 0.5])
+    assert p["walk"]["lrs"] == pytest.approx([0.5]) and p["walk"]["multiplicity"] == [2]
+    assert ap.nonsingular_verdict([p]).status == "holds"
+    assert ap.singular_verdict([p]).status == "holds"
+
+
+def test_measure_point_fails_when_the_singular_set_is_wrong(monkeypatch):
+    prob = _diag_problem()
+    real = ap.walk_singular
+
+    def shifted(*args, **kw):  # a gd_map that reports 1/h a little off: not singular there
+        w = real(*args, **kw)
+        return {**w, "lrs": [lr * (1 + 1e-4) for lr in w["lrs"]]}
+
+    monkeypatch.setattr(ap, "walk_singular", shifted)
+    p = ap.measure_point(prob, prob.params, 0, grid_range=(0.6, 1.9), **MEASURE)
+    v = ap.singular_verdict([p])
+    assert v.status == "fails" and "not singular" in v.measured
+
+    def missing(*args, **kw):  # a walk that misses η = 1 (the grid's last point is η = 1)
+        w = real(*args, **kw)
+        keep = [i for i, lr in enumerate(w["lrs"]) if lr < 0.9]
+        return {
+            **w,
+            "lrs": [w["lrs"][i] for i in keep],
+            "multiplicity": [w["multiplicity"][i] for i in keep],
+        }
+
+    monkeypatch.setattr(ap, "walk_singular", missing)
+    p = ap.measure_point(prob, prob.params, 0, grid_range=(0.6, 2.0), **MEASURE)
+    assert len(p["oracle_lrs"]) == 3 and sum(p["walk"]["multiplicity"]) == 2
+    v = ap.nonsingular_verdict([p])
+    assert v.status == "fails" and p["grid_singular_away"] >= 1
+    assert ap.singular_verdict([p]).status == "undetermined"  # the set is incomplete

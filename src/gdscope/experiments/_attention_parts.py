@@ -587,6 +587,7 @@ def gd_map_figure(points: list[dict[str, Any]]) -> Figure:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [p for p in points if "grid_x" in p]
     fig, axes = plt.subplots(1, max(len(rows), 1), figsize=(4.6 * max(len(rows), 1), 3.6))
@@ -605,8 +606,9 @@ def gd_map_figure(points: list[dict[str, Any]]) -> Figure:
         for i, lr in enumerate(p["walk"]["lrs"]):
             ax.axvline(
                 lr * p["h_max"],
-                color="0.6",
-                lw=0.5,
+                color="C2",
+                alpha=0.6,
+                lw=0.8,
                 ls=":",
                 label="1/h_i found by gd_map" if i == 0 else None,
             )
@@ -616,6 +618,10 @@ def gd_map_figure(points: list[dict[str, Any]]) -> Figure:
             xlabel="η · h_max",
             title=f"step {p['step']}: {int(sum(p['walk']['multiplicity']))} singular η in range",
         )
+        lo, hi = p["grid_range"]
+        ticks = [t for t in (0.5, 1, 2, 3, 5, 10, 20, 50) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("smallest |1 − η h_i|")
     axes[0].legend(fontsize=7, loc="lower left")
