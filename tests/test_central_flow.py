@@ -211,6 +211,51 @@ def test_edge_closed_form_and_gd_time_average() -> None:
     assert float(np.mean(ls[half])) == pytest.approx(pred.loss[-1], rel=0.05)
 
 
+class _TwoEdges(nn.Module):
+    """Two independent copies of :class:`_Edge`: two eigenvalues reach 2/η (at different
+    times); the flow solves a 2 × 2 complementarity problem and must give ``tr X = 2c₁ + 2c₂``
+    (GD: ``E x_i² = 2c_i``). The eigenvalues of ``X`` are not determined here: the two
+    eigenvalues are equal at the edge and ``G₁₂ = 0``, so the cross-covariance is free (in GD
+    it is set by the two period-2 orbits' relative phase)."""
+
+    def __init__(self, a: _Edge, b: _Edge) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        return self.a(inp) + self.b(inp)
+
+
+def test_two_eigenvalues_at_the_edge() -> None:
+    eta, kappa = 0.1, -1.0
+    (c1, y1), (c2, y2) = (0.02, 18.95), (0.01, 18.97)
+    zero = torch.zeros(2, 1, dtype=D)
+    model = _TwoEdges(_Edge(0.05, y1, c1, kappa), _Edge(0.05, y2, c2, kappa))
+    prob = Problem(model, _mean_loss, (zero, zero))
+    pred = central_flow(prob, {"class": "GD", "lr": eta}, 60, substeps=2)
+    thr = 2 / eta
+    assert pred.stable and pred.edge_count[-1] == 2
+    assert np.allclose(pred.edge_eigenvalues[-1, :2], thr, rtol=1e-6)
+    assert pred.oscillation[-1] == pytest.approx(2 * c1 + 2 * c2, rel=1e-4)
+    assert np.all(pred.sigma2[-1, :2] >= 0)
+    ys = pred.final_params[[1, 3]]  # names: a.x, a.y, b.x, b.y
+    assert np.allclose(ys, thr - 1, atol=1e-4)
+    expected = c1 * (thr - ys[0]) + c2 * (thr - ys[1])
+    assert pred.loss[-1] == pytest.approx(expected, rel=1e-3)
+    # GD: each copy settles into its own period-2 orbit with x_i² = 2c_i
+    x = np.array([0.05, 0.05])
+    y = np.array([y1, y2])
+    c = np.array([c1, c2])
+    xs = []
+    for _ in range(4000):
+        xs.append(x * x)
+        x, y = x - eta * ((1 + y) * x + kappa * x**3), y - eta * (0.5 * x * x - c)
+    assert np.allclose(np.mean(xs[2000:], axis=0), [2 * c1, 2 * c2], rtol=0.05)
+    assert float(np.sum(np.mean(xs[2000:], axis=0))) == pytest.approx(
+        pred.oscillation[-1], rel=0.05
+    )
+
+
 # ---------------------------------------------------------------------------------- api
 def test_prediction_fields_and_compatibility() -> None:
     prob = _regression(seed=2)
@@ -226,6 +271,22 @@ def test_prediction_fields_and_compatibility() -> None:
     assert np.allclose(pred.residuals[0], (first - Y).reshape(-1).numpy())
     assert pred.threshold == pytest.approx(40.0) and pred.q == prob.q and pred.stable
     assert pred.eigenvalues.size >= 1 and "2/η" in repr(pred)
+
+
+def test_cross_entropy_residuals() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 3, generator=g, dtype=D)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    prob = Problem(net, "cross_entropy", (X, labels))
+    pred = central_flow(prob, {"class": "GD", "lr": 0.5}, 3, substeps=2)
+    with torch.no_grad():
+        p0 = torch.softmax(net(X), -1)
+    expect = p0 - nn.functional.one_hot(labels, 3).to(D)
+    assert pred.residuals.shape == (4, 30) and pred.q is None
+    assert np.allclose(pred.residuals[0], expect.reshape(-1).numpy())
+    assert pred.loss[0] == pytest.approx(float(prob.loss()))
 
 
 def test_optimizers_and_arguments_are_checked() -> None:
