@@ -229,7 +229,7 @@ def measure_point(
         prob, params, lo, hi, tol=tol, max_count=max_count, walk_step=walk_step, max_calls=max_calls
     )
     # each singular step size of the walk: σ_min of the matrix I − η_j H itself
-    eye = torch.eye(P, dtype=torch.float64)
+    eye = torch.eye(P, dtype=torch.float64, device=H.device)
     sig = [torch.linalg.eigvalsh(eye - lr * H).abs().min().item() for lr in walk["lrs"]]
     bounds = [factor * lr * res_h for lr in walk["lrs"]]
     # oracle vs walk, with multiplicities, as eigenvalues
@@ -243,10 +243,12 @@ def measure_point(
     else:
         match = None
     # the grid
-    etas = torch.logspace(math.log10(lo), math.log10(hi), grid_points, dtype=torch.float64)
-    m = (1 - etas[:, None] * h[None, :]).abs().min(1).values
+    etas = torch.logspace(
+        math.log10(lo), math.log10(hi), grid_points, dtype=torch.float64, device=h.device
+    )
+    m = torch.cat([(1 - e[:, None] * h[None, :]).abs().min(1).values for e in etas.split(1024)])
     if walk["lrs"]:
-        hw = torch.tensor([1 / lr for lr in walk["lrs"]], dtype=torch.float64)
+        hw = torch.tensor([1 / lr for lr in walk["lrs"]], dtype=torch.float64, device=h.device)
         gap = (1 / etas[:, None] - hw[None, :]).abs().min(1).values
         away = gap > factor * res_h
     else:
