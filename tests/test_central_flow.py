@@ -273,6 +273,24 @@ def test_prediction_fields_and_compatibility() -> None:
     assert pred.eigenvalues.size >= 1 and "2/η" in repr(pred)
 
 
+def test_tracker_accepts_the_prediction(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gdscope.tracker import Tracker
+
+    prob = _regression(seed=3)
+    pred = central_flow(prob, {"class": "GD", "lr": 0.05}, 3)
+    tracker = Tracker(prob, probes=[], store=tmp_path / "runs.db")
+    tracker.record_prediction(pred, label="central flow")  # kept until the run's first step
+
+
+def test_float32_problem_runs_with_a_note() -> None:
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 3, generator=g), torch.randn(12, 2, generator=g)
+    torch.manual_seed(0)
+    prob = Problem(nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)), "mse", (X, Y))
+    pred = central_flow(prob, {"class": "GD", "lr": 0.1}, 3)
+    assert np.all(np.isfinite(pred.loss)) and any("float64" in n for n in pred.notes)
+
+
 def test_cross_entropy_residuals() -> None:
     g = torch.Generator().manual_seed(0)
     X = torch.randn(10, 3, generator=g, dtype=D)
