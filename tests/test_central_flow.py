@@ -240,6 +240,7 @@ def test_two_eigenvalues_at_the_edge() -> None:
     assert np.all(pred.sigma2[-1, :2] >= 0)
     ys = pred.final_params[[1, 3]]  # names: a.x, a.y, b.x, b.y
     assert np.allclose(ys, thr - 1, atol=1e-4)
+    assert not any("max_edge" in n for n in pred.notes)  # P = 4: all tracked, none missed
     expected = c1 * (thr - ys[0]) + c2 * (thr - ys[1])
     assert pred.loss[-1] == pytest.approx(expected, rel=1e-3)
     # GD: each copy settles into its own period-2 orbit with x_i² = 2c_i
@@ -280,6 +281,16 @@ def test_tracker_accepts_the_prediction(tmp_path) -> None:  # type: ignore[no-un
     pred = central_flow(prob, {"class": "GD", "lr": 0.05}, 3)
     tracker = Tracker(prob, probes=[], store=tmp_path / "runs.db")
     tracker.record_prediction(pred, label="central flow")  # kept until the run's first step
+
+
+def test_start_above_the_edge_and_saturated_tracking_are_noted() -> None:
+    zero = torch.zeros(2, 1, dtype=D)
+    model = _TwoEdges(_Edge(0.05, 19.5, 0.02, -1.0), _Edge(0.05, 19.4, 0.01, -1.0))
+    prob = Problem(model, _mean_loss, (zero, zero))
+    pred = central_flow(prob, {"class": "GD", "lr": 0.1}, 3, substeps=2, max_edge=1)
+    assert pred.onset_step == 0
+    assert any("starts above the edge" in n for n in pred.notes)
+    assert any("raise max_edge" in n for n in pred.notes)
 
 
 def test_float32_problem_runs_with_a_note() -> None:

@@ -394,7 +394,8 @@ def central_flow(
     resid: list[np.ndarray] = [np.zeros(0)] * len(record_steps)
     Yall = torch.cat([y.reshape(y.shape[0], -1) for _, y, _ in prob.batches()])
 
-    m = min(2, P, max_edge) if max_edge > 1 else 1
+    m = min(2, max_edge)
+    saturated = False
     V: Tensor | None = None
     lam: Tensor | None = None
     X_prev: np.ndarray | None = None
@@ -441,10 +442,17 @@ def central_flow(
                 Xt = torch.as_tensor(X, dtype=g.dtype, device=g.device)
                 step_dir = step_dir - (eta / 2) * torch.einsum("ij,ijp->p", Xt, Gc)
             X_prev = X if c else None
+            saturated = saturated or (c == m == max_edge and max_edge < P)
             if s == 0:
                 lv = float(D.loss)
                 flow_loss[t] = lv
                 sharp[t] = float(lam[0])
+                if t == 0 and sharp[0] > thr:
+                    notes.append(
+                        f"the run starts above the edge (λ_1 = {sharp[0]:.4g} > 2/η = {thr:.4g}): "
+                        "GD's first steps are unstable (a catapult), which the flow does not "
+                        "model: it projects back onto λ_1 = 2/η at once."
+                    )
                 eigs_rec[t, :m] = _np(lam[:m])
                 count[t] = c
                 loss_bar[t] = lv
@@ -472,6 +480,11 @@ def central_flow(
             # grow the tracked space while every tracked eigenvalue is near the edge
             if c == m and m < max_edge:
                 m += 1
+    if saturated:
+        notes.append(
+            f"all {max_edge} tracked eigenvalues reached the edge at some point: more may have; "
+            f"raise max_edge (now {max_edge}) to track them."
+        )
     stable = worst_res <= 1e-6 and bool(np.all(np.isfinite(loss_bar)))
     if worst_res > 1e-6:
         msg = (
