@@ -54,6 +54,15 @@ grows (up to ``max_edge``) while all tracked eigenvalues are that close.
 Layer norms are evaluated as PyTorch operations (built-in kernel: wrong third derivatives,
 :mod:`gdscope.curvature.third`).
 
+**Measured** (float64, 64 digits, MSE, tanh MLP 64-16-16-10, ``η = 3.5``, 300 steps, 2 substeps;
+``tests/test_central_flow.py`` asserts a 200-step version with margin): the flow reaches
+``2/η`` at step 28 (GD: the same) and holds it to ``1e-6``; GD's mean loss over the run is
+0.999× the predicted time-averaged loss (0.990× after the onset), the 10-step moving average of
+GD's loss is within 5% of the prediction at the median step (9% mean, 65% at the onset's
+catapult spike), and GD's median sharpness after the onset is 2.3% above ``2/η``. Width 32,
+``η = 3``: mean ratio 0.999, moving-average error median 14% (20-step window: 9%), GD's
+sharpness 4.7% above ``2/η``. Substeps 2 vs 4 change the predicted loss by 0.5% (median).
+
 Only full-batch GD (``gs.GD`` or ``torch.optim.SGD`` without momentum and weight decay) is
 modelled; RMSProp/Adam central flows (preconditioned, with the optimizer's state in the flow)
 are not implemented yet and are refused.
