@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import sqlite3
 
@@ -244,3 +245,105 @@ def test_bad_arguments():
         gs.Tracker("not a problem")  # type: ignore[arg-type]
     with pytest.raises(gs.GdscopeError):
         gs.Tracker(prob, store="/nonexistent-dir/x/runs.db").step(0)
+
+
+# ---------------------------------------------------------------------- batched writes
+def _stored_steps(path) -> list[int]:
+    """Steps of the (only) run as another connection sees them (no flush through the tracker)."""
+    with Store(path) as other:
+        runs = other.runs()
+        if not runs:
+            return []
+        return sorted({int(r[0]) for r in other.metrics(runs[0].id)})
+
+
+def _batch_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    return gs.Problem(model, "mse", (X, Y))
+
+
+def test_batched_commits_every_commit_steps(tmp_path):
+    path = tmp_path / "runs.db"
+    tracker = gs.Tracker(
+        _batch_problem(), [LossProbe()], store=path, commit_seconds=1e9, commit_steps=3
+    )
+    tracker.step(0, loss=1.0)
+    assert _stored_steps(path) == [0]  # the first step is written at once
+    tracker.step(1, loss=0.9)
+    tracker.step(2, loss=0.8)
+    assert _stored_steps(path) == [0]  # buffered: two steps, commit_steps=3
+    tracker.step(3, loss=0.7)
+    assert _stored_steps(path) == [0, 1, 2, 3]  # the third buffered step flushed the batch
+    tracker.step(4, loss=0.6)
+    assert _stored_steps(path) == [0, 1, 2, 3]
+    assert tracker.store.series(tracker.run_id, "loss")[0].tolist() == [0, 1, 2, 3, 4]
+    tracker.step(5, loss=0.5)
+    tracker.close()
+    assert _stored_steps(path) == [0, 1, 2, 3, 4, 5]
+
+
+def test_commit_seconds_zero_commits_every_step(tmp_path):
+    path = tmp_path / "runs.db"
+    tracker = gs.Tracker(_batch_problem(), [LossProbe()], store=path, commit_seconds=0)
+    for t in range(4):
+        tracker.step(t, loss=1.0 / (t + 1))
+        assert _stored_steps(path) == list(range(t + 1))
+    tracker.close()
+
+
+def test_batched_commits_flush_on_divergence_errors_and_garbage_collection(tmp_path):
+    # the diverged step is stored before NonFiniteError leaves step()
+    path = tmp_path / "a.db"
+    tracker = gs.Tracker(_batch_problem(), [LossProbe()], store=path, commit_seconds=1e9)
+    tracker.step(0, loss=1.0)
+    tracker.step(1, loss=0.5)
+    with pytest.raises(NonFiniteError):
+        tracker.step(2, loss=float("inf"))
+    assert _stored_steps(path) == [0, 1, 2]
+
+    # a probe that raises: the steps before it reach the store
+    class Boom(LossProbe):
+        name = "boom"
+
+        def compute(self, state):
+            if state.step == 2:
+                raise RuntimeError("boom")
+            return {"boom": 0.0}
+
+    path = tmp_path / "b.db"
+    tracker = gs.Tracker(_batch_problem(), [Boom()], store=path, commit_seconds=1e9)
+    tracker.step(0)
+    tracker.step(1)
+    with pytest.raises(RuntimeError):
+        tracker.step(2)
+    assert _stored_steps(path) == [0, 1]
+
+    # dropped without close(): the finalizer writes the buffer; the run stays incomplete
+    path = tmp_path / "c.db"
+    tracker = gs.Tracker(_batch_problem(), [LossProbe()], store=path, commit_seconds=1e9)
+    for t in range(3):
+        tracker.step(t, loss=1.0)
+    assert _stored_steps(path) == [0]
+    del tracker
+    gc.collect()
+    assert _stored_steps(path) == [0, 1, 2]
+    with Store(path) as other:
+        assert other.runs()[0].status_label == "incomplete"
+
+
+def test_bad_metric_fails_at_its_own_step_not_in_a_batch(tmp_path):
+    class Twice(LossProbe):
+        name = "twice"
+
+        def compute(self, state):
+            return {"loss": 1.0}
+
+    tracker = gs.Tracker(_batch_problem(), [LossProbe(), Twice()], store=tmp_path / "d.db")
+    with pytest.raises(InvalidArgumentError, match="logged twice"):
+        tracker.step(0, loss=1.0)
+    with pytest.raises(InvalidArgumentError, match="commit_seconds"):
+        gs.Tracker(_batch_problem(), store=tmp_path / "e.db", commit_seconds=-1)
+    with pytest.raises(InvalidArgumentError, match="commit_steps"):
+        gs.Tracker(_batch_problem(), store=tmp_path / "e.db", commit_steps=0)

@@ -14,6 +14,18 @@ is visible. All of a step's values commit together. Steps are integers ``>= 0`` 
 from call to call (gaps are fine; a repeated or earlier step is refused, since each step's values
 are stored once).
 
+**Batched writes.** Steps are buffered and written in one transaction
+(:meth:`Store.log_steps <gdscope.store.Store.log_steps>`) at most once per ``commit_seconds``
+(default 0.5 s) or every ``commit_steps`` steps (default 100), whichever comes first; the first
+step is written at once. The buffer is flushed by :meth:`Tracker.finish`, :meth:`Tracker.close`,
+the context manager's exit, any exception inside :meth:`Tracker.step`, before a
+:class:`~gdscope.errors.NonFiniteError` is raised (the diverged step is stored), whenever the
+store is read through :attr:`Tracker.store`, by :meth:`Tracker.flush`, and when the tracker is
+garbage-collected or the interpreter exits. The bound: a crash (``kill -9``) loses at most the
+last unflushed batch, i.e. the steps of the last ``commit_seconds`` (at most ``commit_steps``
+steps); the run stays ``running`` (incomplete), as before. ``commit_seconds=0`` writes every
+step in its own commit.
+
 :func:`gdscope.fit` records its settings with :meth:`Tracker.record_config` and, when training
 ends, marks the run finished with :meth:`Tracker.finish`: the stored run is complete when ``fit``
 returns, and :meth:`Tracker.record_prediction` and :meth:`Tracker.close` (with a summary) still
@@ -31,8 +43,10 @@ tr:``) closes the run on exit: ``"completed"``, ``"diverged"`` (a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from typing import Any
@@ -45,10 +59,12 @@ from gdscope.errors import GdscopeError, InvalidArgumentError, NonFiniteError
 from gdscope.probes.base import Probe, ProbeState
 from gdscope.probes.builtin import default_probes
 from gdscope.problem import Problem
-from gdscope.store import MetricRow, Store, check_name
+from gdscope.store import MetricRow, Store, _metric_values, check_name
 from gdscope.theory import Prediction
 
 __all__ = ["PREDICTION_POINTS", "Tracker"]
+
+logger = logging.getLogger(__name__)
 
 #: Points of a recorded prediction's loss curve (log-spaced steps, plus step 0).
 PREDICTION_POINTS = 400
@@ -66,6 +82,9 @@ class Tracker:
         subset: evaluate curvature probes on a fixed random subset of this many samples
             (needs tensor data), or on these indices.
         seed: for the subset draw.
+        commit_seconds: write buffered steps to the store at most this often (seconds; ``0``:
+            every step in its own commit). See the module docstring for the crash bound.
+        commit_steps: ... or once this many steps are buffered, whichever comes first.
     """
 
     def __init__(
@@ -77,7 +96,27 @@ class Tracker:
         config: dict[str, Any] | None = None,
         subset: int | Sequence[int] | Tensor | None = None,
         seed: int = 0,
+        commit_seconds: float = 0.5,
+        commit_steps: int = 100,
     ) -> None:
+        if (
+            isinstance(commit_seconds, bool)
+            or not isinstance(commit_seconds, (int, float, np.integer, np.floating))
+            or not math.isfinite(commit_seconds)
+            or commit_seconds < 0
+        ):
+            raise InvalidArgumentError(
+                f"commit_seconds={commit_seconds!r} must be a finite number of seconds >= 0 "
+                "(0: one commit per step), e.g. commit_seconds=0.5."
+            )
+        if isinstance(commit_steps, bool) or not isinstance(commit_steps, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"commit_steps={commit_steps!r} must be an integer >= 1, e.g. commit_steps=100."
+            )
+        if commit_steps < 1:
+            raise InvalidArgumentError(
+                f"commit_steps={commit_steps!r} must be an integer >= 1, e.g. commit_steps=100."
+            )
         if not isinstance(prob, Problem):
             raise InvalidArgumentError(
                 f"prob must be a gdscope.Problem, got {type(prob).__name__}: build one with "
@@ -111,7 +150,13 @@ class Tracker:
                 f"seed={seed!r} ({type(seed).__name__}) must be an integer, e.g. seed=0."
             )
         self._owns_store = store is not None and not isinstance(store, Store)
-        self.store = Store(store) if self._owns_store else store  # type: ignore[arg-type]
+        self._store: Store | None = Store(store) if self._owns_store else store  # type: ignore[assignment]
+        self.commit_seconds = float(commit_seconds)
+        self.commit_steps = int(commit_steps)
+        self._pending_steps = _PendingSteps(self._store)
+        self._last_flush = -math.inf  # the first step is written at once
+        # buffered steps reach the store even if the tracker is dropped without close()
+        self._finalizer = weakref.finalize(self, self._pending_steps.flush_quietly)
         self.run_name = run_name
         self.config: dict[str, Any] = dict(config or {})
         self.config.setdefault("probes", [repr(p) for p in self.probes])
@@ -129,6 +174,18 @@ class Tracker:
         self.last_step: int | None = None
         self._last_return: float | None = None
         self._pending: list[tuple[str, str, str]] = []  # artifacts recorded before the run
+
+    # ------------------------------------------------------------------ the store
+    @property
+    def store(self) -> Store | None:
+        """The run's store; buffered steps are written first, so a read sees every step."""
+        self.flush()
+        return self._store
+
+    def flush(self) -> None:
+        """Write the buffered steps to the store now (one transaction)."""
+        self._pending_steps.flush()
+        self._last_flush = time.perf_counter()
 
     # ------------------------------------------------------------------ lifecycle
     def record_config(self, values: dict[str, Any]) -> None:
@@ -162,7 +219,7 @@ class Tracker:
                 f"label={label!r} ({type(label).__name__}) must be a string, e.g. 'linearized "
                 "model'."
             )
-        if self.store is None:
+        if self._store is None:
             raise GdscopeError("record_prediction needs a store: pass store= to the Tracker.")
         if self.status is not None:
             raise GdscopeError(
@@ -189,13 +246,14 @@ class Tracker:
             # gs.fit does) is part of it: keep the artifact until then.
             self._pending = [a for a in self._pending if a[0] != artifact[0]] + [artifact]
         else:
-            self.store.add_artifact(self.run_id, *artifact)
+            self._store.add_artifact(self.run_id, *artifact)
 
     def _ensure_run(self) -> None:
-        if self.run_id is None and self.store is not None:
-            self.run_id = self.store.create_run(self.run_name, self.config)
+        if self.run_id is None and self._store is not None:
+            self.run_id = self._store.create_run(self.run_name, self.config)
+            self._pending_steps.run_id = self.run_id
             for name, data, mime in self._pending:
-                self.store.add_artifact(self.run_id, name, data, mime)
+                self._store.add_artifact(self.run_id, name, data, mime)
             self._pending = []
 
     def finish(self, status: str = "completed", summary: dict[str, Any] | None = None) -> None:
@@ -209,10 +267,11 @@ class Tracker:
         if self.status is not None:
             return
         self.finished = status
-        if self.store is not None:
+        if self._store is not None:
             self._ensure_run()
             assert self.run_id is not None
-            self.store.finish_run(self.run_id, status, summary)
+            self.flush()
+            self._store.finish_run(self.run_id, status, summary)
 
     def close(self, status: str = "completed", summary: dict[str, Any] | None = None) -> None:
         """Mark the run finished with ``status`` (completed, failed, diverged). Idempotent.
@@ -229,12 +288,13 @@ class Tracker:
             return
         self.status = status
         self.finished = self.finished or status
-        if self.store is not None:
+        if self._store is not None:
             self._ensure_run()
             assert self.run_id is not None
-            self.store.finish_run(self.run_id, status, summary)
+            self.flush()
+            self._store.finish_run(self.run_id, status, summary)
             if self._owns_store:
-                self.store.close()
+                self._store.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -317,7 +377,11 @@ class Tracker:
                     out = probe.compute(state)
                 except NonFiniteError as e:
                     self._commit(step, rows)
+                    self.flush()  # the diverged step is stored before the error leaves
                     raise NonFiniteError(f"step {step}, probe {probe.name!r}: {e}") from e
+                except BaseException:
+                    self.flush()  # the steps before this one reach the store
+                    raise
                 spent = time.perf_counter() - t0
                 it = probe.measures(state)
                 for k, v in out.items():
@@ -328,6 +392,7 @@ class Tracker:
         self._commit(step, rows)
         lossv = values.get("loss")
         if lossv is not None and not math.isfinite(lossv):
+            self.flush()  # the diverged step is stored before the error leaves
             raise NonFiniteError(
                 f"step {step}, probe 'loss': the loss is {lossv}. Training diverged: lower the "
                 "learning rate (the run is kept in the store as diverged)."
@@ -362,11 +427,32 @@ class Tracker:
         return step
 
     def _commit(self, step: int, rows: list[MetricRow]) -> None:
-        if self.store is not None and rows:
+        """Buffer one step's rows (written by :meth:`flush` when the batch is due).
+
+        Rows are checked now, as the store will check them, so a bad value fails at its own
+        step and never poisons a batch.
+        """
+        if self._store is not None and rows:
+            for r in rows:
+                _metric_values(r)
+            names = [r.name for r in rows]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise InvalidArgumentError(
+                    f"step {step}: metric(s) {twice} are logged twice in one step (two probes "
+                    "return the same name): give the probes distinct value names."
+                )
             self._ensure_run()
             assert self.run_id is not None
-            self.store.log_step(self.run_id, step, rows)
-        for r in rows:  # after the store accepted them: memory and store stay the same
+            self._pending_steps.rows.append((step, rows))
+            due = (
+                self.commit_seconds == 0
+                or len(self._pending_steps.rows) >= self.commit_steps
+                or time.perf_counter() - self._last_flush >= self.commit_seconds
+            )
+            if due:
+                self.flush()
+        for r in rows:
             self.history.setdefault(r.name, []).append((step, r.value))
         self.last_step = step
 
@@ -377,6 +463,30 @@ class Tracker:
 
 
 _STATUSES = ("completed", "failed", "diverged")
+
+
+class _PendingSteps:
+    """Steps buffered for one batched write (shared with the tracker's finalizer, which must not
+    hold the tracker itself)."""
+
+    def __init__(self, store: Store | None) -> None:
+        self.store = store
+        self.run_id: int | None = None
+        self.rows: list[tuple[int, list[MetricRow]]] = []
+
+    def flush(self) -> None:
+        """Write the buffered steps in one transaction; kept for a retry if the write fails."""
+        if not self.rows or self.store is None or self.run_id is None:
+            return
+        self.store.log_steps(self.run_id, self.rows)
+        self.rows = []
+
+    def flush_quietly(self) -> None:
+        """:meth:`flush` at garbage collection or interpreter exit (errors are logged)."""
+        try:
+            self.flush()
+        except Exception as e:  # nothing to raise to at exit
+            logger.warning("gdscope Tracker: %d buffered step(s) not stored: %s", len(self.rows), e)
 
 
 def _check_status(status: Any) -> None:
