@@ -12,7 +12,8 @@ range ``η·h_max ∈ [lo, hi]``:
 * :func:`walk_singular` finds the singular step sizes with :func:`gdscope.gd_map` alone
   (Lanczos, ``dense_limit=0``): from ``η_lo`` each call reports the next singular step size
   above its ``η`` and the count of eigenvalues above ``1/η``; the next call sits just past it
-  (``η·(1 + walk_step)``), and the count's jump is the multiplicity;
+  (``η·(1 + walk_step)``, twice as far again while the count is undetermined because ``1/η``
+  is within an eigenvalue's residual), and the count's jump is the multiplicity;
 * on a log-spaced grid, ``σ_min(I − ηH) = min_i |1 − ηh_i|`` from the oracle spectrum;
 * at every singular step size ``η_j`` of the walk, ``σ_min(I − η_jH)`` from an eigen-decomposition
   of the matrix ``I − η_jH`` itself;
@@ -102,8 +103,13 @@ def walk_singular(
     max_count: int,
     walk_step: float,
     max_calls: int,
+    resolution: float = 0.0,
 ) -> dict[str, Any]:
     """The singular step sizes in ``[eta_lo, eta_hi]`` as :func:`gdscope.gd_map` finds them.
+
+    ``resolution`` is the absolute eigenvalue resolution: each call sits past the last singular
+    step size ``η_j`` by the larger of ``walk_step`` and ``2·resolution·η_j`` (relative), so that
+    ``1/η`` clears the eigenvalue by more than its residual at the first try.
 
     Returns ``lrs`` (ascending), ``multiplicity`` (the count's jump across each),
     ``queries`` / ``counts`` (each determined call: its ``η`` and ``#{h > 1/η}``),
@@ -116,6 +122,7 @@ def walk_singular(
     counts: list[int] = []
     notes: list[str] = []
     q, calls, undetermined, matvecs = eta_lo, 0, 0, 0
+    bump = walk_step
     pending: float | None = None  # the singular step size the next query must cross
     complete = False
     while calls < max_calls:
@@ -136,8 +143,10 @@ def walk_singular(
             notes.append(f"η = {q:.6g}: {rep.note}")
             if rep.note.startswith(("more than", "Lanczos did not converge")):
                 break  # moving on cannot help
-            q *= 1 + walk_step
+            bump *= 2  # not yet past the eigenvalue's residual: step farther each time
+            q *= 1 + bump
             continue
+        bump = walk_step
         if counts and pending is not None:
             jump = rep.count_above - counts[-1]
             if jump > 0:
@@ -152,7 +161,8 @@ def walk_singular(
             complete = True
             break
         pending = nxt
-        q = max(nxt * (1 + walk_step), q * (1 + walk_step))
+        gap = max(walk_step, 2 * resolution * nxt)
+        q = max(nxt * (1 + gap), q * (1 + walk_step))
     if not complete and calls >= max_calls:
         notes.append(f"stopped after {calls} gd_map calls (walk_max_calls)")
     return {
@@ -226,7 +236,15 @@ def measure_point(
     inv = (1 / hp).flip(0)
     oracle = inv[(inv >= lo) & (inv <= hi)]
     walk = walk_singular(
-        prob, params, lo, hi, tol=tol, max_count=max_count, walk_step=walk_step, max_calls=max_calls
+        prob,
+        params,
+        lo,
+        hi,
+        tol=tol,
+        max_count=max_count,
+        walk_step=walk_step,
+        max_calls=max_calls,
+        resolution=res_h,
     )
     # each singular step size of the walk: σ_min of the matrix I − η_j H itself
     eye = torch.eye(P, dtype=torch.float64, device=H.device)
@@ -250,7 +268,10 @@ def measure_point(
     if walk["lrs"]:
         hw = torch.tensor([1 / lr for lr in walk["lrs"]], dtype=torch.float64, device=h.device)
         gap = (1 / etas[:, None] - hw[None, :]).abs().min(1).values
-        away = gap > factor * res_h
+        # a gd_map value may sit factor·res_h from its dense eigenvalue (the match tolerance),
+        # and a grid point counts as singular within factor·δ ≤ factor·res_h of one: "away"
+        # leaves both margins, so only a dense eigenvalue gd_map missed can make a failure
+        away = gap > 2 * factor * res_h
     else:
         away = torch.ones_like(etas, dtype=torch.bool)
     gbound = factor * etas * delta
