@@ -56,9 +56,10 @@ NONSINGULAR_THEOREM = (
     "vanishes only at the isolated step sizes η = 1/h_i of the positive Hessian eigenvalues h_i: "
     "for almost every η the map is non-singular. Decision rule: at each point θ, on a fine "
     "log-spaced lr grid, σ_min(I − ηH) = min_i |1 − ηh_i| from a dense Hessian (the oracle). A "
-    "grid point farther than the Lanczos resolution from every singular step size gd_map found, "
-    "yet with σ_min below the oracle's resolution (resolution_factor·η·10·P·eps·‖H‖), "
-    "contradicts the theorem: fails. Otherwise holds."
+    "grid point with σ_min below the oracle's resolution (resolution_factor·η·10·P·eps·‖H‖) "
+    "whose 1/η is farther than 2·resolution_factor·(tol·‖H‖ + 10·P·eps·‖H‖) from every "
+    "eigenvalue 1/η_j of the singular step sizes gd_map found contradicts the theorem: fails. "
+    "Otherwise holds."
 )
 SINGULAR_THEOREM = (
     "GD map (§3): I − ηH is singular exactly at η = 1/h_i, and sign det(I − ηH) = "
