@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import stats
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
@@ -206,34 +206,10 @@ class SampleCurvature:
         """Factor turning the Hessian of ``batch_loss`` on ``b`` samples into ``H_ξ``."""
         return 1.0 if self.prob.reduction == "mean" else self.n / b
 
-    def batch_loss(self, params: Params, x: Any, y: Tensor) -> Tensor:
-        """``prob.batch_loss``, written so that ``vmap`` can map it over batches.
-
-        Cross-entropy with ``ignore_index`` (``nn.CrossEntropyLoss``): the problem's criterion
-        branches on the data (an all-ignored batch gives 0, not 0/0), which ``vmap`` cannot
-        trace; here ``F.cross_entropy`` is called directly. The SGD parts run only when every
-        sample holds the same positive number of non-ignored labels (``stability`` checks it),
-        so no batch is all-ignored and the values are the criterion's.
-        """
-        prob = self.prob
-        spec = prob.loss_spec
-        if spec.name != "cross_entropy" or spec.ignore_index is None:
-            return prob.batch_loss(params, x, y)
-        out = prob.forward(params, x)
-        if prob.adapter is not None:
-            out, y = prob.adapter.loss_view(out, y)
-        return nn.functional.cross_entropy(
-            out,
-            y,
-            reduction=prob.reduction,
-            ignore_index=spec.ignore_index,
-            label_smoothing=spec.label_smoothing,
-        )
-
     def _hvp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """``H_batch v`` for one batch ``(x, y)`` (with its leading batch dimension)."""
         prob = self.prob
-        _, fn = vjp(grad(lambda p: self.batch_loss(p, x, y)), self.params)
+        _, fn = vjp(grad(lambda p: prob.batch_loss(p, x, y)), self.params)
         (hv,) = fn(prob.unflatten(v))
         return self.batch_scale(_batch_size(x)) * prob.flatten(hv)
 
