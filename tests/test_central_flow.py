@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -321,7 +323,7 @@ def test_cross_entropy_residuals() -> None:
 def test_optimizers_and_arguments_are_checked() -> None:
     prob = _regression()
     params = list(prob.model.parameters())
-    with pytest.raises(InvalidArgumentError, match="RMSProp/Adam"):
+    with pytest.raises(InvalidArgumentError, match="central flow is not implemented"):
         central_flow(prob, torch.optim.Adam(params, lr=0.1), 3)
     with pytest.raises(InvalidArgumentError, match="momentum"):
         central_flow(prob, torch.optim.SGD(params, lr=0.1, momentum=0.9), 3)
@@ -406,3 +408,95 @@ def test_digits_mlp_at_the_edge_of_stability() -> None:
     assert np.median(np.abs(avg[on:] - flow[on:]) / flow[on:]) < 0.10
     post = [s for t, s in gd_sharp.items() if t >= on]
     assert float(np.median(post)) == pytest.approx(thr, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------- RMSProp
+def test_rmsprop_edge_model_matches_rmsprop() -> None:
+    """RMSProp on :class:`_Edge`: ``g_x/√ν_x ≈ sign(x)``, so at the edge ``x`` alternates
+    ``±η/2`` (``E x² = η²/4``) and ``y`` climbs at rate ``η`` while the preconditioned
+    sharpness stays at ``2/η``. The flow (with ``E g²`` to second order) must reproduce the
+    discrete run: measured ``y(60)`` 24.011 vs 24.008, ``E x²`` 2.71e-3 vs 2.62e-3, mean loss
+    −1.0936 vs −1.0945."""
+    eta, c, kappa, alpha = 0.1, 0.05, -1.0, 0.9
+    zero = torch.zeros(2, 1, dtype=D)
+    prob = Problem(_Edge(0.06, 18.0, c, kappa), _mean_loss, (zero, zero))
+    opt = {"class": "RMSprop", "lr": eta, "alpha": alpha, "eps": 1e-8}
+    pred = central_flow(prob, opt, 60, substeps=4)
+    on = pred.onset_step
+    assert on is not None and on < 20 and pred.stable
+    assert np.all(np.abs(pred.sharpness[on + 1 :] - 2 / eta) <= 1e-5 * 2 / eta)
+    assert any("preconditioned" in n for n in pred.notes)
+    assert pred.optimizer["class"] == "RMSprop"
+    # discrete RMSProp from the same point, ν primed with g(0)² as the flow's ν(0)
+    x, y = 0.06, 18.0
+    nx, ny = ((1 + y) * x + kappa * x**3) ** 2, (0.5 * x * x - c) ** 2
+    xs, ls, ps = [], [], []
+    for t in range(61):
+        gx, gy = (1 + y) * x + kappa * x**3, 0.5 * x * x - c
+        xs.append(x * x)
+        ls.append(0.5 * (1 + y) * x * x + kappa / 4 * x**4 - c * y)
+        ps.append((1 + y + 3 * kappa * x * x) / (math.sqrt(nx) + 1e-8))
+        if t == 60:
+            break
+        nx, ny = alpha * nx + (1 - alpha) * gx * gx, alpha * ny + (1 - alpha) * gy * gy
+        x, y = x - eta * gx / (math.sqrt(nx) + 1e-8), y - eta * gy / (math.sqrt(ny) + 1e-8)
+    assert pred.final_params[1] == pytest.approx(y, abs=0.02)
+    assert float(np.mean(pred.oscillation[30:])) == pytest.approx(np.mean(xs[30:]), rel=0.10)
+    assert float(np.mean(pred.loss[30:])) == pytest.approx(np.mean(ls[30:]), rel=0.01)
+    assert float(np.median(ps[30:])) == pytest.approx(2 / eta, rel=0.01)
+
+
+def test_rmsprop_below_edge_matches_rk4_of_its_stable_flow() -> None:
+    """Below the edge the RMSProp central flow is ``dw/dt = −η g/(√ν + ε)``,
+    ``dν/dt = (1 − α)(g² − ν)``: against RK4 of that ODE pair."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 3, generator=g, dtype=D), torch.randn(12, 2, generator=g, dtype=D)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    prob = Problem(net, "mse", (X, Y))
+    eta, alpha, eps, steps = 2e-3, 0.9, 1e-8, 20
+    opt = torch.optim.RMSprop(net.parameters(), lr=eta, alpha=alpha, eps=eps)
+    pred = central_flow(prob, opt, steps, substeps=4)
+    assert pred.onset_step is None and float(np.max(pred.sharpness)) < 2 / eta
+
+    def grad(th: torch.Tensor) -> torch.Tensor:
+        leaf = th.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gr,) = torch.autograd.grad(prob.loss(prob.unflatten(leaf)), leaf)
+        return gr
+
+    def f(th: torch.Tensor, nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gr = grad(th)
+        return -eta * gr / (nu.sqrt() + eps), (1 - alpha) * (gr * gr - nu)
+
+    th = prob.flatten(prob.params).clone()
+    nu = grad(th) ** 2
+    h = 1 / 2
+    for _ in range(steps * 2):
+        k1 = f(th, nu)
+        k2 = f(th + h / 2 * k1[0], nu + h / 2 * k1[1])
+        k3 = f(th + h / 2 * k2[0], nu + h / 2 * k2[1])
+        k4 = f(th + h * k3[0], nu + h * k3[1])
+        th = th + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+        nu = nu + h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+    ref = float(prob.loss(prob.unflatten(th)))
+    assert abs(pred.loss[-1] - ref) / ref < 1e-2
+    assert np.allclose(pred.final_params, th.numpy(), atol=1e-2 * float(th.abs().max()))
+
+
+def test_rmsprop_state_and_settings_are_read() -> None:
+    from gdscope.theory._central_flow_rmsprop import rmsprop_setting
+
+    prob = _regression(seed=4)
+    params = [dict(prob.model.named_parameters())[n] for n in prob.names]
+    opt = torch.optim.RMSprop(params, lr=0.01, alpha=0.95, eps=1e-6)
+    assert rmsprop_setting(prob, opt)["nu0"] is None
+    X, Y = prob.full_batch
+    nn.functional.mse_loss(prob.model(X), Y).backward()
+    opt.step()
+    got = rmsprop_setting(prob, opt)
+    want = torch.cat([opt.state[p]["square_avg"].reshape(-1) for p in params])
+    assert torch.equal(got["nu0"], want) and got["alpha"] == 0.95 and got["eps"] == 1e-6
+    for bad in ({"momentum": 0.9}, {"centered": True}, {"weight_decay": 0.1}):
+        with pytest.raises(InvalidArgumentError, match="RMSprop without momentum"):
+            central_flow(prob, torch.optim.RMSprop(params, lr=0.01, **bad), 2)

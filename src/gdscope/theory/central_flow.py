@@ -63,9 +63,11 @@ catapult spike), and GD's median sharpness after the onset is 2.3% above ``2/η`
 ``η = 3``: mean ratio 0.999, moving-average error median 14% (20-step window: 9%), GD's
 sharpness 4.7% above ``2/η``. Substeps 2 vs 4 change the predicted loss by 0.5% (median).
 
-Only full-batch GD (``gs.GD`` or ``torch.optim.SGD`` without momentum and weight decay) is
-modelled; RMSProp/Adam central flows (preconditioned, with the optimizer's state in the flow)
-are not implemented yet and are refused.
+Full-batch GD (``gs.GD``, or ``torch.optim.SGD`` without momentum and weight decay) and
+``torch.optim.RMSprop`` (no momentum, centering or weight decay; the preconditioned flow, with
+the optimizer's second-moment state ``ν`` in the flow, is derived in
+:mod:`gdscope.theory._central_flow_rmsprop`) are modelled. Adam's central flow (momentum as
+well as preconditioning) is not implemented and is refused.
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ from torch import Tensor
 from gdscope.curvature.products import check_params, check_problem, curvature_operator
 from gdscope.curvature.third import edge_derivatives, third_derivative_warnings
 from gdscope.errors import InvalidArgumentError, NonFiniteError
-from gdscope.linalg.lanczos import lanczos
-from gdscope.linalg.operator import CallableOperator
 from gdscope.problem import Params, Problem
+from gdscope.theory._central_flow_rmsprop import rmsprop_setting, run_rmsprop_flow
+from gdscope.theory._edge_eigs import refine, solve_sdcp, to_numpy, top_eigs
 from gdscope.theory.dynamics import Prediction, optimizer_spec
 
 __all__ = ["CentralFlowPrediction", "central_flow", "solve_sdcp"]
@@ -105,11 +107,15 @@ class CentralFlowPrediction(Prediction):
     ``test_outputs`` are ``None``; ``stable`` says the flow stayed finite and every
     complementarity problem was solved.
 
+    For RMSprop, ``sharpness``/``edge_eigenvalues`` are of the preconditioned Hessian
+    ``D^{-1/2}HD^{-1/2}`` (``D = √ν + ε``), whose threshold is also ``2/η``.
+
     Attributes:
         sharpness: ``(steps+1,)`` ``λ_1(w(t))``.
         edge_eigenvalues: ``(steps+1, max_edge)`` tracked top eigenvalues, NaN where untracked.
-        oscillation: ``(steps+1,)`` ``tr X = Σ σ_i²``, the predicted ``E‖w_t − w(t)‖²``.
-        sigma2: ``(steps+1, max_edge)`` eigenvalues of ``X`` (descending), NaN-padded.
+        oscillation: ``(steps+1,)`` ``tr Σ = Σ σ_i²``, the predicted ``E‖w_t − w(t)‖²``.
+        sigma2: ``(steps+1, max_edge)`` eigenvalues ``σ_i²`` of ``Σ`` (descending),
+            NaN-padded.
         flow_loss: ``(steps+1,)`` ``L(w(t))`` (the loss at the flow's point, not averaged).
         edge_count: ``(steps+1,)`` eigenvalues in the complementarity problem.
         threshold: ``2/η``.
@@ -138,75 +144,12 @@ class CentralFlowPrediction(Prediction):
     def __repr__(self) -> str:
         onset = "never" if self.onset_step is None else f"step {self.onset_step}"
         return (
-            f"CentralFlowPrediction(GD lr={self.optimizer.get('lr')}, {self.loss_name}, "
+            f"CentralFlowPrediction({self.optimizer.get('class')} lr={self.optimizer.get('lr')}, "
+            f"{self.loss_name}, "
             f"steps={self.steps}, loss {self.loss[0]:.4g} → {self.loss[-1]:.4g}, sharpness "
             f"{self.sharpness[0]:.4g} → {self.sharpness[-1]:.4g} (2/η = {self.threshold:.4g}), "
             f"edge onset {onset})"
         )
-
-
-# ---------------------------------------------------------------------------------- SDCP
-def _psd_project(X: np.ndarray) -> np.ndarray:
-    w, Q = np.linalg.eigh(0.5 * (X + X.T))
-    return (Q * np.maximum(w, 0.0)) @ Q.T
-
-
-def solve_sdcp(
-    alpha: np.ndarray,
-    B: np.ndarray,
-    *,
-    x0: np.ndarray | None = None,
-    tol: float = 1e-11,
-    max_iter: int = 20000,
-) -> tuple[np.ndarray, float]:
-    """Solve ``X ⪰ 0, A = α + B[X] ⪰ 0, ⟨X, A⟩ = 0`` for symmetric ``α`` (``m × m``) and a
-    positive semidefinite ``B`` (``m² × m²``, acting on ``vec(X)``, row-major).
-
-    It is the optimality condition of ``min_{X ⪰ 0} ½ vec(X)ᵀ B vec(X) + ⟨α, X⟩``, solved by
-    FISTA with adaptive restart and projection onto the PSD cone (exact for ``m = 1``:
-    ``X = max(0, −α/B)``). Returns ``(X, residual)`` with ``residual`` the projected-gradient
-    norm ``‖X − Π(X − A)‖_F`` relative to ``max(1, ‖α‖_F)``; a problem without solution (``α``
-    negative along a direction ``B`` does not see) gives a large residual.
-    """
-    alpha = 0.5 * (np.asarray(alpha, dtype=np.float64) + np.asarray(alpha, dtype=np.float64).T)
-    m = alpha.shape[0]
-    B = np.asarray(B, dtype=np.float64).reshape(m * m, m * m)
-    B = 0.5 * (B + B.T)
-    scale = max(1.0, float(np.linalg.norm(alpha)))
-    if m == 0 or float(np.linalg.eigvalsh(alpha).min()) >= 0:
-        return np.zeros((m, m)), 0.0
-    if m == 1:
-        b = float(B[0, 0])
-        if b <= 0:
-            return np.zeros((1, 1)), abs(float(alpha[0, 0])) / scale
-        return np.array([[max(0.0, -float(alpha[0, 0]) / b)]]), 0.0
-
-    def grad(X: np.ndarray) -> np.ndarray:
-        return alpha + (B @ X.reshape(-1)).reshape(m, m)
-
-    def residual(X: np.ndarray) -> float:
-        return float(np.linalg.norm(X - _psd_project(X - grad(X)))) / scale
-
-    lip = float(np.linalg.eigvalsh(B).max())
-    if lip <= 0:
-        return np.zeros((m, m)), residual(np.zeros((m, m)))
-    step = 1.0 / lip
-    X = _psd_project(np.zeros((m, m)) if x0 is None else np.asarray(x0, dtype=np.float64))
-    Y, t = X.copy(), 1.0
-    res = residual(X)
-    for it in range(max_iter):
-        Xn = _psd_project(Y - step * grad(Y))
-        if np.sum((Y - Xn) * (Xn - X)) > 0:  # adaptive restart (O'Donoghue & Candès)
-            t, Y = 1.0, X.copy()
-            continue
-        tn = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
-        Y = Xn + ((t - 1) / tn) * (Xn - X)
-        X, t = Xn, tn
-        if it % 10 == 9:
-            res = residual(X)
-            if res <= tol:
-                break
-    return 0.5 * (X + X.T), residual(X)
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -217,7 +160,8 @@ def _parse_gd(optimizer: Any) -> float:
             raise InvalidArgumentError(
                 f"central_flow models full-batch gradient descent: pass gs.GD(params, lr) or "
                 f"torch.optim.SGD(params, lr) without momentum, got {cls.__module__}."
-                f"{cls.__qualname__} (RMSProp/Adam central flows are not implemented)."
+                f"{cls.__qualname__} (torch.optim.RMSprop is modelled too; Adam's central flow "
+                "is not implemented)."
             )
     elif not isinstance(optimizer, Mapping):
         raise InvalidArgumentError(
@@ -259,59 +203,6 @@ def _check_float(name: str, value: Any, low: float, high: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- the flow
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
-
-
-def _top_eigs(
-    op: CallableOperator, m: int, warm: Tensor | None, tol: float, seed: int
-) -> tuple[Tensor, Tensor, int]:
-    """Top ``m`` eigenpairs by block Lanczos, warm-started from the tracked vectors."""
-    res = lanczos(
-        op,
-        m,
-        "largest",
-        tol,
-        v0=warm,
-        block_size=m,
-        return_vectors=True,
-        seed=seed,
-        verify_multiplicity=False,
-    )
-    assert res.vectors is not None
-    return res.values.to(op.dtype), res.vectors.to(op.dtype), res.matvecs
-
-
-def _refine(op: CallableOperator, V: Tensor) -> tuple[Tensor, Tensor, int]:
-    """One block Rayleigh–Ritz step on ``span[V, R]`` with ``R = HV − V(VᵀHV)`` (a LOBPCG
-    step without the previous direction): tracks a slowly moving top eigenspace with ``2m``
-    products instead of a fresh solve."""
-    m = V.shape[1]
-    HV = op.matmat(V)
-    R = HV - V @ (V.T @ HV)
-    R = R - V @ (V.T @ R)
-    floor = 1e-10 * max(float(torch.linalg.norm(HV)), 1e-300)
-    norms = torch.linalg.norm(R, dim=0)
-    R = R[:, norms > floor][:, : max(0, V.shape[0] - m)]
-    if R.shape[1]:
-        Q, tri = torch.linalg.qr(R)
-        Q = Q[:, tri.diagonal().abs() > floor]
-        Q = Q - V @ (V.T @ Q)
-        Q = Q[:, torch.linalg.norm(Q, dim=0) > 0.5]  # drop what lay in span V
-    if R.shape[1] == 0 or Q.shape[1] == 0:
-        M = 0.5 * (V.T @ HV + HV.T @ V)
-        w, S = torch.linalg.eigh(M)
-        return w.flip(-1), V @ S.flip(-1), m
-    Q, _ = torch.linalg.qr(Q)
-    HQ = op.matmat(Q)
-    Z = torch.cat([V, Q], 1)
-    HZ = torch.cat([HV, HQ], 1)
-    T = Z.T @ HZ
-    w, S = torch.linalg.eigh(0.5 * (T + T.T))
-    w, S = w.flip(-1)[:m], S.flip(-1)[:, :m]
-    return w, Z @ S, m + Q.shape[1]
-
-
 def _residuals(prob: Problem, out: Tensor, Y: Tensor) -> Tensor:
     name = prob.loss_name
     if name == "mse":
@@ -345,8 +236,11 @@ def central_flow(
 
     Args:
         prob: the problem (full batch: every evaluation uses all of its data).
-        optimizer: ``gs.GD``/``torch.optim.SGD`` (no momentum, no weight decay) or a mapping
-            ``{"class": "GD", "lr": η}``; only ``lr`` is read.
+        optimizer: ``gs.GD``/``torch.optim.SGD`` (no momentum, no weight decay), a
+            ``torch.optim.RMSprop`` (no momentum, centering, weight decay; its ``square_avg``
+            state, if it has stepped, is the flow's ``ν(0)``, else ``∇L(w₀)²``), or a mapping
+            ``{"class": "GD", "lr": η}`` / ``{"class": "RMSprop", "lr": η, "alpha": α,
+            "eps": ε}``.
         steps: number of GD steps to predict (``t = 0..steps``).
         substeps: Euler substeps per step (``dt = 1/substeps``).
         max_edge: most eigenvalues tracked (and in the complementarity problem) at once.
@@ -360,7 +254,23 @@ def central_flow(
         seed: Lanczos seed.
     """
     check_problem(prob)
-    eta = _parse_gd(optimizer)
+    rms = isinstance(optimizer, torch.optim.RMSprop) or (
+        isinstance(optimizer, Mapping) and optimizer.get("class") == "RMSprop"
+    )
+    if rms:
+        setting = rmsprop_setting(prob, optimizer)
+        eta = setting["lr"]
+        opt_desc = {
+            "class": "RMSprop",
+            "kind": "rmsprop",
+            "lr": eta,
+            "alpha": setting["alpha"],
+            "eps": setting["eps"],
+            "model": "central_flow",
+        }
+    else:
+        eta = _parse_gd(optimizer)
+        opt_desc = {"class": "GD", "kind": "gd", "lr": eta, "model": "central_flow"}
     steps = _check_int("steps", steps, 0)
     substeps = _check_int("substeps", substeps, 1)
     max_edge = _check_int("max_edge", max_edge, 1)
@@ -411,84 +321,148 @@ def central_flow(
     worst_res = 0.0
     onset: int | None = None
     since, solves, matvecs, refresh = 0, 0, 0, False
-    for t in range(steps + 1):
-        for s in range(substeps):
-            op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
-            if V is None or V.shape[1] != m or since >= eig_every or refresh:
-                warm = None if V is None else V[:, : min(m, V.shape[1])]
-                lam, V, mv = _top_eigs(op, m, warm, eig_tol, seed)
-                since, solves = 0, solves + 1
-            else:
-                lam, V, mv = _refine(op, V)
-            matvecs += mv
-            since += 1
-            near = bool((lam >= edge_fraction * thr).any())
-            D = edge_derivatives(
-                prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
+
+    def record(
+        t: int,
+        lv: float,
+        top: float,
+        lams: np.ndarray,
+        c: int,
+        X: np.ndarray,
+        Mc: np.ndarray,
+        th: Tensor,
+        gram: np.ndarray | None = None,
+    ) -> None:
+        nonlocal onset
+        flow_loss[t], sharp[t], count[t], loss_bar[t] = lv, top, c, lv
+        eigs_rec[t, : lams.size] = lams
+        if t == 0 and top > thr:
+            notes.append(
+                f"the run starts above the edge (preconditioned sharpness {top:.4g} > 2/η = "
+                f"{thr:.4g}): the optimizer's first steps are unstable, which the flow does not "
+                "model: it projects back onto the threshold at once."
             )
-            M = V.T @ D.HU
-            M = 0.5 * (M + M.T)
-            # the tracked pairs' residuals come free with HU: a poor one asks for a fresh solve
-            resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
-            refresh = bool((resid_eig > track_tol * max(float(lam.abs().max()), 1e-300)).any())
-            g = D.grad
-            crit = [i for i in range(m) if float(lam[i]) >= edge_fraction * thr]
-            c = len(crit)
-            X = np.zeros((0, 0))
-            step_dir = -eta * g
-            if c:
-                idx = torch.tensor(crit, device=g.device)
-                Gc = D.G[idx][:, idx]  # (c, c, P)
-                Mc = M[idx][:, idx]
-                C = torch.einsum("ijp,p->ij", Gc, g)
-                Gf = Gc.reshape(c * c, -1)
-                eye = torch.eye(c, dtype=g.dtype, device=g.device)
-                alpha = 2 * eye - eta * Mc + dt * eta**2 * C
-                Bm = (dt * eta**2 / 2) * (Gf @ Gf.T)
-                x0 = X_prev if X_prev is not None and X_prev.shape == (c, c) else None
-                X, res = solve_sdcp(_np(alpha), _np(Bm), x0=x0)
-                worst_res = max(worst_res, res)
-                Xt = torch.as_tensor(X, dtype=g.dtype, device=g.device)
-                step_dir = step_dir - (eta / 2) * torch.einsum("ij,ijp->p", Xt, Gc)
-            X_prev = X if c else None
-            saturated = saturated or (c == m == max_edge and max_edge < P)
-            if s == 0:
-                lv = float(D.loss)
-                flow_loss[t] = lv
-                sharp[t] = float(lam[0])
-                if t == 0 and sharp[0] > thr:
-                    notes.append(
-                        f"the run starts above the edge (λ_1 = {sharp[0]:.4g} > 2/η = {thr:.4g}): "
-                        "GD's first steps are unstable (a catapult), which the flow does not "
-                        "model: it projects back onto λ_1 = 2/η at once."
-                    )
-                eigs_rec[t, :m] = _np(lam[:m])
-                count[t] = c
-                loss_bar[t] = lv
-                if c:
-                    sx = np.sort(np.linalg.eigvalsh(X))[::-1]
-                    sig_rec[t, : sx.size] = sx
-                    osc[t] = float(np.trace(X))
-                    loss_bar[t] = lv + 0.5 * float(np.sum(X * _np(Mc)))
-                    if onset is None and osc[t] > 0:
-                        onset = t
-                if t in rec_set:
-                    with torch.no_grad():
-                        out = prob.outputs(prob.unflatten(theta))
-                    j = rec_set[t]
-                    outs[j] = _np(out.reshape(-1))
-                    resid[j] = _np(_residuals(prob, out, Yall))
-                if t == steps:
-                    break
-            theta = theta + dt * step_dir
-            if not bool(torch.isfinite(theta).all()):
-                raise NonFiniteError(
-                    f"the central flow left finite values at step {t} (substep {s}): "
-                    "lower lr, raise substeps, or shorten steps."
+        if c:
+            Sx = X
+            if gram is not None:  # Σ = UXUᵀ with non-orthonormal U: eig(X^½ UᵀU X^½)
+                w_, Q_ = np.linalg.eigh(X)
+                half = (Q_ * np.sqrt(np.maximum(w_, 0.0))) @ Q_.T
+                Sx = half @ gram @ half
+            sx = np.sort(np.linalg.eigvalsh(0.5 * (Sx + Sx.T)))[::-1]
+            sig_rec[t, : sx.size] = sx
+            osc[t] = float(np.trace(Sx))
+            loss_bar[t] = lv + 0.5 * float(np.sum(X * Mc))
+            if onset is None and osc[t] > 0:
+                onset = t
+        if t in rec_set:
+            with torch.no_grad():
+                out = prob.outputs(prob.unflatten(th))
+            outs[rec_set[t]] = to_numpy(out.reshape(-1))
+            resid[rec_set[t]] = to_numpy(_residuals(prob, out, Yall))
+
+    if rms:
+        state = run_rmsprop_flow(
+            prob,
+            setting,
+            theta,
+            steps,
+            substeps,
+            max_edge,
+            edge_fraction,
+            eig_every,
+            eig_tol,
+            track_tol,
+            seed,
+            pure,
+            record,
+        )
+        theta, worst_res, solves = state["theta"], state["worst"], state["solves"]
+        matvecs, saturated = state["matvecs"], state["saturated"]
+        lam = torch.as_tensor(eigs_rec[-1][np.isfinite(eigs_rec[-1])])
+        notes.append(
+            "RMSprop: sharpness, edge_eigenvalues and threshold are of the preconditioned "
+            "Hessian D^{-1/2} H D^{-1/2} (D = √ν + ε) against 2/η; ν(0) = "
+            + ("the optimizer's square_avg." if setting["nu0"] is not None else "∇L(w₀)².")
+        )
+    if not rms:
+        for t in range(steps + 1):
+            for s in range(substeps):
+                op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
+                if V is None or V.shape[1] != m or since >= eig_every or refresh:
+                    warm = None if V is None else V[:, : min(m, V.shape[1])]
+                    lam, V, mv = top_eigs(op, m, warm, eig_tol, seed)
+                    since, solves = 0, solves + 1
+                else:
+                    lam, V, mv = refine(op, V)
+                matvecs += mv
+                since += 1
+                near = bool((lam >= edge_fraction * thr).any())
+                D = edge_derivatives(
+                    prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
                 )
-            # grow the tracked space while every tracked eigenvalue is near the edge
-            if c == m and m < max_edge:
-                m += 1
+                M = V.T @ D.HU
+                M = 0.5 * (M + M.T)
+                # the tracked pairs' residuals come free with HU: a poor one asks for a fresh solve
+                resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
+                refresh = bool((resid_eig > track_tol * max(float(lam.abs().max()), 1e-300)).any())
+                g = D.grad
+                crit = [i for i in range(m) if float(lam[i]) >= edge_fraction * thr]
+                c = len(crit)
+                X = np.zeros((0, 0))
+                step_dir = -eta * g
+                if c:
+                    idx = torch.tensor(crit, device=g.device)
+                    Gc = D.G[idx][:, idx]  # (c, c, P)
+                    Mc = M[idx][:, idx]
+                    C = torch.einsum("ijp,p->ij", Gc, g)
+                    Gf = Gc.reshape(c * c, -1)
+                    eye = torch.eye(c, dtype=g.dtype, device=g.device)
+                    alpha = 2 * eye - eta * Mc + dt * eta**2 * C
+                    Bm = (dt * eta**2 / 2) * (Gf @ Gf.T)
+                    x0 = X_prev if X_prev is not None and X_prev.shape == (c, c) else None
+                    X, res = solve_sdcp(to_numpy(alpha), to_numpy(Bm), x0=x0)
+                    worst_res = max(worst_res, res)
+                    Xt = torch.as_tensor(X, dtype=g.dtype, device=g.device)
+                    step_dir = step_dir - (eta / 2) * torch.einsum("ij,ijp->p", Xt, Gc)
+                X_prev = X if c else None
+                saturated = saturated or (c == m == max_edge and max_edge < P)
+                if s == 0:
+                    lv = float(D.loss)
+                    flow_loss[t] = lv
+                    sharp[t] = float(lam[0])
+                    if t == 0 and sharp[0] > thr:
+                        notes.append(
+                            f"the run starts above the edge (λ_1 = {sharp[0]:.4g} > 2/η = "
+                            f"{thr:.4g}): GD's first steps are unstable (a catapult), which the "
+                            "flow does not model: it projects back onto λ_1 = 2/η at once."
+                        )
+                    eigs_rec[t, :m] = to_numpy(lam[:m])
+                    count[t] = c
+                    loss_bar[t] = lv
+                    if c:
+                        sx = np.sort(np.linalg.eigvalsh(X))[::-1]
+                        sig_rec[t, : sx.size] = sx
+                        osc[t] = float(np.trace(X))
+                        loss_bar[t] = lv + 0.5 * float(np.sum(X * to_numpy(Mc)))
+                        if onset is None and osc[t] > 0:
+                            onset = t
+                    if t in rec_set:
+                        with torch.no_grad():
+                            out = prob.outputs(prob.unflatten(theta))
+                        j = rec_set[t]
+                        outs[j] = to_numpy(out.reshape(-1))
+                        resid[j] = to_numpy(_residuals(prob, out, Yall))
+                    if t == steps:
+                        break
+                theta = theta + dt * step_dir
+                if not bool(torch.isfinite(theta).all()):
+                    raise NonFiniteError(
+                        f"the central flow left finite values at step {t} (substep {s}): "
+                        "lower lr, raise substeps, or shorten steps."
+                    )
+                # grow the tracked space while every tracked eigenvalue is near the edge
+                if c == m and m < max_edge:
+                    m += 1
     if saturated:
         notes.append(
             f"all {max_edge} tracked eigenvalues reached the edge at some point: more may have; "
@@ -518,7 +492,7 @@ def central_flow(
         asymptotic_rate=None,
         limit_loss=None,
         stable=stable,
-        optimizer={"class": "GD", "kind": "gd", "lr": eta, "model": "central_flow"},
+        optimizer=opt_desc,
         loss_name=prob.loss_name,
         q=prob.q if prob.loss_name == "mse" else None,
         reduction=prob.reduction,
