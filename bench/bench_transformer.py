@@ -7,7 +7,7 @@ function can be compared; ``gdscope.zoo.gpt`` is added as a row when it exists):
   learned positions, final LayerNorm, readout tied to the token embedding, P = 105,216). Its
   NTK is taken of the **last-token logits**: ``k = 64`` outputs per sequence (the full per-token
   kernel has ``k = T·V = 1024`` and does not fit at these n). Full ``(n, n, 64, 64)`` kernel at
-  n = 32 and 64, trace kernel ``Σ_a Θ[a, a]`` at n = 128 and 512.
+  n = 32 and 64, trace kernel ``Σ_a Θ[a, a]`` at n = 128 and 256.
 - **vit**: a ViT on scikit-learn digits (1×8×8, patches 4×4 → 4 tokens + CLS, d 64, 2 heads,
   2 blocks, CLS readout to 10 classes). Full ``(n, n, 10, 10)`` kernel at n = 64 and 256.
 
@@ -127,6 +127,8 @@ class GPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(V, d)
         self.wpe = nn.Embedding(T, d)
+        for e in (self.wte, self.wpe):  # GPT-2's initialisation (N(0, 1) logits are huge)
+            nn.init.normal_(e.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(d, heads, True, mha) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.tied, self.out = tied, out
@@ -192,10 +194,11 @@ def build(model: str, variant: str, out: str = "last") -> nn.Module:
         if variant in ("sdpa", "untied"):
             return base.eval()
         return to_mha(base, GPT(mha=True, tied=True, **kw)).eval()
-    base = ViT(64, 2, 2, mha=False)
+    d = 256 if model == "vit256" else 64
+    base = ViT(d, 2, 2, mha=False)
     if variant == "sdpa":
         return base.eval()
-    return to_mha(base, ViT(64, 2, 2, mha=True)).eval()
+    return to_mha(base, ViT(d, 2, 2, mha=True)).eval()
 
 
 class LastToken(nn.Module):
@@ -256,6 +259,18 @@ def tutorial_ntk(net: nn.Module, x1: Tensor, x2: Tensor, trace: bool = False) ->
     return result.sum(0)
 
 
+class OldCost:
+    """The planner's cost weights before this benchmark's calibration (strided passes at 4)."""
+
+    def __enter__(self) -> OldCost:
+        self.orig = gd_rules._STRIDED
+        gd_rules._STRIDED = gd_rules._ELEMENTWISE
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gd_rules._STRIDED = self.orig
+
+
 class RuleOff:
     """Switch gdscope's MultiheadAttention rule off (the planner then uses the Jacobian)."""
 
@@ -275,7 +290,7 @@ class RuleOff:
 def ntk_configs(quick: bool) -> list[dict[str, Any]]:
     cfgs = []
     gpt_full = (16,) if quick else (32, 64)
-    gpt_trace = (64,) if quick else (128, 512)
+    gpt_trace = (64,) if quick else (128, 256)
     vit_full = (32,) if quick else (64, 256)
     variants = ["sdpa", "mha", "mha-norule", "untied"]
     try:
@@ -297,9 +312,12 @@ def ntk_configs(quick: bool) -> list[dict[str, Any]]:
             cfgs.append(dict(model="gpt", variant=v, n=n, trace=True, method="auto"))
         for m in ("jacobian", "tutorial"):
             cfgs.append(dict(model="gpt", variant="sdpa", n=n, trace=True, method=m))
+    for n in gpt_full:
+        cfgs.append(dict(model="gpt", variant="sdpa", n=n, trace=False, method="auto-oldcost"))
     for n in vit_full:
         for v in ("sdpa", "mha", "mha-norule"):
             cfgs.append(dict(model="vit", variant=v, n=n, trace=False, method="auto"))
+        cfgs.append(dict(model="vit", variant="sdpa", n=n, trace=False, method="auto-oldcost"))
         for m in ("jacobian", "tutorial", "structured"):
             cfgs.append(
                 dict(
@@ -310,6 +328,10 @@ def ntk_configs(quick: bool) -> list[dict[str, Any]]:
                     method=m,
                 )
             )
+    n = vit_full[0]  # d = 256: where the attention rule's gram route pays
+    for v in ("sdpa", "mha", "mha-norule"):
+        cfgs.append(dict(model="vit256", variant=v, n=n, trace=False, method="auto"))
+    cfgs.append(dict(model="vit256", variant="sdpa", n=n, trace=False, method="jacobian"))
     return cfgs
 
 
@@ -321,6 +343,8 @@ def _label(c: dict[str, Any]) -> str:
 def run_ntk(c: dict[str, Any], x: Tensor, model: nn.Module) -> tuple[dict[str, Any], Tensor]:
     method, trace = c["method"], c["trace"]
     ctx = RuleOff() if c["variant"] == "mha-norule" else _Null()
+    if method == "auto-oldcost":
+        ctx, method = OldCost(), "auto"
     with ctx, bh.Meter() as meter:
         if method == "tutorial":
             with math_attention():

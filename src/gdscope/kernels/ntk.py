@@ -21,8 +21,8 @@ Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` p
     for convolutions and other weight-shared layers at ``T`` positions, the per-sample weight
     Jacobian ``Σ_t G_t ⊗ A_t`` and one GEMM (``n n2 k² P_l``) or the position-pair route
     (``n n2 T (T d_in + k T d_out + k² d_out)``), whichever is cheaper; for normalisation
-    layers, ``2C``
-    Jacobian columns. Memory: ``A`` and ``G`` for a tile of samples (``k × activations``).
+    layers, ``2C`` Jacobian columns; ``nn.MultiheadAttention`` as its four projections (query,
+    key, value, out), each Linear-like at every position. Memory: ``A`` and ``G`` for a tile of samples (``k × activations``).
     Refused (with the reason) if some trainable parameter has no rule.
 ``"jacobian"``
     ``vmap(jacrev)`` Jacobians of a tile of samples (``k`` backward passes per sample), then one

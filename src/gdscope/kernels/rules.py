@@ -72,9 +72,15 @@ __all__ = ["APPROACHES", "MhaPartRule", "Rule", "make_rule", "mha_forward", "mha
 
 APPROACHES = ("gram", "pair", "jac")
 
-# Relative cost weights: memory-bound elementwise passes and batched small matmuls are slower
-# per multiply-add than one large GEMM.
+# Relative cost weights, in multiply-adds of one large GEMM: contiguous elementwise passes
+# (``addcmul_``), batched small matmuls, and strided passes over per-pair position blocks (the
+# ``(T, T')`` reductions of ``gram`` and the permuted copy of ``pair`` at ``T > 1``). The last was
+# fitted to per-rule timings of every route on a GPT (T = 16, k = 64) and a ViT (T = 5, k = 10)
+# at 1 thread (bench/bench_transformer.py, docs/performance.md "Transformers"): about 6.5 ns per
+# element against a 93 GFLOP/s GEMM, ~300 GEMM multiply-adds; with the old weight (4) the
+# planner chose routes 1.2-4.6x slower than the Jacobian GEMM for sequences.
 _ELEMENTWISE = 4.0
+_STRIDED = 300.0
 _BMM_PENALTY = 1.5
 
 
@@ -225,15 +231,16 @@ class _AffineRule(Rule):
         k, T, o = self.k, self.T, self.o
         if approach == "jac":
             return super().cost(approach, trace, n_other)
+        ew = _ELEMENTWISE if T == 1 else _STRIDED
         if approach == "gram":
             if trace:
-                return self._m_cost() + 2.0 * k * T * T * o + _ELEMENTWISE * T * T
-            return self._m_cost() + 2.0 * k * k * T * T * o + _ELEMENTWISE * k * k * T * T
+                return self._m_cost() + 2.0 * k * T * T * o + ew * T * T
+            return self._m_cost() + 2.0 * k * k * T * T * o + ew * k * k * T * T
         if approach == "pair":
             if trace:
                 return math.inf
             mm = 2.0 * k * o * T * T + 2.0 * k * k * o * T
-            return self._m_cost() + _BMM_PENALTY * mm + _ELEMENTWISE * k * o * T
+            return self._m_cost() + _BMM_PENALTY * mm + 2.0 * ew * k * o * T
         raise ValueError(approach)
 
     def feature_bytes(self, approach: str, esize: int) -> int:
