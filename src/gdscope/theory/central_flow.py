@@ -384,7 +384,7 @@ def central_flow(
             "Hessian D^{-1/2} H D^{-1/2} (D = √ν + ε) against 2/η; ν(0) = "
             + ("the optimizer's square_avg." if setting["nu0"] is not None else "∇L(w₀)².")
         )
-    if not rms:
+    else:
         for t in range(steps + 1):
             for s in range(substeps):
                 op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
