@@ -232,9 +232,11 @@ def test_training_that_raises_is_closed_as_failed(tmp_path):
     with pytest.raises(ArithmeticError):
         _train(tmp_path, [cb, Crash()], steps=4)
     values, run = _stored(tmp_path / "x.db")
-    assert run.status == "running" and sorted(values["lr"]) == [0, 1]  # no hook saw the crash
+    assert run.status == "running"  # no hook saw the crash
+    assert sorted(values["lr"]) in ([0], [0, 1])  # step 1 may still be in the tracker's batch
     cb.close()
-    assert _stored(tmp_path / "x.db")[1].status == "failed"
+    values, run = _stored(tmp_path / "x.db")
+    assert run.status == "failed" and sorted(values["lr"]) == [0, 1]  # close wrote the batch
     _train(tmp_path, [cb], steps=2)  # the same callback again: a new, completed run
     with Store(tmp_path / "x.db", readonly=True) as s:
         assert [r.status for r in s.runs()] == ["failed", "completed"]
