@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import gdscope as gs
 from gdscope import zoo
 from gdscope.curvature.products import curvature_operator
-from gdscope.probes.builtin import default_probes
+from gdscope.probes.builtin import SharpnessProbe, default_probes
 from gdscope.problem import ATTENTION_NOTE, math_attention
 
 D = torch.float64
@@ -634,3 +634,30 @@ def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
     assert step == 4
     steps, losses = tracker.series("sharpness")
     assert steps == [0, 1, 2, 3] and len(losses) == 4
+
+
+def test_fit_adamw_through_from_hf_equals_a_hand_written_loop():
+    """gs.fit on the GPT through from_hf (a DataLoader of dict batches, full-batch steps) takes
+    the same AdamW steps as a hand loop on ``ℓ(F(θ))``; its tracker's sharpness at the end is
+    the dense Hessian's."""
+    c = _hf_case()
+    twin = copy.deepcopy(c.model)
+    opt = torch.optim.AdamW(c.model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    tracker = gs.Tracker(c.prob, [SharpnessProbe(1, tol=1e-10, max_matvecs=2000)])
+    res = gs.fit(c.prob, opt, 3, tracker)
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    hand = []
+    for _ in range(3):
+        opt2.zero_grad()
+        with math_attention():
+            loss = c.ell(c.logits(twin, dict(twin.named_parameters())))
+        loss.backward()
+        hand.append(loss.item())
+        opt2.step()
+    assert res.steps == 3 and res.batch_size is None
+    assert res.losses == pytest.approx(hand, rel=1e-10)
+    torch.testing.assert_close(_flat(c.model)[0], _flat(twin)[0], rtol=1e-10, atol=1e-12)
+    h = torch.linalg.eigvalsh(c.dense()["H"])
+    steps, values = tracker.series("sharpness")
+    assert steps == [0, 1, 2]  # after each update: the last one at the final parameters
+    assert values[-1] == pytest.approx(h[-1].item(), rel=1e-8)
