@@ -7,9 +7,10 @@ function can be compared; ``gdscope.zoo.gpt`` is added as a row when it exists):
   learned positions, final LayerNorm, readout tied to the token embedding, P = 105,216). Its
   NTK is taken of the **last-token logits**: ``k = 64`` outputs per sequence (the full per-token
   kernel has ``k = T·V = 1024`` and does not fit at these n). Full ``(n, n, 64, 64)`` kernel at
-  n = 32 and 64, trace kernel ``Σ_a Θ[a, a]`` at n = 128 and 256.
+  n = 32, trace kernel ``Σ_a Θ[a, a]`` at n = 128 (``--quick``: 16 and 64).
 - **vit**: a ViT on scikit-learn digits (1×8×8, patches 4×4 → 4 tokens + CLS, d 64, 2 heads,
-  2 blocks, CLS readout to 10 classes). Full ``(n, n, 10, 10)`` kernel at n = 64 and 256.
+  2 blocks, CLS readout to 10 classes). Full ``(n, n, 10, 10)`` kernel at n = 256; and the same
+  ViT with d = 256 (P = 1.6 M) at n = 64, where the attention rule's ``gram`` route pays.
 
 Each model in three variants computing the same function (weights copied): ``sdpa`` (``nn.Linear``
 q/k/v and out projections around ``F.scaled_dot_product_attention``), ``mha``
@@ -18,7 +19,8 @@ switched off, i.e. its parameters by the Jacobian route: the behaviour before th
 ``untied`` for the GPT (a separate readout ``Linear``, to price the tied embedding's fallback).
 
 NTK methods: ``gs.ntk`` with ``auto``, ``structured`` (where every parameter has a rule),
-``jacobian`` and ``vp`` (smallest size only); and the torch.func NTK tutorial's recipe
+``jacobian`` and ``vp`` (``--quick`` only: ``n·k`` products are too slow); the planner with its
+previous cost weights (``auto-oldcost``); and the torch.func NTK tutorial's recipe
 (``vmap(jacrev)`` Jacobians of both inputs, one einsum per parameter: "the twelve lines a user
 would write"). Accuracy: every kernel's block on the first 8 samples against the float64
 tutorial kernel of those 8 samples.
@@ -289,9 +291,9 @@ class RuleOff:
 
 def ntk_configs(quick: bool) -> list[dict[str, Any]]:
     cfgs = []
-    gpt_full = (16,) if quick else (32, 64)
-    gpt_trace = (64,) if quick else (128, 256)
-    vit_full = (32,) if quick else (64, 256)
+    gpt_full = (16,) if quick else (32,)
+    gpt_trace = (64,) if quick else (128,)
+    vit_full = (32,) if quick else (256,)
     variants = ["sdpa", "mha", "mha-norule", "untied"]
     try:
         from gdscope import zoo
@@ -306,9 +308,10 @@ def ntk_configs(quick: bool) -> list[dict[str, Any]]:
         for m in ("jacobian", "tutorial"):
             cfgs.append(dict(model="gpt", variant="sdpa", n=n, trace=False, method=m))
         cfgs.append(dict(model="gpt", variant="untied", n=n, trace=False, method="structured"))
-    cfgs.append(dict(model="gpt", variant="mha", n=gpt_full[0], trace=False, method="vp"))
+    if quick:  # n·k NTK-vector products: 14 CPU s already at n = 16 (auto: 3 s)
+        cfgs.append(dict(model="gpt", variant="mha", n=gpt_full[0], trace=False, method="vp"))
     for n in gpt_trace:
-        for v in variants:
+        for v in ("sdpa", "mha", "mha-norule"):
             cfgs.append(dict(model="gpt", variant=v, n=n, trace=True, method="auto"))
         for m in ("jacobian", "tutorial"):
             cfgs.append(dict(model="gpt", variant="sdpa", n=n, trace=True, method=m))
@@ -318,17 +321,9 @@ def ntk_configs(quick: bool) -> list[dict[str, Any]]:
         for v in ("sdpa", "mha", "mha-norule"):
             cfgs.append(dict(model="vit", variant=v, n=n, trace=False, method="auto"))
         cfgs.append(dict(model="vit", variant="sdpa", n=n, trace=False, method="auto-oldcost"))
-        for m in ("jacobian", "tutorial", "structured"):
-            cfgs.append(
-                dict(
-                    model="vit",
-                    variant="sdpa" if m != "structured" else "mha",
-                    n=n,
-                    trace=False,
-                    method=m,
-                )
-            )
-    n = vit_full[0]  # d = 256: where the attention rule's gram route pays
+        for m in ("jacobian", "tutorial"):
+            cfgs.append(dict(model="vit", variant="sdpa", n=n, trace=False, method=m))
+    n = 32 if quick else 64  # d = 256: where the attention rule's gram route pays
     for v in ("sdpa", "mha", "mha-norule"):
         cfgs.append(dict(model="vit256", variant=v, n=n, trace=False, method="auto"))
     cfgs.append(dict(model="vit256", variant="sdpa", n=n, trace=False, method="jacobian"))

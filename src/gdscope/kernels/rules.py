@@ -755,7 +755,8 @@ _RMSNorm = getattr(nn, "RMSNorm", None)
 
 
 def _forward_is(m: nn.Module, cls: type) -> bool:
-    return isinstance(m, cls) and type(m).forward is cls.forward
+    """``m`` is a ``cls`` running ``cls.forward`` (no subclass or instance override)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward and "forward" not in vars(m)
 
 
 def _rule_class(m: nn.Module) -> type[Rule] | None:
