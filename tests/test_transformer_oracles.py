@@ -120,13 +120,13 @@ def _hf_data() -> dict[str, Tensor]:
     return zoo.sequences(5, T, V, seed=3, min_len=3)
 
 
-def _hf_case() -> Case:
+def _hf_case(data: dict[str, Tensor] | None = None, name: str = "gpt_hf") -> Case:
+    """The GPT through from_hf on a DataLoader (default: padded sequences, -100 labels)."""
     model = _gpt(seed=1)
-    data = _hf_data()
+    data = _hf_data() if data is None else data
     loader = zoo.sequence_loader(data, batch_size=3)
     prob = gs.Problem.from_hf(model, loader, shift=True)
     ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
-    assert bool((mask == 0).any())  # some padding, labels -100 there
 
     def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
         return torch.func.functional_call(m, ps, (ids,), {"attention_mask": mask}).logits
@@ -138,10 +138,15 @@ def _hf_case() -> Case:
         logp = lg - torch.logsumexp(lg, 1, keepdim=True)
         return -logp[keep, lb[keep]].sum() / keep.sum()
 
-    return Case("gpt_hf", model, prob, logits, ell, ids)
+    return Case(name, model, prob, logits, ell, ids)
 
 
 BUILDERS = {"gpt": _gpt_case, "vit": _vit_case, "gpt_hf": _hf_case}
+#: full-length sequences: every sequence holds as many labels, so SGD's uniform sampling applies
+SGD_BUILDERS = {
+    **BUILDERS,
+    "gpt_hf_full": lambda: _hf_case(zoo.sequences(4, T, V, seed=3), "gpt_hf_full"),
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -487,7 +492,7 @@ def _per_sample_hessians(c: Case) -> Tensor:
 
 
 def _sgd_oracle(name: str, B: int) -> tuple[gs.theory.StabilityReport, dict[str, object]]:
-    c = BUILDERS[name]()
+    c = SGD_BUILDERS[name]()
     H = c.dense()["H"]
     Hs = _per_sample_hessians(c)
     torch.testing.assert_close(Hs.mean(0), H, rtol=1e-10, atol=1e-12)
@@ -502,7 +507,7 @@ def _sgd_oracle(name: str, B: int) -> tuple[gs.theory.StabilityReport, dict[str,
     return rep, {"lr": lr, "p": p, "Sigma": Sigma, "W": W, "H": H, "Hs": Hs, "h": h}
 
 
-@pytest.mark.parametrize("name", ["gpt", "vit"])
+@pytest.mark.parametrize("name", ["gpt", "vit", "gpt_hf_full"])
 def test_stability_sgd_noise_nonuniformity_and_wu_ma_e(name):
     """SGD with batches of 2: ``p = (n−B)/(B(n−1))``, ``√λ_max(Σ)`` and Wu–Ma–E
     ``λ_max[(I − ηH)² + η²pΣ]`` from dense per-sample Hessians."""
@@ -519,8 +524,19 @@ def test_stability_sgd_noise_nonuniformity_and_wu_ma_e(name):
     assert rep.normal_dim == int((s > 1e-6 * s[0]).sum())
 
 
+def test_stability_sgd_refused_when_sequences_hold_different_label_counts():
+    """Padded sequences: the loss weighs each by its label count, so uniform sampling of
+    sequences is not what it averages; the SGD parts say so instead of guessing."""
+    c = _hf_case()
+    with pytest.warns(RuntimeWarning):
+        rep = gs.stability(c.prob, lr=0.01, batch_size=2, chains=2, lyapunov_steps=8)
+    assert rep.noise_factor is None and rep.mean_square_rho is None and rep.wu_ma_e is None
+    assert any("ignore_index" in note and "SGD" in note for note in rep.notes)
+    assert rep.sharpness > 0  # the full-batch parts are still there
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt", "vit"])
+@pytest.mark.parametrize("name", ["gpt", "vit", "gpt_hf_full"])
 def test_stability_sgd_mean_square_rho(name):
     """``ρ(T)``, ``T(M) = (1−p) A M A + (p/n) Σ A_i M A_i`` (``A_i = I − ηH_i``), by ARPACK on
     all of parameter space (10–30 s). Above 1 it equals the normal-space value gdscope reports."""
