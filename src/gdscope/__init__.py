@@ -29,7 +29,7 @@ from gdscope.kernels import (
 from gdscope.linalg import Density, EigResult, Estimate
 from gdscope.problem import Problem
 from gdscope.runner import ExperimentResult, run_experiment, run_sweep
-from gdscope.theory import fit_rates, linearize, predict, stability
+from gdscope.theory import central_flow, fit_rates, linearize, predict, stability
 from gdscope.tracker import Tracker
 from gdscope.train import GD, FitResult, HeavyBall, Nesterov, fit, stability_threshold
 
@@ -57,6 +57,7 @@ __all__ = [
     "ntk_blocks",
     "ntk_eigs",
     # theory
+    "central_flow",
     "fit_rates",
     "linearize",
     "predict",

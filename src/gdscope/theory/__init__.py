@@ -1,6 +1,8 @@
-"""Theory: predicted dynamics, rate fits, ODE limits, stability of minima, orbits, GD-map stats,
+"""Theory: predicted dynamics (the linearized model; the central flow at the edge of stability),
+rate fits, ODE limits, stability of minima, orbits, GD-map stats,
 and the optimizer adapters (:mod:`gdscope.theory.optim`)."""
 
+from gdscope.theory.central_flow import CentralFlowPrediction, central_flow
 from gdscope.theory.dynamics import Prediction, optimizer_spec, predict
 from gdscope.theory.gd_map_stats import (
     MinFactorReport,
@@ -15,6 +17,7 @@ from gdscope.theory.ratefit import RateFit, fit_rates
 from gdscope.theory.stability import StabilityReport, stability
 
 __all__ = [
+    "CentralFlowPrediction",
     "LinearizedModel",
     "MinFactorReport",
     "OptimizerSetting",
@@ -23,6 +26,7 @@ __all__ = [
     "RateFit",
     "SingularStepTrace",
     "StabilityReport",
+    "central_flow",
     "detect_orbit",
     "fit_rates",
     "gd_orbit",
