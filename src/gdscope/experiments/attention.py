@@ -231,6 +231,7 @@ class AttentionExperiment(Experiment):
         "gd_map_points": [0, 250, 500, 1000],
         "grid_points": 20000,
         "adam_lrs": [1e-4, 3e-4, 1e-3],
+        "control_lr": 3e-6,  # at the default size 3e-5 reaches its threshold at ~1,200 steps
         "adam_steps": 3000,
         "device": "cuda",
     }
