@@ -88,8 +88,9 @@ CONTROL_THEOREM = (
     "update is unstable, so the preconditioned sharpness can reach the threshold only by "
     "rising to it. The threshold scales like 1/η: at the control step size it is many times "
     "the level the edge-of-stability runs hover at, and the control run is predicted to stay "
-    "below it (the hover is set by η, not by the network). Holds when every measurement after "
-    "the burn-in is below the threshold, fails when one reaches it."
+    "below it over the steps run (the hover is set by η, not by the network; Adam sharpens at "
+    "any η, so a long enough control run would reach its threshold too). Holds when every "
+    "measurement after the burn-in is below the threshold, fails when one reaches it."
 )
 
 
