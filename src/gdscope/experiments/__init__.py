@@ -8,8 +8,6 @@ Most users call :func:`gdscope.run_experiment` or ``gdscope run NAME``, which al
 runs and write ``verdict.json`` and ``report.html``.
 """
 
-# Built-ins outside base.BUILTIN_MODULES register here (importing the module registers it).
-from gdscope.experiments import attention as _attention  # noqa: F401  (registration)
 from gdscope.experiments.base import (
     DataConfig,
     Executor,

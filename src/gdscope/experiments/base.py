@@ -192,7 +192,15 @@ def get_experiment(name: str) -> Experiment:
 
 
 #: Modules of the built-in experiments (each registers its class on import).
-BUILTIN_MODULES = ("width", "disparity", "optimizers", "stability", "skips", "cross_entropy")
+BUILTIN_MODULES = (
+    "width",
+    "disparity",
+    "optimizers",
+    "stability",
+    "skips",
+    "cross_entropy",
+    "attention",
+)
 
 
 def _load_builtins() -> None:
