@@ -24,6 +24,7 @@ from gdscope.probes.certificates import (
     data_separation,
     homogeneity_degree,
 )
+from gdscope.probes.edge import CatapultProbe, SelfStabilizationProbe
 from gdscope.probes.kernel import (
     DisparityProbe,
     KernelAlignmentProbe,
@@ -71,4 +72,7 @@ __all__ = [
     "block_jacobian",
     "data_separation",
     "homogeneity_degree",
+    # self-stabilization probes (THEORY §3)
+    "CatapultProbe",
+    "SelfStabilizationProbe",
 ]
