@@ -677,3 +677,25 @@ def test_fit_adamw_through_from_hf_equals_a_hand_written_loop():
     steps, values = tracker.series("sharpness")
     assert steps == [0, 1, 2]  # after each update: the last one at the final parameters
     assert values[-1] == pytest.approx(h[-1].item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", ["gpt", "vit", "gpt_hf"])
+def test_linearize_gpt_and_vit_equal_first_order_taylor(name):
+    """``gs.linearize``: ``f(θ0) + J(θ − θ0)`` with the dense ``J`` (the jvp runs SDPA under the
+    math backend); the GPT's output object passes through as a pytree (logits linearized)."""
+    c = BUILDERS[name]()
+    d = c.dense()
+    lin = gs.linearize(c.model)
+    flat0, unflat = _flat(c.model)
+    delta = 1e-2 * torch.randn(flat0.numel(), dtype=D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p, t in zip(lin.theta, unflat(flat0 + delta).values(), strict=True):
+            p.copy_(t)
+    want = d["F"] + (d["J"] @ delta).reshape(d["F"].shape)
+    with torch.no_grad():
+        if name == "gpt_hf":
+            data = _hf_data()
+            got = lin(data["input_ids"], attention_mask=data["attention_mask"]).logits
+        else:
+            got = lin(c.x_ntk)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

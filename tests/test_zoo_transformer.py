@@ -234,3 +234,32 @@ def test_sequence_loader_batches_and_problem_from_hf():
 def test_refusals_name_the_argument(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def test_output_object_is_a_pytree_for_torch_func():
+    """CausalLMOutput flattens to its tensors (logits, and loss when present), so torch.func
+    transforms take the HF-style call: a jvp's tangent logits equal a finite difference."""
+    import torch.utils._pytree as pytree
+
+    model = zoo.gpt(7, 5, **TINY, seed=0)
+    data = zoo.sequences(3, 5, 7, seed=0, min_len=3)
+    for out in (model(**data), model(data["input_ids"], return_dict=True)):
+        leaves, spec = pytree.tree_flatten(out)
+        assert len(leaves) == (2 if out.loss is not None else 1)
+        back = pytree.tree_unflatten(leaves, spec)
+        assert isinstance(back, zoo.CausalLMOutput) and back.logits is out.logits
+        assert back.loss is out.loss
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def f(ps):
+        return torch.func.functional_call(model, ps, (), data)
+
+    with math_attention():
+        out, tan = torch.func.jvp(f, (params,), (tangent,))
+        eps = 1e-6
+        plus = f({n: p + eps * tangent[n] for n, p in params.items()})
+        minus = f({n: p - eps * tangent[n] for n, p in params.items()})
+    fd = (plus.logits - minus.logits) / (2 * eps)
+    torch.testing.assert_close(tan.logits, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(tan.loss, (plus.loss - minus.loss) / (2 * eps), rtol=1e-6, atol=1e-8)

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as _pytree
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError, ShapeMismatchError
@@ -82,6 +83,25 @@ class CausalLMOutput:
 
     def keys(self) -> Iterator[str]:
         yield from ("loss", "logits") if self.loss is not None else ("logits",)
+
+
+# A pytree node (as transformers registers its ModelOutput), so torch.func transforms (jvp,
+# vmap, jacrev) and gs.linearize pass the output object through: its leaves are logits and loss.
+def _flatten_output(o: CausalLMOutput) -> tuple[list[Tensor], tuple[str, ...]]:
+    keys = tuple(k for k in ("logits", "loss") if getattr(o, k) is not None)
+    return [getattr(o, k) for k in keys], keys
+
+
+def _unflatten_output(leaves: Any, keys: tuple[str, ...]) -> CausalLMOutput:
+    return CausalLMOutput(**dict(zip(keys, leaves, strict=True)))
+
+
+_pytree.register_pytree_node(
+    CausalLMOutput,
+    _flatten_output,
+    _unflatten_output,
+    serialized_type_name="gdscope.zoo.transformer.CausalLMOutput",
+)
 
 
 def _check_init_std(value: object) -> float:
