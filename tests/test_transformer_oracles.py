@@ -699,3 +699,24 @@ def test_linearize_gpt_and_vit_equal_first_order_taylor(name):
         else:
             got = lin(c.x_ntk)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gpt", "vit", "gpt_hf"])
+def test_float32_models_agree_with_the_float64_oracle(name):
+    """The same weights in float32 (what users train): sharpness, loss and NTK within float32
+    accuracy of the float64 oracle, the attention switched to math in float32 too."""
+    c = BUILDERS[name]()
+    d = c.dense()
+    h = torch.linalg.eigvalsh(d["H"])
+    m32 = copy.deepcopy(c.model).float()
+    prob32 = _rebuild(c, m32)
+    assert prob32.dtype == torch.float32 and prob32.notes == (ATTENTION_NOTE,)
+    assert prob32.loss().item() == pytest.approx(c.prob.loss().item(), rel=1e-5)
+    top = gs.hessian_eigs(prob32, k=1, tol=1e-5)
+    assert top.converged
+    assert top.values[0].item() == pytest.approx(h[-1].item(), rel=1e-4)
+    K64, _ = _ntk_oracle(c.model, c.x_ntk)
+    x32 = c.x_ntk.float() if c.x_ntk.is_floating_point() else c.x_ntk
+    K32 = gs.ntk(m32, x32)
+    assert K32.dtype == torch.float32
+    assert (K32.double() - K64).abs().max() <= 1e-5 * K64.abs().max()

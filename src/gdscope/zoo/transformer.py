@@ -24,7 +24,9 @@ the token embedding (``logits = LN(h) Eᵀ``; an untied ``Linear(d, V, bias=Fals
   returns a :class:`CausalLMOutput` with ``.logits`` and ``.loss`` (``None`` without labels):
   the shifted cross-entropy of ``transformers`` (token ``t`` predicts label ``t + 1``, labels
   ``-100`` ignored, mean over the others). So ``gs.Problem.from_hf(model, loader,
-  shift=True)`` measures exactly the loss the model reports.
+  shift=True)`` measures exactly the loss the model reports. The output object is a pytree
+  node (as ``transformers`` registers its ``ModelOutput``): ``torch.func`` transforms and
+  :func:`gdscope.linearize` pass it through.
 
 ``attention_mask`` (``1`` = token, ``0`` = padding) hides padded keys from every query (each
 token still sees itself, so a padded row never has an empty softmax); without it the causal mask
