@@ -208,6 +208,13 @@ class Tracker:
 
         The report overlays its loss curve (at most :data:`PREDICTION_POINTS` log-spaced steps)
         on the measured one and sets its asymptotic rate beside the fitted rate.
+
+        The artifact is JSON with ``label`` (``label``), ``kind`` (``"linearized"``, or
+        ``"central flow"`` for a :class:`~gdscope.theory.CentralFlowPrediction`), ``steps`` and
+        ``loss`` at those steps, and the prediction's rates, stability and eigenvalue range. A
+        central flow adds ``sharpness`` (``λ_1(w(t))``) and ``oscillation`` (``tr Σ``) at the
+        same ``steps``, ``threshold`` (``2/η``) and ``onset_step`` (``null`` when the flow never
+        reaches the edge). Older artifacts lack ``kind`` and these keys (read them as linearized).
         """
         if not isinstance(prediction, Prediction):
             raise InvalidArgumentError(
@@ -227,10 +234,12 @@ class Tracker:
             )
         loss = np.asarray(prediction.loss, dtype=np.float64)
         steps = np.unique(np.geomspace(1, max(loss.size, 1), PREDICTION_POINTS).astype(int) - 1)
-        record = {
+        at = np.union1d([0], steps)
+        record: dict[str, Any] = {
             "label": label,
-            "steps": [int(s) for s in np.union1d([0], steps)],
-            "loss": [float(loss[s]) for s in np.union1d([0], steps)],
+            "kind": "linearized",
+            "steps": [int(s) for s in at],
+            "loss": [float(loss[s]) for s in at],
             "loss_rate": prediction.loss_rate,
             "asymptotic_rate": prediction.asymptotic_rate,
             "stable": prediction.stable,
@@ -240,6 +249,7 @@ class Tracker:
             "q": prediction.q,
             "notes": list(prediction.notes),
         }
+        record.update(_central_flow_curves(prediction, at))
         artifact = ("prediction", json.dumps(record, default=str), "application/json")
         if self.run_id is None:
             # The run is created at the first step, so that a config recorded in between (as
@@ -463,6 +473,29 @@ class Tracker:
 
 
 _STATUSES = ("completed", "failed", "diverged")
+
+
+def _central_flow_curves(prediction: Prediction, at: np.ndarray) -> dict[str, Any]:
+    """A central flow prediction's sharpness and oscillation at the steps ``at``, its threshold
+    and onset step, and ``kind``; nothing for other predictions (read by attribute, so that
+    the tracker does not import the central flow module)."""
+    sharp = getattr(prediction, "sharpness", None)
+    osc = getattr(prediction, "oscillation", None)
+    if sharp is None or osc is None:
+        return {}
+    sharp = np.asarray(sharp, dtype=np.float64).reshape(-1)
+    osc = np.asarray(osc, dtype=np.float64).reshape(-1)
+    if sharp.size <= at[-1] or osc.size <= at[-1]:
+        return {}  # not curves over the loss's steps
+    threshold = getattr(prediction, "threshold", None)
+    onset = getattr(prediction, "onset_step", None)
+    return {
+        "kind": "central flow",
+        "sharpness": [float(sharp[s]) for s in at],
+        "oscillation": [float(osc[s]) for s in at],
+        "threshold": None if threshold is None else float(threshold),
+        "onset_step": None if onset is None else int(onset),
+    }
 
 
 class _PendingSteps:
