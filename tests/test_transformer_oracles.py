@@ -61,6 +61,7 @@ class Case:
     logits: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # all logits F at params
     ell: Callable[[Tensor], Tensor]  # the loss as a function of F
     x_ntk: Tensor  # what gs.ntk gets (the model's positional input)
+    make: Callable[[nn.Module], gs.Problem]  # the same problem (loss, data) on another model
 
     def F_of(self, model: nn.Module | None = None) -> Callable[[Tensor], Tensor]:
         model = self.model if model is None else model
@@ -92,19 +93,21 @@ def _gpt_case() -> Case:
     data = zoo.sequences(4, T, V, seed=1)
     ids = data["input_ids"]
     Y = F.one_hot(ids.roll(-1, 1), V).to(D)  # MSE against the next token, one-hot
-    prob = gs.Problem(model, "mse", (ids, Y))
+    make = lambda m: gs.Problem(m, "mse", (ids, Y))  # noqa: E731
+    prob = make(model)
 
     def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
         return torch.func.functional_call(m, ps, (ids,))
 
-    return Case("gpt", model, prob, logits, lambda z: ((z - Y) ** 2).mean(), ids)
+    return Case("gpt", model, prob, logits, lambda z: ((z - Y) ** 2).mean(), ids, make)
 
 
 def _vit_case() -> Case:
     model = zoo.vit(patch_size=4, **SMALL, seed=0).eval()
     X, y = zoo.digits(6, one_hot=False, seed=2, dtype=D)
     images = X.reshape(-1, 1, 8, 8)
-    prob = gs.Problem(model, "cross_entropy", (images, y))
+    make = lambda m: gs.Problem(m, "cross_entropy", (images, y))  # noqa: E731
+    prob = make(model)
 
     def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
         return torch.func.functional_call(m, ps, (images,))
@@ -113,7 +116,7 @@ def _vit_case() -> Case:
         logp = z - torch.logsumexp(z, 1, keepdim=True)
         return -logp[torch.arange(len(y)), y].mean()
 
-    return Case("vit", model, prob, logits, ell, images)
+    return Case("vit", model, prob, logits, ell, images, make)
 
 
 def _hf_data() -> dict[str, Tensor]:
@@ -125,7 +128,8 @@ def _hf_case(data: dict[str, Tensor] | None = None, name: str = "gpt_hf") -> Cas
     model = _gpt(seed=1)
     data = _hf_data() if data is None else data
     loader = zoo.sequence_loader(data, batch_size=3)
-    prob = gs.Problem.from_hf(model, loader, shift=True)
+    make = lambda m: gs.Problem.from_hf(m, loader, shift=True)  # noqa: E731
+    prob = make(model)
     ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
 
     def logits(m: nn.Module, ps: dict[str, Tensor]) -> Tensor:
@@ -138,7 +142,7 @@ def _hf_case(data: dict[str, Tensor] | None = None, name: str = "gpt_hf") -> Cas
         logp = lg - torch.logsumexp(lg, 1, keepdim=True)
         return -logp[keep, lb[keep]].sum() / keep.sum()
 
-    return Case(name, model, prob, logits, ell, ids)
+    return Case(name, model, prob, logits, ell, ids, make)
 
 
 BUILDERS = {"gpt": _gpt_case, "vit": _vit_case, "gpt_hf": _hf_case}
@@ -428,8 +432,7 @@ def test_stability_heavy_ball_against_dense(case):
 
 def _rebuild(c: Case, model: nn.Module) -> gs.Problem:
     """The case's problem (loss, data, adapter) on another model."""
-    data = c.prob._full_batch or c.prob._loader
-    return gs.Problem(model, c.prob._loss_arg, data, adapter=c.prob.adapter)
+    return c.make(model)
 
 
 def _adamw_steps(c: Case, steps: int = 3) -> tuple[nn.Module, gs.Problem, torch.optim.AdamW]:
@@ -460,7 +463,7 @@ def _adam_precond(model: nn.Module, opt: torch.optim.Optimizer) -> Tensor:
 def test_stability_adamw_preconditioned_sharpness(case):
     c, _ = case
     model, prob, opt = _adamw_steps(c)
-    dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk).dense()
+    dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk, c.make).dense()
     Pinv = _adam_precond(model, opt).rsqrt()
     A = Pinv[:, None] * dd["H"] * Pinv[None, :]
     a = torch.linalg.eigvalsh(A)
@@ -604,7 +607,7 @@ def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
     value equals its direct recomputation at the same iterate."""
     c = _hf_case()
     model, prob = c.model, c.prob
-    loader = prob._loader
+    loader = zoo.sequence_loader(_hf_data(), batch_size=3)  # the batches the problem holds
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
     probes = default_probes(curvature_every=1)
     for p in probes:  # tight solves, so values can be compared to 1e-7
@@ -631,7 +634,7 @@ def test_tracker_default_probes_in_a_real_adamw_loop_over_dict_batches():
             assert vals["dist_init"] == pytest.approx((flat - theta0).norm().item(), rel=1e-10)
             assert vals["lr"] == 0.01
             assert vals["preconditioned_threshold"] == pytest.approx(38 / 0.01)
-            dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk).dense()
+            dd = Case(c.name, model, prob, c.logits, c.ell, c.x_ntk, c.make).dense()
             h = torch.linalg.eigvalsh(dd["H"])
             assert vals["sharpness_converged"] == 1.0
             assert vals["sharpness"] == pytest.approx(h[-1].item(), rel=1e-7)
