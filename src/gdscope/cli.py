@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,28 +95,15 @@ def demo(
 ) -> None:
     """The theory working on digits, then its edge: the kernel regime of a wide NTK-parameterized
     net, feature learning in a standard net, and the edge of stability of full-batch GD."""
-    from contextlib import contextmanager
     from dataclasses import replace
-
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from gdscope.demo import DemoConfig, choose_demo_threads, run_demo
 
     @contextmanager
-    def phase(description: str) -> Any:
+    def phase(description: str) -> Iterator[None]:
         start = time.perf_counter()
-        if not console.is_terminal:  # no spinner into a pipe: the line when it is done
+        with _spinner(description):
             yield
-        else:
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bar:
-                bar.add_task(_safe(description, one_line=True), total=None)
-                yield
         console.print(
             f"[green]✔[/] {_safe(description, one_line=True)} "
             f"[dim]({time.perf_counter() - start:.1f} s)[/]",
@@ -264,6 +251,26 @@ def _verdict_table(title: str, verdicts: list[Any]) -> Table:
 
 
 @contextmanager
+def _spinner(description: str) -> Iterator[Callable[[str], None]]:
+    """A spinner and the elapsed time while a phase runs (on a terminal; nothing into a pipe), so
+    no phase is silent; yields a function that changes its text."""
+    if not console.is_terminal:
+        yield lambda text: None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(_safe(description, one_line=True), total=None)
+        yield lambda text: bar.update(task, description=_safe(text, one_line=True))
+
+
+@contextmanager
 def _threads(executor: str) -> Iterator[None]:
     """With the serial executor (work in this process): torch's threads from the CPUs actually
     free (:mod:`gdscope.threads`), said on the terminal and recorded with every run; restored
@@ -274,7 +281,7 @@ def _threads(executor: str) -> Iterator[None]:
     from gdscope.threads import apply_threads, choose_threads, reset_threads
 
     choice = apply_threads(choose_threads())
-    console.print(f"threads: {_safe(choice.describe(), one_line=True)}", highlight=False)
+    console.print(_safe(choice.describe(), one_line=True), highlight=False)
     try:
         yield
     finally:
@@ -336,16 +343,18 @@ def run_command(
     ex = None
     try:
         ex = _executor(executor, address, workers)
-        with _threads(executor):
-            result = run_experiment(
-                experiment,
-                overrides,
-                out=out,
-                executor=ex,
-                on_task=lambda o: console.print(
+        with _threads(executor), _spinner(f"{experiment}: running its tasks") as say:
+            done = 0
+
+            def on_task(o: Any) -> None:
+                nonlocal done
+                done += 1
+                console.print(
                     f"task {_safe(json.dumps(o.task))} done in {o.seconds:.1f} s", highlight=False
-                ),
-            )
+                )
+                say(f"{experiment}: {done} task(s) done; then judging and writing the report")
+
+            result = run_experiment(experiment, overrides, out=out, executor=ex, on_task=on_task)
     except GdscopeError as e:
         _fail(e)
         return
@@ -409,7 +418,7 @@ def sweep(
     ex = None
     try:
         ex = _executor(executor, address, workers)
-        with _threads(executor):
+        with _threads(executor), _spinner(f"sweep {config}: running its points"):
             result = run_sweep(
                 config, overrides, out=out, executor=ex, name=name, on_point=progress
             )
