@@ -59,7 +59,7 @@ def test_smoke_runs_and_stores_verdicts(smoke):
     stored = json.loads((out / "verdict.json").read_text())
     assert [v["claim"] for v in stored] == claims
     assert (out / "report.html").stat().st_size > 0
-    assert {f.name for f in res.figures} == {"attention_gd_map", "attention_adamw"}
+    assert {f.name for f in res.figures} == {"attention_gd_map", "preconditioned-sharpness"}
     with Store(res.paths["store"]) as st:
         runs = {r.name: r.id for r in st.runs()}
         assert set(runs) == {

@@ -351,6 +351,16 @@ def test_thresholds_far_apart_share_one_relative_axis(figures):
     assert "divided" not in caption and "dashed: the optimizer's stability threshold" in caption
 
 
+def test_legend_columns_fit_long_run_names(figures):
+    x = np.arange(5)
+    short = {n: {"loss": (x, 1.0 / (1 + x))} for n in "abcd"}
+    long = {f"attention/adamw-control/lr{i}e-05": short["a"] for i in range(4)}
+    ncols = [
+        plots.loss_figure(r, plots.run_colors(list(r)))[0].legends[0]._ncols for r in (short, long)
+    ]
+    assert ncols == [4, 2]
+
+
 def test_adam_preconditioned_sharpness_drawn_against_its_threshold(figures):
     x = np.arange(0, 50, 5)
     runs = {

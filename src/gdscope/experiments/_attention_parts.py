@@ -691,7 +691,7 @@ def adamw_figure(runs: list[dict[str, Any]], burn_in: int, band: tuple[float, fl
     fig.tight_layout()
     return Figure.of(
         fig,
-        "attention_adamw",
+        "preconditioned-sharpness",  # the run figure of that name is not repeated
         "Full-batch AdamW on the attention network: the preconditioned sharpness divided by its "
         "stability threshold (1 = the threshold; shaded: the accepted band), and the loss. The "
         "edge-of-stability runs rise to 1 and hover; the control stays below.",

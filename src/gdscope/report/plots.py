@@ -182,6 +182,8 @@ def is_boolean_metric(name: str, values: np.ndarray | None = None) -> bool:
     return bool(np.isin(finite, (0.0, 1.0)).all())
 
 
+#: Characters of legend text that fit across a full-width figure (small font).
+LEGEND_CHARS = 110
 #: Resolution of the PNG figures (dots per inch).
 DPI = 110
 SIZE, SMALL_SIZE = (7.0, 3.4), (4.2, 2.6)
@@ -241,13 +243,17 @@ def _render(fig: Figure, name: str, caption: str) -> Plot:
 def _legend(ax: Axes, extra: Sequence[Line2D] = ()) -> None:
     """One legend below the plotting area (never over the curves)."""
     handles, labels = ax.get_legend_handles_labels()
-    n = len(handles) + len(extra)
+    labels = [*labels, *(h.get_label() for h in extra)]
+    n = len(labels)
     if n > 0:
+        # as many columns as fit the figure's width (long run names get fewer columns)
+        longest = max(len(label) for label in labels)
+        ncols = max(1, min(n, 4, LEGEND_CHARS // (longest + 6)))
         ax.figure.legend(
             [*handles, *extra],
-            [*labels, *(h.get_label() for h in extra)],
+            labels,
             loc="outside lower center",
-            ncols=min(n, 4),
+            ncols=ncols,
             fontsize="small",
             frameon=False,
         )
