@@ -267,6 +267,24 @@ def test_linearize_refuses_output_objects_clearly():
         lin(b["input_ids"], attention_mask=b["attention_mask"])
 
 
+def test_linearize_refuses_a_loss_the_model_computed_itself():
+    """An output object registered as a pytree (zoo.gpt's) is linearized leaf by leaf; its
+    ``loss`` leaf would be the Taylor polynomial of the loss, so labels are refused."""
+    from gdscope import zoo
+
+    m = zoo.gpt(7, 5, d_model=8, n_heads=2, n_layers=1, seed=0, dtype=torch.float64)
+    lin = linearize(m)
+    d = zoo.sequences(3, 5, 7, seed=1)
+    with torch.no_grad():
+        for p in lin.theta:
+            p.add_(0.01 * torch.randn_like(p))
+    out = lin(d["input_ids"], attention_mask=d["attention_mask"])
+    assert out.loss is None
+    torch.testing.assert_close(out.logits, lin(d["input_ids"]), rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="computed its own loss"):
+        lin(d["input_ids"], attention_mask=d["attention_mask"], labels=d["labels"])
+
+
 # ---------------------------------------------------------------------- SGD stability
 def _unpadded_batches():
     g = torch.Generator().manual_seed(11)

@@ -115,6 +115,14 @@ class LinearizedModel(nn.Module):
                 ) from e
         if isinstance(out, Tensor):
             return out + tangent
+        own_loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if isinstance(own_loss, Tensor):
+            raise InvalidArgumentError(
+                "linearize: the model computed its own loss (labels were passed): the "
+                "linearization of a loss is not the loss of the linearized outputs (a linear "
+                "objective, unbounded below). Call the linearized model without labels and "
+                "apply the loss to its logits, e.g. F.cross_entropy(lin(input_ids).logits, ...)."
+            )
         return tree_map(lambda o, t: o + t if isinstance(o, Tensor) else o, out, tangent)
 
 
