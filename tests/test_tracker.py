@@ -267,7 +267,12 @@ def _batch_problem():
 def test_batched_commits_every_commit_steps(tmp_path):
     path = tmp_path / "runs.db"
     tracker = gs.Tracker(
-        _batch_problem(), [LossProbe()], store=path, commit_seconds=1e9, commit_steps=3
+        _batch_problem(),
+        [LossProbe()],
+        store=path,
+        commit_seconds=1e9,
+        commit_steps=3,
+        background=False,
     )
     tracker.step(0, loss=1.0)
     assert _stored_steps(path) == [0]  # the first step is written at once
@@ -282,6 +287,58 @@ def test_batched_commits_every_commit_steps(tmp_path):
     tracker.step(5, loss=0.5)
     tracker.close()
     assert _stored_steps(path) == [0, 1, 2, 3, 4, 5]
+
+
+def test_background_writes_half_batches_and_stay_a_prefix(tmp_path):
+    path = tmp_path / "runs.db"
+    tracker = gs.Tracker(
+        _batch_problem(), [LossProbe()], store=path, commit_seconds=1e9, commit_steps=4
+    )
+    pending = tracker._pending_steps
+    tracker.step(0, loss=1.0)
+    pending.wait()  # the first step went to the writer at once
+    assert _stored_steps(path) == [0]
+    tracker.step(1, loss=0.9)
+    pending.wait()
+    assert _stored_steps(path) == [0]  # one step buffered: half a batch is 2
+    tracker.step(2, loss=0.8)
+    pending.wait()
+    assert _stored_steps(path) == [0, 1, 2]
+    # in flight plus buffered never exceed commit_steps (the crash bound)
+    for t in range(3, 40):
+        tracker.step(t, loss=1.0 / (t + 1))
+        assert len(pending.rows) + len(pending._inflight) <= 4
+        stored = _stored_steps(path)
+        assert stored == list(range(len(stored)))  # a prefix
+        assert t + 1 - len(stored) <= 4
+    assert tracker.store.series(tracker.run_id, "loss")[0].tolist() == list(range(40))
+    tracker.close()
+    assert _stored_steps(path) == list(range(40))
+
+
+def test_background_write_error_keeps_steps_and_raises_in_the_loop(tmp_path, monkeypatch):
+    path = tmp_path / "runs.db"
+    tracker = gs.Tracker(
+        _batch_problem(), [LossProbe()], store=path, commit_seconds=1e9, commit_steps=2
+    )
+    tracker.step(0, loss=1.0)
+    tracker._pending_steps.wait()
+    store = tracker._store
+    real = store.log_steps
+    calls = []
+
+    def failing(run_id, steps):
+        calls.append(1)
+        raise gs.errors.StoreError("disk full (simulated)")
+
+    monkeypatch.setattr(store, "log_steps", failing)
+    tracker.step(1, loss=0.9)  # half a batch (1 step) goes to the writer, which fails
+    with pytest.raises(gs.errors.StoreError, match="disk full"):
+        tracker.step(2, loss=0.8)  # the next submit reports it
+    assert calls
+    monkeypatch.setattr(store, "log_steps", real)
+    tracker.close()
+    assert _stored_steps(path) == [0, 1, 2]  # the failed batch was kept and written
 
 
 def test_commit_seconds_zero_commits_every_step(tmp_path):
@@ -325,6 +382,7 @@ def test_batched_commits_flush_on_divergence_errors_and_garbage_collection(tmp_p
     tracker = gs.Tracker(_batch_problem(), [LossProbe()], store=path, commit_seconds=1e9)
     for t in range(3):
         tracker.step(t, loss=1.0)
+    tracker._pending_steps.wait()  # the first step, written by the writer thread
     assert _stored_steps(path) == [0]
     del tracker
     gc.collect()

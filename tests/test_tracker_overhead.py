@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,12 +12,18 @@ from torch import nn
 
 import gdscope as gs
 from gdscope.probes import (
+    AccuracyProbe,
+    DistanceProbe,
+    GradNormProbe,
     LossProbe,
+    ProbeState,
+    ThresholdProbe,
 )
 from gdscope.report.summary import stored_prediction
 from gdscope.store import Store
 from gdscope.theory import predict
 from gdscope.theory.central_flow import central_flow
+from gdscope.tracker import _floats
 
 D = torch.float64
 
@@ -91,3 +98,122 @@ def test_linearized_prediction_has_kind_and_no_flow_curves(tmp_path):
         rec = stored_prediction(s, s.run("lin").id)
     assert rec is not None and rec["kind"] == "linearized" and rec["label"] == "linearized model"
     assert not {"sharpness", "oscillation", "threshold", "onset_step"} & set(rec)
+
+
+# ------------------------------------------------------------------ the fast path's values
+def _mlp32(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(40, 5, generator=g)
+    Y = torch.nn.functional.one_hot(torch.arange(40) % 4, 4).float()
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+    return model, X, Y
+
+
+def _dense_layers(model: nn.Module, ref: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per-module (‖θ − θ₀‖², ‖θ₀‖²) in float64 over flattened entries (the old computation)."""
+    out: dict[str, list[float]] = {}
+    for n, p in model.named_parameters():
+        layer = n.rsplit(".", 1)[0]
+        d = (p.detach().double() - ref[n].double()).reshape(-1)
+        acc = out.setdefault(layer, [0.0, 0.0])
+        acc[0] += float(d @ d)
+        acc[1] += float(ref[n].double().reshape(-1) @ ref[n].double().reshape(-1))
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def test_float32_fast_path_equals_float64_recomputation():
+    model, X, Y = _mlp32()
+    prob = gs.Problem(model, "mse", (X, Y))
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = gs.GD(model.parameters(), lr=0.5)
+    probes = [LossProbe(), AccuracyProbe(), GradNormProbe(), DistanceProbe(), ThresholdProbe()]
+    tracker = gs.Tracker(prob, probes, store=":memory:")
+    for t in range(6):
+        opt.zero_grad()
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out, Y)
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+        acc = float((out.argmax(1) == Y.argmax(1)).double().mean())
+        loss_value = loss.item()
+        opt.step()
+        vals = tracker.step(t, opt, loss=loss, outputs=out, targets=Y)
+        assert all(type(v) is float for v in vals.values())
+        assert vals["loss"] == loss_value  # exactly the float32 loss
+        assert vals["accuracy"] == acc
+        assert vals["grad_norm"] == pytest.approx(float(grads.norm()), rel=1e-6)
+        assert vals["lr"] == 0.5 and vals["threshold"] == pytest.approx(4.0)
+        layers = _dense_layers(model, theta0)
+        tot = sum(d for d, _ in layers.values())
+        tot0 = sum(b for _, b in layers.values())
+        assert vals["dist_init"] == pytest.approx(math.sqrt(tot), rel=1e-12)
+        assert vals["dist_init_rel"] == pytest.approx(math.sqrt(tot / tot0), rel=1e-12)
+        for layer, (d, b) in layers.items():
+            assert vals[f"dist_init/{layer}"] == pytest.approx(math.sqrt(d), rel=1e-12)
+            assert vals[f"dist_init_rel/{layer}"] == pytest.approx(math.sqrt(d / b), rel=1e-12)
+    # the stored values are the returned ones
+    stored = {(s, n): v for s, n, v, _, _ in tracker.store.metrics(tracker.run_id)}
+    assert stored[(5, "dist_init/2")] == vals["dist_init/2"]
+    assert stored[(5, "grad_norm")] == vals["grad_norm"]
+    tracker.close()
+
+
+def test_replaced_parameter_and_changed_targets_are_seen():
+    model, X, Y = _mlp32(1)
+    prob = gs.Problem(model, "mse", (X, Y))
+    opt = gs.GD(model.parameters(), lr=0.1)
+    tracker = gs.Tracker(prob, [AccuracyProbe(), GradNormProbe(), DistanceProbe()])
+
+    def step(t: int, targets: torch.Tensor) -> dict[str, float]:
+        opt.zero_grad()
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out, targets)
+        loss.backward()
+        opt.step()
+        return tracker.step(t, opt, loss=loss, outputs=out, targets=targets)
+
+    step(0, Y)
+    # a parameter replaced by a new tensor (same name): distances and gradients follow it
+    new = nn.Parameter(model[4].weight.detach() + 1.0)
+    model[4].weight = new
+    opt.param_groups[0]["params"][4] = new
+    vals = step(1, Y)
+    w0 = tracker.initial_params["4.weight"].double()
+    d_expected = float((new.detach().double() - w0).pow(2).sum())
+    b_expected = float(
+        model[4].bias.detach().double().sub(tracker.initial_params["4.bias"].double()).pow(2).sum()
+    )
+    assert vals["dist_init/4"] == pytest.approx(math.sqrt(d_expected + b_expected), rel=1e-12)
+    grads = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+    assert vals["grad_norm"] == pytest.approx(float(grads.norm()), rel=1e-6)
+    # targets changed in place: the cached labels are not reused
+    with torch.no_grad():
+        Y.copy_(Y.roll(1, dims=1))
+    out = model(X).detach()
+    vals = step(2, Y)
+    stale = float((out.argmax(1) == Y.roll(-1, dims=1).argmax(1)).double().mean())
+    fresh = float((out.argmax(1) == Y.argmax(1)).double().mean())
+    assert vals["accuracy"] == fresh != stale
+    acc_direct = AccuracyProbe()
+    state_out = model(X).detach()
+    st = ProbeState(3, prob, prob, None, tracker.initial_params, None, state_out, Y)
+    assert float(acc_direct.compute(st)["accuracy"]) == float(
+        (state_out.argmax(1) == Y.argmax(1)).double().mean()
+    )
+    Y2 = torch.arange(40) % 4  # class indices, a new tensor
+    st2 = ProbeState(3, prob, prob, None, tracker.initial_params, None, state_out, Y2)
+    assert float(acc_direct.compute(st2)["accuracy"]) == float(
+        (state_out.argmax(1) == Y2).double().mean()
+    )
+
+
+def test_floats_reads_tensors_and_numbers_and_refuses_non_numbers():
+    vals = _floats([1, torch.tensor(0.25), torch.tensor(2.5, dtype=torch.float64), 3.0])
+    assert vals == [1.0, 0.25, 2.5, 3.0] and all(type(v) is float for v in vals)
+    with pytest.raises(TypeError):
+        _floats([None])
+    with pytest.raises((RuntimeError, ValueError)):
+        _floats([torch.ones(2)])

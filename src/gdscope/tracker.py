@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,6 +86,10 @@ class Tracker:
         commit_seconds: write buffered steps to the store at most this often (seconds; ``0``:
             every step in its own commit). See the module docstring for the crash bound.
         commit_steps: ... or once this many steps are buffered, whichever comes first.
+        background: write batches in a writer thread while training goes on (default), in
+            half-size batches so that the batch in flight and the one buffered together stay
+            within the bound above; ``False``: written in the loop. ``commit_seconds=0`` always
+            writes in the loop.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class Tracker:
         seed: int = 0,
         commit_seconds: float = 0.5,
         commit_steps: int = 100,
+        background: bool = True,
     ) -> None:
         if (
             isinstance(commit_seconds, bool)
@@ -153,6 +159,13 @@ class Tracker:
         self._store: Store | None = Store(store) if self._owns_store else store  # type: ignore[assignment]
         self.commit_seconds = float(commit_seconds)
         self.commit_steps = int(commit_steps)
+        if not isinstance(background, (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"background={background!r} ({type(background).__name__}) must be True (batches "
+                "written by a writer thread) or False (written in the training loop)."
+            )
+        self.background = bool(background)
+        self._half_steps = max(1, (self.commit_steps + 1) // 2)
         self._pending_steps = _PendingSteps(self._store)
         self._last_flush = -math.inf  # the first step is written at once
         # buffered steps reach the store even if the tracker is dropped without close()
@@ -174,6 +187,8 @@ class Tracker:
         self.last_step: int | None = None
         self._last_return: float | None = None
         self._pending: list[tuple[str, str, str]] = []  # artifacts recorded before the run
+        self._checked: set[tuple[tuple[str, str, str], ...]] = set()  # name lists checked
+        self._time_keys: dict[str, str] = {}
 
     # ------------------------------------------------------------------ the store
     @property
@@ -365,11 +380,11 @@ class Tracker:
                 "torch.optim.Optimizer or None."
             )
         due = [p for p in self.probes if p.schedule(step)]
-        values: dict[str, float] = {}
-        rows: list[MetricRow] = []
+        keys: list[tuple[str, str, str]] = []  # (name, probe, iterate) of each value
+        raw: list[Any] = []  # floats, or scalar tensors read in one batch below
         if self._last_return is not None:
-            values["step_time"] = now - self._last_return
-            rows.append(MetricRow("step_time", values["step_time"], "tracker", "before"))
+            keys.append(_STEP_TIME)
+            raw.append(now - self._last_return)
         if due:
             state = ProbeState(
                 step=step,
@@ -386,7 +401,7 @@ class Tracker:
                 try:
                     out = probe.compute(state)
                 except NonFiniteError as e:
-                    self._commit(step, rows)
+                    self._commit(step, keys, _floats(raw))
                     self.flush()  # the diverged step is stored before the error leaves
                     raise NonFiniteError(f"step {step}, probe {probe.name!r}: {e}") from e
                 except BaseException:
@@ -394,12 +409,15 @@ class Tracker:
                     raise
                 spent = time.perf_counter() - t0
                 it = probe.measures(state)
+                name = probe.name
                 for k, v in out.items():
-                    values[k] = float(v)
-                    rows.append(MetricRow(k, float(v), probe.name, it))
-                rows.append(MetricRow(f"time/{probe.name}", spent, probe.name, it))
-                values[f"time/{probe.name}"] = spent
-        self._commit(step, rows)
+                    keys.append((k, name, it))
+                    raw.append(v)
+                keys.append((self._time_key(name), name, it))
+                raw.append(spent)
+        floats = _floats(raw)
+        values = dict(zip([k[0] for k in keys], floats, strict=True))
+        self._commit(step, keys, floats)
         lossv = values.get("loss")
         if lossv is not None and not math.isfinite(lossv):
             self.flush()  # the diverged step is stored before the error leaves
@@ -409,6 +427,12 @@ class Tracker:
             )
         self._last_return = time.perf_counter()
         return values
+
+    def _time_key(self, probe: str) -> str:
+        key = self._time_keys.get(probe)
+        if key is None:
+            key = self._time_keys[probe] = f"time/{probe}"
+        return key
 
     def _adapt(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
         """With an adapter: logits of an output object, labels of a dict batch."""
@@ -436,35 +460,57 @@ class Tracker:
             )
         return step
 
-    def _commit(self, step: int, rows: list[MetricRow]) -> None:
-        """Buffer one step's rows (written by :meth:`flush` when the batch is due).
+    def _commit(self, step: int, keys: list[tuple[str, str, str]], values: list[float]) -> None:
+        """Buffer one step's values (written by :meth:`flush` when the batch is due).
 
-        Rows are checked now, as the store will check them, so a bad value fails at its own
-        step and never poisons a batch.
+        Names are checked now, as the store will check them, so a bad value fails at its own
+        step and never poisons a batch. A step with the same ``(name, probe, iterate)`` list as
+        an earlier one (every step of a steady loop) was checked then: the values are floats.
         """
-        if self._store is not None and rows:
-            for r in rows:
-                _metric_values(r)
-            names = [r.name for r in rows]
-            if len(set(names)) != len(names):
-                twice = sorted({n for n in names if names.count(n) > 1})
-                raise InvalidArgumentError(
-                    f"step {step}: metric(s) {twice} are logged twice in one step (two probes "
-                    "return the same name): give the probes distinct value names."
-                )
+        if self._store is not None and keys:
+            sig = tuple(keys)
+            if sig not in self._checked:
+                for (n, pr, it), v in zip(keys, values, strict=True):
+                    _metric_values(MetricRow(n, v, pr, it))
+                names = [k[0] for k in keys]
+                if len(set(names)) != len(names):
+                    twice = sorted({n for n in names if names.count(n) > 1})
+                    raise InvalidArgumentError(
+                        f"step {step}: metric(s) {twice} are logged twice in one step (two "
+                        "probes return the same name): give the probes distinct value names."
+                    )
+                if len(self._checked) >= _CHECKED_MAX:
+                    self._checked.clear()
+                self._checked.add(sig)
             self._ensure_run()
             assert self.run_id is not None
-            self._pending_steps.rows.append((step, rows))
-            due = (
+            pending = self._pending_steps
+            pending.rows.append((step, sig, values))
+        history = self.history
+        for (n, _, _), v in zip(keys, values, strict=True):
+            pts = history.get(n)
+            if pts is None:
+                history[n] = [(step, v)]
+            else:
+                pts.append((step, v))
+        self.last_step = step  # buffered: a failed write below keeps it for a retry
+        if self._store is None or not keys:
+            return
+        if self.commit_seconds == 0 or not self.background:
+            if (
                 self.commit_seconds == 0
-                or len(self._pending_steps.rows) >= self.commit_steps
+                or len(pending.rows) >= self.commit_steps
                 or time.perf_counter() - self._last_flush >= self.commit_seconds
-            )
-            if due:
+            ):
                 self.flush()
-        for r in rows:
-            self.history.setdefault(r.name, []).append((step, r.value))
-        self.last_step = step
+        elif (
+            len(pending.rows) >= self._half_steps
+            or time.perf_counter() - self._last_flush >= 0.5 * self.commit_seconds
+        ):
+            # half batches: the one in flight and the one buffered together stay within
+            # commit_steps steps and about commit_seconds, the bound a crash may lose
+            self._last_flush = time.perf_counter()
+            pending.submit()
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
         """In-memory ``(steps, values)`` of one metric."""
@@ -473,6 +519,28 @@ class Tracker:
 
 
 _STATUSES = ("completed", "failed", "diverged")
+_STEP_TIME = ("step_time", "tracker", "before")
+#: Distinct per-step name lists remembered as checked (a steady loop has one or a few).
+_CHECKED_MAX = 256
+
+
+def _floats(raw: list[Any]) -> list[float]:
+    """The values as floats; scalar tensors off the CPU are read in one batch (one host sync).
+
+    On the CPU ``float(t)`` per tensor is cheaper than stacking; a batch that cannot be stacked
+    (mixed devices, a dtype the device lacks) falls back to ``float`` per value, which also
+    raises the usual error for a value that is not a number.
+    """
+    tensors = [v for v in raw if isinstance(v, Tensor)]
+    if len(tensors) > 1 and any(t.device.type != "cpu" for t in tensors):
+        try:
+            read = iter(
+                torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors]).tolist()
+            )
+            return [next(read) if isinstance(v, Tensor) else float(v) for v in raw]
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return [float(v) for v in raw]
 
 
 def _central_flow_curves(prediction: Prediction, at: np.ndarray) -> dict[str, Any]:
@@ -498,20 +566,78 @@ def _central_flow_curves(prediction: Prediction, at: np.ndarray) -> dict[str, An
     }
 
 
+#: A buffered step: ``(step, ((name, probe, iterate), ...), values)``.
+_Buffered = tuple[int, tuple[tuple[str, str, str], ...], list[float]]
+
+
 class _PendingSteps:
     """Steps buffered for one batched write (shared with the tracker's finalizer, which must not
-    hold the tracker itself)."""
+    hold the tracker itself).
+
+    :meth:`submit` hands the buffer to a writer thread and returns at once (the training loop
+    goes on while SQLite writes); it first waits for the previous write, so at most one batch is
+    in flight and the stored steps stay a prefix. :meth:`flush` waits for the write in flight and
+    writes the rest before returning. A failed write keeps its steps for a retry and raises at
+    the next :meth:`submit` or :meth:`flush`.
+    """
 
     def __init__(self, store: Store | None) -> None:
         self.store = store
         self.run_id: int | None = None
-        self.rows: list[tuple[int, list[MetricRow]]] = []
+        #: ``(step, ((name, probe, iterate), ...), values)`` per buffered step
+        self.rows: list[_Buffered] = []
+        self._writer: threading.Thread | None = None
+        self._inflight: list[_Buffered] = []
+        self._error: BaseException | None = None
 
-    def flush(self) -> None:
-        """Write the buffered steps in one transaction; kept for a retry if the write fails."""
+    def _write(self, batch: list[_Buffered]) -> None:
+        assert self.store is not None and self.run_id is not None
+        self.store.log_steps(
+            self.run_id,
+            [
+                (step, [MetricRow(n, v, pr, it) for (n, pr, it), v in zip(keys, vals, strict=True)])
+                for step, keys, vals in batch
+            ],
+        )
+
+    def _background(self) -> None:
+        try:
+            self._write(self._inflight)
+        except BaseException as e:  # raised in the training thread at the next submit/flush
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for the write in flight; on its failure put its steps back and raise."""
+        writer = self._writer
+        if writer is None:
+            return
+        writer.join()
+        self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            self.rows = self._inflight + self.rows
+            self._inflight = []
+            raise error
+        self._inflight = []
+
+    def submit(self) -> None:
+        """Write the buffered steps in a writer thread (after the previous write finished)."""
+        self.wait()
         if not self.rows or self.store is None or self.run_id is None:
             return
-        self.store.log_steps(self.run_id, self.rows)
+        self._inflight, self.rows = self.rows, []
+        self._writer = threading.Thread(
+            target=self._background, name="gdscope-tracker-writer", daemon=False
+        )
+        self._writer.start()
+
+    def flush(self) -> None:
+        """Write every buffered step now (the one in flight first); kept for a retry if the
+        write fails."""
+        self.wait()
+        if not self.rows or self.store is None or self.run_id is None:
+            return
+        self._write(self.rows)
         self.rows = []
 
     def flush_quietly(self) -> None:

@@ -3,14 +3,16 @@
 A :class:`Probe` has a ``name``, a :class:`Schedule` (the tracker calls it only on scheduled
 steps), the inputs it ``needs`` and the iterate it measures: ``"before"`` the step's optimizer
 update (``θ_t``: it reuses the loss or outputs of the step) or ``"after"`` it (``θ_{t+1}``: it
-evaluates the parameters the model now holds). ``compute(state)`` returns named floats.
+evaluates the parameters the model now holds). ``compute(state)`` returns named values: floats,
+or scalar tensors, which the tracker reads in one batch after all of a step's probes ran (on an
+accelerator: one host sync per step instead of one per value).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -163,8 +165,8 @@ class Probe(ABC):
         return self.iterate
 
     @abstractmethod
-    def compute(self, state: ProbeState) -> dict[str, float]:
-        """Named values at ``state.step``."""
+    def compute(self, state: ProbeState) -> Mapping[str, float | Tensor]:
+        """Named values at ``state.step``: floats or one-element tensors (read as floats)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule})"

@@ -9,6 +9,7 @@ them. Curvature probes evaluate the current parameters on the tracker's subset.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,25 +49,27 @@ class LossProbe(Probe):
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if state.loss is not None else "after"
 
-    def compute(self, state: ProbeState) -> dict[str, float]:
+    def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
         if state.loss is not None:
-            return {"loss": float(state.loss)}
+            return {"loss": state.loss}  # a scalar tensor: the tracker reads it without a sync
         with torch.no_grad():
             return {"loss": state.problem.loss().item()}
 
 
-def _accuracy(outputs: Tensor, targets: Tensor) -> float | None:
-    """Fraction of argmax predictions equal to the class (index or one-hot/argmax target)."""
+def _labels(outputs: Tensor, targets: Tensor) -> Tensor | None:
+    """Class indices of ``targets`` (indices, or the argmax of one-hot rows), or ``None``."""
     if outputs.ndim != 2 or outputs.shape[1] < 2:
         return None
-    pred = outputs.argmax(dim=1)
     if targets.ndim == 1 and not targets.is_floating_point():
-        labels = targets
-    elif targets.shape == outputs.shape:
-        labels = targets.argmax(dim=1)
-    else:
-        return None
-    return (pred == labels.to(pred.device)).double().mean().item()
+        return targets.to(outputs.device)
+    if targets.shape == outputs.shape:
+        return targets.argmax(dim=1).to(outputs.device)
+    return None
+
+
+def _accuracy(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of argmax predictions equal to ``labels`` (a float64 scalar tensor)."""
+    return (outputs.argmax(dim=1) == labels).mean(dtype=torch.float64)
 
 
 class AccuracyProbe(Probe):
@@ -80,16 +83,37 @@ class AccuracyProbe(Probe):
     name = "accuracy"
     needs = frozenset({"outputs", "targets"})
 
+    def __init__(self, schedule: Schedule | int | None = None) -> None:
+        super().__init__(schedule)
+        # the labels of the last targets seen, reused while the loop passes the same unchanged
+        # tensor (full batch): (targets, its version counter, its shape, labels)
+        self._last: tuple[Tensor, int, tuple[int, ...], Tensor | None] | None = None
+
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if state.outputs is not None and state.targets is not None else "after"
 
-    def compute(self, state: ProbeState) -> dict[str, float]:
+    def _labels(self, outs: Tensor, ys: Tensor) -> Tensor | None:
+        last = self._last
+        if (
+            last is not None
+            and last[0] is ys
+            and last[1] == ys._version
+            and last[2] == tuple(outs.shape)
+        ):
+            return last[3]
+        labels = _labels(outs, ys)
+        self._last = (ys, ys._version, tuple(outs.shape), labels)
+        return labels
+
+    def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
         if state.outputs is not None and state.targets is not None:
             outs, ys = class_view(state.problem, state.outputs, state.targets)
         else:
             outs, ys = current_outputs(state.problem)
-        acc = _accuracy(outs, ys) if outs.shape[0] else None
-        return {} if acc is None else {"accuracy": acc}
+        if not outs.shape[0]:
+            return {}
+        labels = self._labels(outs, ys)
+        return {} if labels is None else {"accuracy": _accuracy(outs, labels)}
 
 
 class GradNormProbe(Probe):
@@ -98,21 +122,62 @@ class GradNormProbe(Probe):
     name = "grad_norm"
     needs = frozenset({"grad"})
 
+    def __init__(self, schedule: Schedule | int | None = None) -> None:
+        super().__init__(schedule)
+        self._params = LiveParams()
+
     def _grads(self, state: ProbeState) -> list[Tensor] | None:
-        named = dict(state.problem.model.named_parameters())
-        grads = [named[n].grad for n in state.problem.names]
-        if state.loss is None or any(g is None for g in grads):
+        if state.loss is None:
+            return None
+        grads = [p.grad for p in self._params(state.problem)]
+        if any(g is None for g in grads):
             return None
         return grads  # type: ignore[return-value]
 
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if self._grads(state) is not None else "after"
 
-    def compute(self, state: ProbeState) -> dict[str, float]:
+    def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
         grads = self._grads(state)
         if grads is not None:
-            return {"grad_norm": torch.nn.utils.get_total_norm(grads).item()}
+            return {"grad_norm": _total_norm(grads)}
         return {"grad_norm": torch.linalg.vector_norm(state.problem.gradient()).item()}
+
+
+def _total_norm(tensors: list[Tensor]) -> Tensor:
+    """``‖(t_1, …, t_k)‖₂`` as a scalar tensor: one fused ``_foreach_norm`` when the tensors
+    are dense and share a device and dtype, else :func:`torch.nn.utils.get_total_norm`."""
+    first = tensors[0]
+    if all(
+        t.device == first.device and t.dtype == first.dtype and t.layout == torch.strided
+        for t in tensors
+    ):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.nn.utils.get_total_norm(tensors)
+
+
+class LiveParams:
+    """A problem's parameter tensors in ``names`` order, looked up once and then re-checked by
+    identity at each call (a dict look-up per parameter instead of walking the modules), so a
+    parameter replaced by a new tensor is found again."""
+
+    def __init__(self) -> None:
+        self._prob: Problem | None = None
+        self._slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        self._params: list[Tensor] = []
+
+    def __call__(self, prob: Problem) -> list[Tensor]:
+        if self._prob is prob and all(d.get(k) is p for d, k, p in self._slots):
+            return self._params
+        named = dict(prob.model.named_parameters())
+        self._params = [named[n] for n in prob.names]
+        slots = []
+        for n, p in zip(prob.names, self._params, strict=True):
+            prefix, _, leaf = n.rpartition(".")
+            owner = prob.model.get_submodule(prefix) if prefix else prob.model
+            slots.append((owner._parameters, leaf, p))
+        self._slots, self._prob = slots, prob
+        return self._params
 
 
 def _layer(param_name: str) -> str:
@@ -123,7 +188,8 @@ class DistanceProbe(Probe):
     """``dist_init`` = ‖θ − θ₀‖ and ``dist_init_rel`` = ‖θ − θ₀‖/‖θ₀‖, in total and per layer.
 
     Per-layer names are ``dist_init/<module>`` and ``dist_init_rel/<module>`` (the module that
-    owns the parameters, e.g. ``0`` for ``0.weight`` and ``0.bias``).
+    owns the parameters, e.g. ``0`` for ``0.weight`` and ``0.bias``). Computed in float64 with
+    fused per-parameter norms (``θ − θ₀`` per tensor, ``‖·‖`` per tensor, summed per layer).
     """
 
     name = "dist_init"
@@ -132,33 +198,45 @@ class DistanceProbe(Probe):
     def __init__(self, schedule: Schedule | int | None = None, per_layer: bool = True) -> None:
         super().__init__(schedule)
         self.per_layer = per_layer
-        self._init: tuple[int, Tensor, Tensor, list[str], list[float]] | None = None
+        self._params = LiveParams()
+        self._init: tuple[int, list[Tensor], Tensor, list[str], list[float]] | None = None
 
-    def _setup(self, state: ProbeState) -> tuple[Tensor, Tensor, list[str], list[float]]:
-        """θ₀ flattened, each entry's layer index, layer names and ‖θ₀‖² per layer (cached)."""
+    def _setup(self, state: ProbeState) -> tuple[list[Tensor], Tensor, list[str], list[float]]:
+        """θ₀ per parameter (float64), the (layers × parameters) 0/1 matrix that sums squared
+        parameter norms per layer, layer names and ‖θ₀‖² per layer (cached)."""
         key = id(state.initial_params)
         if self._init is None or self._init[0] != key:
             prob = state.problem
             layers = list(dict.fromkeys(_layer(n) for n in prob.names))
-            theta0 = prob.flatten(state.initial_params).double()
-            index = torch.cat(
-                [
-                    torch.full((state.initial_params[n].numel(),), layers.index(_layer(n)))
-                    for n in prob.names
-                ]
-            ).to(theta0.device)
-            base = torch.zeros(len(layers), dtype=torch.float64, device=theta0.device)
-            base = base.index_add(0, index, theta0.pow(2)).tolist()
-            self._init = (key, theta0, index, layers, base)
+            theta0 = [state.initial_params[n].detach().double() for n in prob.names]
+            device = theta0[0].device if theta0 else torch.device("cpu")
+            member = torch.zeros(len(layers), len(prob.names), dtype=torch.float64)
+            for j, n in enumerate(prob.names):
+                member[layers.index(_layer(n)), j] = 1.0
+            member = member.to(device)
+            base = [float(v) ** 2 for v in torch.stack(torch._foreach_norm(theta0)).tolist()]
+            base = (member.cpu() @ torch.tensor(base, dtype=torch.float64)).tolist()
+            self._init = (key, theta0, member, layers, base)
         return self._init[1:]
 
-    def compute(self, state: ProbeState) -> dict[str, float]:
-        theta0, index, layers, base = self._setup(state)
-        sq = (state.problem.flatten(state.problem.params).double() - theta0).pow(2)
-        diff = torch.zeros(len(layers), dtype=torch.float64, device=sq.device)
-        diff = diff.index_add(0, index, sq).tolist()
-        tot, tot0 = sum(diff), sum(base)
-        out = {"dist_init": math.sqrt(tot), "dist_init_rel": _ratio(tot, tot0)}
+    def _current(self, state: ProbeState) -> list[Tensor]:
+        """θ per parameter in float64 (the problem's dtype and device first, as ``params``)."""
+        prob = state.problem
+        ps = self._params(prob)
+        return [p.detach().to(prob.device, prob.dtype).double() for p in ps]
+
+    def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
+        theta0, member, layers, base = self._setup(state)
+        if not theta0:
+            return {"dist_init": 0.0, "dist_init_rel": 0.0}
+        norms = torch._foreach_norm(torch._foreach_sub(self._current(state), theta0))
+        sq = torch.stack(norms).square()
+        diff = (member @ sq).tolist()  # one host read for every layer
+        tot, tot0 = math.fsum(diff), math.fsum(base)
+        out: dict[str, float | Tensor] = {
+            "dist_init": math.sqrt(tot),
+            "dist_init_rel": _ratio(tot, tot0),
+        }
         if self.per_layer and len(layers) > 1:
             for layer, d, b in zip(layers, diff, base, strict=True):
                 out[f"dist_init/{layer}"] = math.sqrt(d)
