@@ -127,7 +127,7 @@ def write_report(
             "figures",
             "Figures",
             "The x axis counts the optimizer updates applied to the parameters measured.",
-            plots.standard_figures(data, colors, cycles),
+            plots.standard_figures(data, colors, cycles, predictions=predictions),
         ),
         _prediction_section(store, infos, labels, colors, data, predictions),
         _stability_section(infos, labels, colors, orbits),

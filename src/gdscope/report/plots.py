@@ -337,6 +337,7 @@ def sharpness_figure(
     colors: Colors,
     orbits: Mapping[str, tuple[int, int]] | None = None,
     pair: int = 0,
+    predictions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plot | None:
     """Sharpness per run, with its stability threshold dashed in the same colour.
 
@@ -346,6 +347,9 @@ def sharpness_figure(
     every run is drawn relative to its own threshold (``λ/threshold``, one line at 1).
     ``orbits`` maps a run label to ``(period, onset step)`` of a detected cycle: a dotted
     vertical line in the run's colour marks the onset, labelled with the period.
+    ``predictions`` maps a run label to its recorded prediction (``Tracker.record_prediction``);
+    one with a ``"sharpness"`` list at its ``"steps"`` (a central flow) is drawn dashed (long
+    dashes) in the run's colour, relative to the run's threshold when the view is relative.
     """
     name, metric, thr_metric, title, thr_words = SHARPNESS_PAIRS[pair]
     have = [label for label, s in runs.items() if metric in s]
@@ -365,6 +369,9 @@ def sharpness_figure(
         if relative is None and "threshold" in view[label]:
             x, thr = view[label]["threshold"]
             ax.plot(x, _finite(thr), "--", color=colors[label], lw=1.1, drawstyle="steps-post")
+    overlaid = _overlay_predicted_sharpness(
+        ax, predictions if pair == 0 else None, have, colors, runs, thr_metric, relative
+    )
     for label, (period, onset) in (orbits or {}).items():
         if label in colors:
             ax.axvline(onset, color=colors[label], ls=":", lw=1.2)
@@ -395,6 +402,12 @@ def sharpness_figure(
             f"{THRESHOLD_SPREAD:g}×, so on one absolute axis the largest would squash the others. "
             "The edge of stability is the dashed line at 1."
         )
+    if overlaid:
+        caption += (
+            " Long dashes: the sharpness predicted by the run's recorded prediction ("
+            + ", ".join(sorted(overlaid))
+            + ")."
+        )
     clipped = _band_of_interest(ax, view, have, colors)
     if clipped:
         caption += (
@@ -403,6 +416,41 @@ def sharpness_figure(
             "on the top edge."
         )
     return _render(fig, name, caption)
+
+
+#: Dash pattern of a predicted sharpness (the threshold uses the default short dashes).
+PREDICTED_DASHES = (0, (7, 3))
+
+
+def _overlay_predicted_sharpness(
+    ax: Any,
+    predictions: Mapping[str, Mapping[str, Any]] | None,
+    have: list[str],
+    colors: Colors,
+    runs: Runs,
+    thr_metric: str,
+    relative: Mapping[str, Any] | None,
+) -> set[str]:
+    """Draw each recorded prediction's ``"sharpness"`` (at its ``"steps"``) on ``ax``; returns
+    the prediction labels drawn. Relative views divide by the run's threshold at those steps."""
+    drawn: set[str] = set()
+    for label in have:
+        pred = (predictions or {}).get(label)
+        if not pred or not pred.get("sharpness") or not pred.get("steps"):
+            continue
+        x = np.asarray(pred["steps"], dtype=np.float64)
+        v = np.asarray([np.nan if s is None else s for s in pred["sharpness"]], dtype=np.float64)
+        if x.shape != v.shape:
+            continue
+        if relative is not None:
+            if thr_metric not in runs[label]:
+                continue
+            v = v / _threshold_at(runs[label][thr_metric], x)
+        ax.plot(x, _finite(v), color=colors[label], ls=PREDICTED_DASHES, lw=1.6, alpha=0.8)
+        drawn.add(str(pred.get("label", "prediction")))
+    if drawn:
+        ax.plot([], [], color="0.35", ls=PREDICTED_DASHES, lw=1.6, label="predicted sharpness")
+    return drawn
 
 
 def _threshold_at(threshold: Series, steps: np.ndarray) -> np.ndarray:
@@ -592,12 +640,15 @@ def standard_figures(
     colors: Colors,
     orbits: Mapping[str, tuple[int, int]] | None = None,
     skip: Collection[str] = (),
+    predictions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Plot]:
     """The standard figures some run has metrics for, in report order, leaving out those named
-    in ``skip`` (e.g. a figure an experiment page already draws its own way; ``orbits``: see
-    :func:`sharpness_figure`)."""
+    in ``skip`` (e.g. a figure an experiment page already draws its own way; ``orbits`` and
+    ``predictions``: see :func:`sharpness_figure`)."""
     figures = (
-        sharpness_figure(runs, colors, orbits) if f is sharpness_figure else f(runs, colors)
+        sharpness_figure(runs, colors, orbits, predictions=predictions)
+        if f is sharpness_figure
+        else f(runs, colors)
         for f in FIGURES
     )
     return [p for p in figures if p is not None and p.name not in skip]
