@@ -63,6 +63,7 @@ def test_alpha_beta_match_finite_differences_of_the_dense_top_eigenvalue() -> No
         grad_S[i] = (_dense_top(prob, theta + e)[0] - _dense_top(prob, theta - e)[0]) / (2 * h)
     g = prob.gradient().double()
     out = SelfStabilizationProbe(tol=1e-10, max_matvecs=400).compute(_state(prob))
+    assert out["ss_converged"] == 1.0
     assert out["ss_sharpness"] == pytest.approx(lam, rel=1e-8)
     assert out["ss_beta"] == pytest.approx(float(grad_S @ grad_S), rel=1e-5)
     assert out["ss_alpha"] == pytest.approx(float(-(g @ grad_S)), rel=1e-5, abs=1e-9)

@@ -136,7 +136,8 @@ class SelfStabilizationProbe(_WarmTopEig):
     ``ss_sigma2`` (``σ_u²``), ``sgd_gap`` ``ΔS = ηβσ_u²/(4α)`` and ``sgd_sharpness``
     ``2/η − ΔS`` (``η`` the optimizer's learning rate, or ``lr``).
 
-    ``ss_grad_sharpness_norm`` is ``‖∇S‖``, ``ss_matvecs`` the Lanczos products of the call.
+    ``ss_grad_sharpness_norm`` is ``‖∇S‖``, ``ss_matvecs`` the Hessian-vector products of the
+    call (Lanczos and the derivative pass), ``ss_converged`` 1/0 for the eigenvector's solve.
     The eigenvector is solved to relative residual ``tol`` (default ``1e-6``: ``∇S`` is only as
     good as ``u``); a near-degenerate top eigenvalue makes ``∇S`` ill-defined.
     """
@@ -186,6 +187,7 @@ class SelfStabilizationProbe(_WarmTopEig):
             "ss_beta": beta,
             "ss_grad_sharpness_norm": math.sqrt(beta),
             "ss_matvecs": eig[f"{self.name}_matvecs"] + 1.0,
+            "ss_converged": eig[f"{self.name}_converged"],
         }
         if self.batch_size is not None:
             lr = self.lr if self.lr is not None else _optimizer_lr(state.optimizer)
