@@ -42,7 +42,11 @@ the other core's load. Configurations rotate between repeats. Wall and CPU secon
 stored; tables use CPU seconds.
 
     PYTHONPATH=src .venv/bin/python bench/bench_transformer.py [--quick] [--threads 1]
-        [--reps 2] [--only ntk|hessian] [--tag TAG]
+        [--reps 2] [--only ntk|routes|hessian] [--tag TAG]
+
+``routes``: each structured rule's contraction timed by each forced route (``gram``, ``pair``,
+``jac``) on the untied GPT (n = 32) and the ViT (n = 128), with the planner's cost estimate: the
+data its cost weights were fitted to.
 
 Writes ``bench/results/transformer_<date>[_<tag>].json`` (environment, every timing) and prints
 Markdown tables.
@@ -420,6 +424,48 @@ def bench_ntk(
             save()
 
 
+def bench_routes(out: dict[str, Any], save: Callable[[], None]) -> None:
+    """CPU time of each structured rule's contraction by each forced route (the planner's data).
+
+    One ``(n, k, n, k)`` contraction per rule and route (best of 2); for ``jac`` the GEMM of a
+    ``(n·k × P_l)`` matrix with itself. Also the planner's cost estimate (``Rule.cost``).
+    """
+    import importlib
+
+    N = importlib.import_module("gdscope.kernels.ntk")
+    res = out.setdefault("routes", {})
+    for model, variant, n, routes in (
+        ("gpt", "untied", 32, ("pair", "jac")),  # gram at T = 16, k = 64: ~8x slower than jac
+        ("vit", "sdpa", 128, ("gram", "pair", "jac")),
+    ):
+        m, x = build(model, variant), inputs(model, n)
+        table = res.setdefault(f"{model}/{variant} n={n}", {})
+        for route in routes:
+            with math_attention():
+                job, _ = N._prepare(m, x, None, "auto", False, None, None, force=route)
+                feats = N._features(job.plan, x, False, job.layout.chunk)
+            k = job.plan.k
+            for r in job.plan.rules:
+                if r.approach != route or r.part is not None or not hasattr(r, "T"):
+                    continue
+                ts = []
+                for _ in range(2):
+                    if route == "jac":
+                        J = torch.randn(n * k, r.jac_width())
+                        t0 = time.process_time()
+                        J @ J.T
+                    else:
+                        acc = torch.zeros(n, k, n, k)
+                        f = feats.rules[r.key]
+                        t0 = time.process_time()
+                        r.contract(f, f, acc, False, job.layout.ws)
+                    ts.append(time.process_time() - t0)
+                row = table.setdefault(r.key, {"T": r.T, "d": r.d, "o": r.o, "k": k})
+                row[route] = {"cpu_s": min(ts), "cost_estimate": r.cost(route, False, n) * n * n}
+                print(f"route {model} {r.key:<20} {route:<5} {min(ts) * 1e3:8.1f} ms", flush=True)
+            save()
+
+
 # ---------------------------------------------------------------------------------------------
 # Hessian
 
@@ -633,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--only", choices=("ntk", "hessian"), default=None)
+    ap.add_argument("--only", choices=("ntk", "hessian", "routes"), default=None)
     ap.add_argument(
         "--max-seconds",
         type=float,
@@ -662,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.only in (None, "ntk"):
         bench_ntk(args, waiter, save, out)
+    if args.only in (None, "routes"):
+        bench_routes(out, save)
     if args.only in (None, "hessian"):
         bench_hessian(args, waiter, save, out)
     out["total_seconds"] = time.perf_counter() - t0
