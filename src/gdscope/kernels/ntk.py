@@ -22,8 +22,9 @@ Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` p
     Jacobian ``Σ_t G_t ⊗ A_t`` and one GEMM (``n n2 k² P_l``) or the position-pair route
     (``n n2 T (T d_in + k T d_out + k² d_out)``), whichever is cheaper; for normalisation
     layers, ``2C`` Jacobian columns; ``nn.MultiheadAttention`` as its four projections (query,
-    key, value, out), each Linear-like at every position. Memory: ``A`` and ``G`` for a tile of samples (``k × activations``).
-    Refused (with the reason) if some trainable parameter has no rule.
+    key, value, out), each Linear-like at every position. Memory: ``A`` and ``G`` for a tile of
+    samples (``k × activations``). Refused (with the reason) if some trainable parameter has no
+    rule.
 ``"jacobian"``
     ``vmap(jacrev)`` Jacobians of a tile of samples (``k`` backward passes per sample), then one
     GEMM per pair of tiles: ``n n2 k² P`` multiply-adds, ``(b + b2) k P`` memory for tiles of
