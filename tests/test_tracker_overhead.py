@@ -217,3 +217,35 @@ def test_floats_reads_tensors_and_numbers_and_refuses_non_numbers():
         _floats([None])
     with pytest.raises((RuntimeError, ValueError)):
         _floats([torch.ones(2)])
+
+
+def test_threshold_cache_follows_settings_and_stateful_optimizers():
+    from gdscope.theory.optim import read_optimizer
+
+    model, X, Y = _mlp32(2)
+    prob = gs.Problem(model, "mse", (X, Y))
+    probe = ThresholdProbe()
+
+    def check(opt: torch.optim.Optimizer) -> dict[str, float]:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        opt.step()
+        st = ProbeState(0, prob, prob, opt, {})
+        out = probe.compute(st)
+        fresh = read_optimizer(opt)
+        key = "preconditioned_threshold" if fresh.preconditioned else "threshold"
+        assert out[key] == pytest.approx(fresh.threshold, rel=1e-15)
+        assert out["lr"] == opt.param_groups[0]["lr"]
+        return out
+
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert check(sgd)["threshold"] == pytest.approx(20.0)
+    assert check(sgd)["threshold"] == pytest.approx(20.0)  # cached, same settings
+    sgd.param_groups[0]["momentum"] = 0.9  # changed in place: a new key
+    assert check(sgd)["threshold"] == pytest.approx(2 * 1.9 / 0.1)
+    sgd.param_groups[0]["lr"] = 0.05
+    assert check(sgd)["threshold"] == pytest.approx(2 * 1.9 / 0.05)
+    # Adagrad's threshold moves with its state (η_t) at fixed settings: never cached
+    ada = torch.optim.Adagrad(model.parameters(), lr=0.1, lr_decay=0.5)
+    values = [check(ada)["preconditioned_threshold"] for _ in range(3)]
+    assert len(set(values)) == 3

@@ -26,6 +26,17 @@ last unflushed batch, i.e. the steps of the last ``commit_seconds`` (at most ``c
 steps); the run stays ``running`` (incomplete), as before. ``commit_seconds=0`` writes every
 step in its own commit.
 
+**Background writes** (``background=True``, the default): a due batch is handed to a writer
+thread and ``step`` returns at once; batches are then half size (``commit_steps/2`` steps or
+``commit_seconds/2``), so the batch being written and the one being filled together stay within
+the bound above. One write is in flight at a time (the next waits for it), so the stored steps
+are always a prefix; a write that fails keeps its steps and raises in the loop at the next
+batch or flush. Every flush listed above waits for the write in flight.
+
+**The hot path.** Probes may return scalar tensors; the tracker reads a step's values together
+(on an accelerator one host sync per step, on the CPU ``float`` per value, which is cheaper
+there). A step's names are checked against the store's rules once per distinct list of names.
+
 :func:`gdscope.fit` records its settings with :meth:`Tracker.record_config` and, when training
 ends, marks the run finished with :meth:`Tracker.finish`: the stored run is complete when ``fit``
 returns, and :meth:`Tracker.record_prediction` and :meth:`Tracker.close` (with a summary) still

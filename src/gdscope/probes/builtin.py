@@ -67,9 +67,13 @@ def _labels(outputs: Tensor, targets: Tensor) -> Tensor | None:
     return None
 
 
-def _accuracy(outputs: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of argmax predictions equal to ``labels`` (a float64 scalar tensor)."""
-    return (outputs.argmax(dim=1) == labels).mean(dtype=torch.float64)
+def _accuracy(outputs: Tensor, labels: Tensor) -> float | Tensor:
+    """Fraction of argmax predictions equal to ``labels``: ``count/n`` in float64 (on the CPU a
+    float from the count; elsewhere a float64 scalar tensor, read with the step's values)."""
+    hits = outputs.argmax(dim=1) == labels
+    if hits.device.type == "cpu":
+        return int(torch.count_nonzero(hits)) / hits.numel()
+    return hits.mean(dtype=torch.float64)
 
 
 class AccuracyProbe(Probe):
@@ -127,12 +131,16 @@ class GradNormProbe(Probe):
         self._params = LiveParams()
 
     def _grads(self, state: ProbeState) -> list[Tensor] | None:
-        if state.loss is None:
-            return None
-        grads = [p.grad for p in self._params(state.problem)]
-        if any(g is None for g in grads):
-            return None
-        return grads  # type: ignore[return-value]
+        cached = state.cache.get("grad_norm/grads", False)
+        if cached is not False:
+            return cached  # type: ignore[no-any-return]
+        grads: list[Tensor] | None = None
+        if state.loss is not None:
+            grads = [p.grad for p in self._params(state.problem)]  # type: ignore[misc]
+            if any(g is None for g in grads):
+                grads = None
+        state.cache["grad_norm/grads"] = grads
+        return grads
 
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if self._grads(state) is not None else "after"
@@ -189,7 +197,8 @@ class DistanceProbe(Probe):
 
     Per-layer names are ``dist_init/<module>`` and ``dist_init_rel/<module>`` (the module that
     owns the parameters, e.g. ``0`` for ``0.weight`` and ``0.bias``). Computed in float64 with
-    fused per-parameter norms (``θ − θ₀`` per tensor, ``‖·‖`` per tensor, summed per layer).
+    fused per-parameter norms (``θ − θ₀`` per tensor, ``‖·‖`` per tensor, squares summed per
+    layer): two fused operations and one host read per call.
     """
 
     name = "dist_init"
@@ -199,39 +208,49 @@ class DistanceProbe(Probe):
         super().__init__(schedule)
         self.per_layer = per_layer
         self._params = LiveParams()
-        self._init: tuple[int, list[Tensor], Tensor, list[str], list[float]] | None = None
+        self._init: tuple[int, list[Tensor], list[int], list[str], list[float]] | None = None
+        self._direct: tuple[list[Tensor] | None, bool] = (None, False)
 
-    def _setup(self, state: ProbeState) -> tuple[list[Tensor], Tensor, list[str], list[float]]:
-        """θ₀ per parameter (float64), the (layers × parameters) 0/1 matrix that sums squared
-        parameter norms per layer, layer names and ‖θ₀‖² per layer (cached)."""
+    def _setup(self, state: ProbeState) -> tuple[list[Tensor], list[int], list[str], list[float]]:
+        """θ₀ per parameter (float64), each parameter's layer index, layer names and ‖θ₀‖² per
+        layer (cached)."""
         key = id(state.initial_params)
         if self._init is None or self._init[0] != key:
             prob = state.problem
             layers = list(dict.fromkeys(_layer(n) for n in prob.names))
             theta0 = [state.initial_params[n].detach().double() for n in prob.names]
-            device = theta0[0].device if theta0 else torch.device("cpu")
-            member = torch.zeros(len(layers), len(prob.names), dtype=torch.float64)
-            for j, n in enumerate(prob.names):
-                member[layers.index(_layer(n)), j] = 1.0
-            member = member.to(device)
-            base = [float(v) ** 2 for v in torch.stack(torch._foreach_norm(theta0)).tolist()]
-            base = (member.cpu() @ torch.tensor(base, dtype=torch.float64)).tolist()
-            self._init = (key, theta0, member, layers, base)
+            where = [layers.index(_layer(n)) for n in prob.names]
+            base = [0.0] * len(layers)
+            for j, t in zip(where, theta0, strict=True):
+                base[j] += float(torch.dot(t.reshape(-1), t.reshape(-1)))
+            self._init = (key, theta0, where, layers, base)
         return self._init[1:]
 
-    def _current(self, state: ProbeState) -> list[Tensor]:
-        """θ per parameter in float64 (the problem's dtype and device first, as ``params``)."""
+    def _current(self, state: ProbeState, theta0: list[Tensor]) -> list[Tensor]:
+        """θ per parameter: the live tensors when they are in the problem's dtype and on θ₀'s
+        device (``θ − θ₀`` is then formed in float64 by type promotion, as ``θ.double() −
+        θ₀``), else converted as :attr:`Problem.params` converts them."""
         prob = state.problem
         ps = self._params(prob)
+        if ps is not self._direct[0]:
+            direct = all(
+                p.dtype == prob.dtype and p.device == t.device
+                for p, t in zip(ps, theta0, strict=True)
+            )
+            self._direct = (ps, direct)
+        if self._direct[1]:
+            return ps
         return [p.detach().to(prob.device, prob.dtype).double() for p in ps]
 
     def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
-        theta0, member, layers, base = self._setup(state)
+        theta0, where, layers, base = self._setup(state)
         if not theta0:
             return {"dist_init": 0.0, "dist_init_rel": 0.0}
-        norms = torch._foreach_norm(torch._foreach_sub(self._current(state), theta0))
-        sq = torch.stack(norms).square()
-        diff = (member @ sq).tolist()  # one host read for every layer
+        with torch.no_grad():
+            norms = torch._foreach_norm(torch._foreach_sub(self._current(state, theta0), theta0))
+        diff = [0.0] * len(layers)
+        for j, v in zip(where, torch.stack(norms).tolist(), strict=True):  # one host read
+            diff[j] += v * v
         tot, tot0 = math.fsum(diff), math.fsum(base)
         out: dict[str, float | Tensor] = {
             "dist_init": math.sqrt(tot),
@@ -265,15 +284,49 @@ class ThresholdProbe(Probe):
     name = "threshold"
     needs = frozenset({"optimizer"})
 
+    def __init__(self, schedule: Schedule | int | None = None) -> None:
+        super().__init__(schedule)
+        self._last: tuple[Any, dict[str, float]] | None = None
+
     def compute(self, state: ProbeState) -> dict[str, float]:
-        if state.optimizer is None:
+        opt = state.optimizer
+        if opt is None:
             return {}
-        out = {"lr": float(state.optimizer.param_groups[0]["lr"])}
-        st = read_optimizer(state.optimizer)
+        key = _settings_key(opt)
+        if key is not None and self._last is not None and self._last[0] == key:
+            return dict(self._last[1])
+        out = {"lr": float(opt.param_groups[0]["lr"])}
+        st = read_optimizer(opt)
         if st.threshold is not None and math.isfinite(st.threshold):
-            key = "preconditioned_threshold" if st.preconditioned else "threshold"
-            out[key] = float(st.threshold)
+            name = "preconditioned_threshold" if st.preconditioned else "threshold"
+            out[name] = float(st.threshold)
+        self._last = None if key is None else (key, dict(out))
         return out
+
+
+_STATEFUL = (torch.optim.Adagrad,)  # thresholds that read the optimizer's state (η_t)
+
+
+def _settings_key(opt: torch.optim.Optimizer) -> tuple[Any, ...] | None:
+    """The optimizer's identity, type and hyperparameters (every group, ``params`` left out),
+    when its threshold depends on nothing else; ``None``: read it every time (a stateful
+    optimizer, a tensor or unhashable setting)."""
+    if isinstance(opt, _STATEFUL):
+        return None
+    items: list[Any] = [id(opt), type(opt)]
+    for g in opt.param_groups:
+        for k, v in g.items():
+            if k == "params":
+                continue
+            if isinstance(v, Tensor):
+                return None
+            items.append((k, v))
+    key = tuple(items)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 class _WarmTopEig(Probe):
