@@ -61,7 +61,7 @@ __all__ = ["EdgeConfig", "EdgeExperiment"]
 
 @dataclass(frozen=True)
 class EdgeConfig(ExperimentConfig):
-    """The ``edge`` experiment (defaults: about 3 minutes on 2 CPU cores).
+    """The ``edge`` experiment (defaults: 2–4 minutes on 2 CPU cores, one thread).
 
     Attributes:
         data: a data set with class labels (one-hot MSE targets), flattened inputs.
