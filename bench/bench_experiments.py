@@ -1,7 +1,10 @@
 """Wall and CPU time of every built-in experiment at its default size, with its verdicts.
 
 Every registered experiment is on the list (:func:`gdscope.experiments.experiment_names`:
-attention, cross_entropy, disparity, optimizers, skips, stability, width); ``--only`` picks some.
+attention, cross_entropy, disparity, edge, optimizers, skips, stability, width); ``--only`` picks
+some. For ``edge`` the central flow's work is counted exactly (its derivative passes are wrapped):
+Hessian-vector products and third-derivative products (``D³L[u_i, u_j, ·]`` backward passes),
+in total and per unit of time (per GD step predicted).
 Each experiment runs through :func:`gdscope.run_experiment` with the serial executor (this
 process, one intra-op thread unless ``--threads``), into a fresh temporary folder (store,
 ``verdict.json``, ``report.html``: the pages are timed too). Recorded per experiment: wall
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import tempfile
@@ -28,19 +32,62 @@ from typing import Any
 import torch
 
 import gdscope as gs
+import gdscope.experiments.edge  # registers "edge" until base.BUILTIN_MODULES has it
 from gdscope.experiments import experiment_names
 from gdscope.store import environment_info
+
+# the module (gdscope.theory's attribute of that name is the function)
+_cf = importlib.import_module("gdscope.theory.central_flow")
+
+
+class _CountPasses:
+    """Wraps the central flow's ``edge_derivatives``: counts its passes, HVPs (one per column of
+    ``U``) and third-derivative products (``m(m+1)/2`` per pass when ``third``)."""
+
+    def __init__(self) -> None:
+        self.real = _cf.edge_derivatives
+        self.passes = self.hvps = self.thirds = 0
+
+    def __call__(self, prob: Any, U: Any, **kw: Any) -> Any:
+        m = 1 if U.ndim == 1 else int(U.shape[1])
+        self.passes += 1
+        self.hvps += m
+        if kw.get("third", True):
+            self.thirds += m * (m + 1) // 2
+        return self.real(prob, U, **kw)
 
 
 def run_one(name: str) -> dict[str, Any]:
     """Run ``name`` at its default size; wall and CPU seconds, verdict statuses."""
     load0 = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = gs.run_experiment(name, [], out=Path(tmp) / name)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    counter = _CountPasses()
+    _cf.edge_derivatives = counter  # type: ignore[assignment]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = gs.run_experiment(name, [], out=Path(tmp) / name)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        _cf.edge_derivatives = counter.real
     statuses = [v.status for v in res.verdicts]
+    extra: dict[str, Any] = {}
+    if counter.passes:
+        steps = sum(len(r.get("cf_loss", ())) - 1 for r in res.results)
+        eig = sum(int(r.get("cf_eig_products", 0)) for r in res.results)
+        gd = sum(int(r.get("gd_hvps", 0)) for r in res.results)
+        extra["central_flow"] = {
+            "steps_predicted": steps,
+            "derivative_passes": counter.passes,
+            "hvps_derivative_passes": counter.hvps,
+            "hvps_eigen_tracking": eig,
+            "third_derivative_products": counter.thirds,
+            "hvps_per_step": (counter.hvps + eig) / max(steps, 1),
+            "third_per_step": counter.thirds / max(steps, 1),
+            "gd_sharpness_hvps": gd,
+            "seconds": [r.get("seconds") for r in res.results],
+        }
     return {
+        **extra,
         "experiment": name,
         "wall_s": wall,
         "cpu_s": cpu,
