@@ -173,3 +173,30 @@ def test_sharpness_figure_overlays_a_recorded_predicted_sharpness(monkeypatch) -
     plain = plots.sharpness_figure(runs, colors, predictions={"gd": {"label": "linearized model"}})
     assert plain is not None and "Long dashes" not in plain.caption
     assert "Long dashes" not in plots.sharpness_figure(runs, colors).caption  # type: ignore[union-attr]
+
+
+def test_report_overlays_a_recorded_central_flow(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end: a central flow recorded on a tracked run is drawn on the report's sharpness
+    figure (the tracker's artifact carries ``sharpness`` at ``steps``)."""
+    from torch import nn
+
+    import gdscope as gs
+    from gdscope.probes import LossProbe, SharpnessProbe, ThresholdProbe
+    from gdscope.report.html import write_report
+    from gdscope.store import Store
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    prob = gs.Problem(net, "mse", (X, Y))
+    flow = gs.central_flow(prob, {"class": "GD", "lr": 0.5}, 10, substeps=1)
+    with Store(tmp_path / "runs.db") as store:
+        tr = gs.Tracker(prob, [LossProbe(), ThresholdProbe(), SharpnessProbe(2)], store=store)
+        gs.fit(prob, gs.GD(net.parameters(), lr=0.5), 10, tr)
+        tr.record_prediction(flow, label="central flow")
+        tr.close("completed")
+        page = write_report(store, [tr.run_id], tmp_path / "report.html").read_text()
+    assert "Long dashes: the sharpness predicted by the run&#x27;s recorded prediction" in page
+    assert "recorded prediction (central flow)." in page
