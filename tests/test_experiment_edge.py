@@ -119,11 +119,6 @@ def test_config_is_checked() -> None:
         resolve("edge", ["steps=10", "loss_window=20"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request R1 in /tmp/briefs/h8_requests.md: add 'edge' "
-    "to gdscope.experiments.base.BUILTIN_MODULES",
-)
 def test_edge_is_a_builtin() -> None:
     from gdscope.experiments.base import BUILTIN_MODULES
 

@@ -200,6 +200,7 @@ BUILTIN_MODULES = (
     "skips",
     "cross_entropy",
     "attention",
+    "edge",
 )
 
 
