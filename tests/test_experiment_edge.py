@@ -91,8 +91,9 @@ def test_linearized_rule() -> None:
     assert v.status == "holds" and v.details["factor"] > 2
     r = _result()
     r["lin_loss"] = list(np.asarray(r["cf_loss"]) * 1.2)
-    v = RULES["linearized"](r)
-    assert v.status == "fails" and v.details["factor"] == pytest.approx(1.2, rel=0.02)
+    v = RULES["linearized"](r)  # not separated yet: a contrast is never 'fails'
+    assert v.status == "undetermined" and v.details["factor"] == pytest.approx(1.2, rel=0.02)
+    assert "steps at the edge (onset step 45)" in v.reason
     r["lin_loss"] = [float("inf")] * (T + 1)  # the linearized model diverges: off by ∞
     assert RULES["linearized"](r).status == "holds"
 
@@ -110,6 +111,18 @@ def test_unmet_premises_are_outside(over: dict[str, Any], needle: str) -> None:
     for rule in RULES.values():
         v = rule(_result(**over))
         assert v.status == "outside" and needle in v.assumption, (v.status, v.assumption)
+
+
+def test_a_flow_at_its_tracking_limit_is_outside() -> None:
+    """Every tracked eigenvalue at the edge: the flow's premise (it models all oscillating
+    directions) is not met, so its rows are outside; below the limit they are judged."""
+    full = _result(cf_edge_counts=[0] * 50 + [6] * 151, max_edge=6)
+    for name in ("loss", "sharpness"):
+        v = RULES[name](full)
+        assert v.status == "outside" and "all 6 eigenvalues" in v.assumption
+    assert RULES["linearized"](full).status == "holds"  # the contrast needs no flow
+    below = _result(cf_edge_counts=[0] * 50 + [5] * 151, max_edge=6)
+    assert RULES["sharpness"](below).status == "holds"
 
 
 def test_config_is_checked() -> None:

@@ -290,6 +290,7 @@ def run_edge(cfg: EdgeConfig, lr: float, ctx: TaskContext) -> dict[str, Any]:
             "cf_eig_solves": int(flow.eig_solves),
             "cf_derivative_passes": int(cfg.steps * cfg.substeps + 1),
             "cf_edge_counts": [int(c) for c in flow.edge_count],
+            "max_edge": cfg.max_edge,
             "cf_notes": list(flow.notes),
         }
         if gd_loss.size >= cfg.loss_window:
