@@ -249,3 +249,22 @@ def test_threshold_cache_follows_settings_and_stateful_optimizers():
     ada = torch.optim.Adagrad(model.parameters(), lr=0.1, lr_decay=0.5)
     values = [check(ada)["preconditioned_threshold"] for _ in range(3)]
     assert len(set(values)) == 3
+
+
+def test_distance_with_a_converting_problem_equals_recomputation():
+    # the problem evaluates a float32 model in float64: parameters are converted, not live
+    model, X, Y = _mlp32(3)
+    prob = gs.Problem(model, "mse", (X.double(), Y.double()), dtype=torch.float64)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tracker = gs.Tracker(prob, [DistanceProbe()])
+    opt = gs.GD(model.parameters(), lr=0.5)
+    for t in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        opt.step()
+        vals = tracker.step(t)
+        layers = _dense_layers(model, theta0)
+        tot = sum(d for d, _ in layers.values())
+        assert vals["dist_init"] == pytest.approx(math.sqrt(tot), rel=1e-12)
+        for layer, (d, b) in layers.items():
+            assert vals[f"dist_init_rel/{layer}"] == pytest.approx(math.sqrt(d / b), rel=1e-12)

@@ -9,7 +9,7 @@ them. Curvature probes evaluate the current parameters on the tracker's subset.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -208,48 +208,63 @@ class DistanceProbe(Probe):
         super().__init__(schedule)
         self.per_layer = per_layer
         self._params = LiveParams()
-        self._init: tuple[int, list[Tensor], list[int], list[str], list[float]] | None = None
+        self._init: _DistInit | None = None
         self._direct: tuple[list[Tensor] | None, bool] = (None, False)
 
-    def _setup(self, state: ProbeState) -> tuple[list[Tensor], list[int], list[str], list[float]]:
-        """θ₀ per parameter (float64), each parameter's layer index, layer names and ‖θ₀‖² per
-        layer (cached)."""
+    def _setup(self, state: ProbeState) -> _DistInit:
+        """θ₀ (float64, flat and per parameter), a float64 buffer for θ − θ₀ with views shaped
+        like the parameters, each parameter's layer index, layer names and ‖θ₀‖² per layer
+        (cached)."""
         key = id(state.initial_params)
-        if self._init is None or self._init[0] != key:
+        if self._init is None or self._init.key != key:
             prob = state.problem
             layers = list(dict.fromkeys(_layer(n) for n in prob.names))
             theta0 = [state.initial_params[n].detach().double() for n in prob.names]
+            flat0 = (
+                torch.cat([t.reshape(-1) for t in theta0])
+                if theta0
+                else torch.zeros(0, dtype=torch.float64)
+            )
+            buf = torch.empty_like(flat0)
+            pieces = list(buf.split([t.numel() for t in theta0])) if theta0 else []
+            shaped = [v.view(t.shape) for v, t in zip(pieces, theta0, strict=True)]
             where = [layers.index(_layer(n)) for n in prob.names]
             base = [0.0] * len(layers)
             for j, t in zip(where, theta0, strict=True):
                 base[j] += float(torch.dot(t.reshape(-1), t.reshape(-1)))
-            self._init = (key, theta0, where, layers, base)
-        return self._init[1:]
+            self._init = _DistInit(key, theta0, flat0, buf, pieces, shaped, where, layers, base)
+            self._direct = (None, False)
+        return self._init
 
-    def _current(self, state: ProbeState, theta0: list[Tensor]) -> list[Tensor]:
-        """θ per parameter: the live tensors when they are in the problem's dtype and on θ₀'s
-        device (``θ − θ₀`` is then formed in float64 by type promotion, as ``θ.double() −
-        θ₀``), else converted as :attr:`Problem.params` converts them."""
+    def _diff_norms(self, state: ProbeState, init: _DistInit) -> list[Tensor]:
+        """``‖θ_i − θ₀_i‖`` per parameter in float64. When the live parameters are in the
+        problem's dtype, on θ₀'s device and of θ₀'s shapes: copied (exactly) into the float64
+        buffer, ``θ₀`` subtracted in place, norms fused (no allocation); else converted as
+        :attr:`Problem.params` converts them."""
         prob = state.problem
         ps = self._params(prob)
         if ps is not self._direct[0]:
             direct = all(
-                p.dtype == prob.dtype and p.device == t.device
-                for p, t in zip(ps, theta0, strict=True)
+                p.dtype == prob.dtype and p.device == t.device and p.shape == t.shape
+                for p, t in zip(ps, init.theta0, strict=True)
             )
             self._direct = (ps, direct)
-        if self._direct[1]:
-            return ps
-        return [p.detach().to(prob.device, prob.dtype).double() for p in ps]
+        with torch.no_grad():
+            if self._direct[1]:
+                torch._foreach_copy_(init.shaped, ps)
+                init.buf.sub_(init.flat0)
+                return list(torch._foreach_norm(init.pieces))
+            cur = [p.detach().to(prob.device, prob.dtype).double() for p in ps]
+            return list(torch._foreach_norm(torch._foreach_sub(cur, init.theta0)))
 
     def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
-        theta0, where, layers, base = self._setup(state)
-        if not theta0:
+        init = self._setup(state)
+        layers, base = init.layers, init.base
+        if not init.theta0:
             return {"dist_init": 0.0, "dist_init_rel": 0.0}
-        with torch.no_grad():
-            norms = torch._foreach_norm(torch._foreach_sub(self._current(state, theta0), theta0))
         diff = [0.0] * len(layers)
-        for j, v in zip(where, torch.stack(norms).tolist(), strict=True):  # one host read
+        norms = torch.stack(self._diff_norms(state, init)).tolist()  # one host read
+        for j, v in zip(init.where, norms, strict=True):
             diff[j] += v * v
         tot, tot0 = math.fsum(diff), math.fsum(base)
         out: dict[str, float | Tensor] = {
@@ -261,6 +276,18 @@ class DistanceProbe(Probe):
                 out[f"dist_init/{layer}"] = math.sqrt(d)
                 out[f"dist_init_rel/{layer}"] = _ratio(d, b)
         return out
+
+
+class _DistInit(NamedTuple):
+    key: int
+    theta0: list[Tensor]
+    flat0: Tensor
+    buf: Tensor
+    pieces: list[Tensor]
+    shaped: list[Tensor]
+    where: list[int]
+    layers: list[str]
+    base: list[float]
 
 
 def _ratio(sq: float, sq0: float) -> float:
