@@ -9,11 +9,17 @@ same kind of model (its paper's figures, quoted by the issue).
 Models: the demo's standard net (MLP 64-128-128-10 tanh, MSE on one-hot labels, full batch of
 256 digits, as ``gdscope demo``) and a bigger one (64-512-512-10 on all 1797 digits).
 
+Modes: ``plain``; ``cheap`` (cheap probes, batches written by the tracker's writer thread, the
+default); ``cheap_sync`` (``background=False``); ``sharpness`` (cheap probes plus sharpness every
+100 steps); ``sharpness_only`` (sharpness every 100 steps alone, Cockpit's HessMaxEV
+configuration's counterpart); Cockpit ``economy`` and ``HessMaxEV`` (every 100 steps). Two
+ratios: end to end (building the tracker and its run, the loop, ``close()``: the last batch and
+the store's one-off WAL checkpoint) and loop only (the per-step cost of a long run).
+
 Shared-machine care: every configuration of a model runs once per round, in an order that
 rotates from round to round, each time as a fresh run of ``steps`` steps (model, optimizer,
-tracker and store new; the timed span is the loop plus ``close()``, which writes the last
-batch). A configuration's ratio is the median over rounds of its time over the plain loop's
-time in the same round; the load average is recorded with each round.
+tracker and store new). A configuration's ratio is the median over rounds of its time over
+the plain loop's time in the same round; the load average is recorded with each round.
 
     PYTHONPATH=src python bench/bench_tracker.py [--quick] [--threads 1] [--cockpit-path DIR]
 
@@ -72,14 +78,15 @@ def run_gdscope(width: int, n: int, steps: int, mode: str, tmp: str) -> dict[str
     tracker = None
     t_build = 0.0
     if mode != "plain":
-        probes = cheap_probes()
-        if mode == "sharpness":
+        probes = [] if mode == "sharpness_only" else cheap_probes()
+        if mode in ("sharpness", "sharpness_only"):
             probes.append(SharpnessProbe(100, tol=1e-3))
         t0 = time.perf_counter()
         prob = gs.Problem(model, "mse", (X, Y))
         tracker = gs.Tracker(
             prob, probes, store=os.path.join(tmp, f"{mode}.db"), background=mode != "cheap_sync"
         )
+        tracker._ensure_run()  # the run's row (environment, config), as the first step would
         t_build = time.perf_counter() - t0
     mse = torch.nn.functional.mse_loss
     t_start = time.perf_counter()
@@ -91,10 +98,19 @@ def run_gdscope(width: int, n: int, steps: int, mode: str, tmp: str) -> dict[str
         opt.step()
         if tracker is not None:
             tracker.step(t, opt, loss=loss, outputs=out, targets=Y)
+    t_loop = time.perf_counter()
     if tracker is not None:
         tracker.close()
-    total = time.perf_counter() - t_start
-    row: dict[str, Any] = {"total_s": total, "setup_s": t_build, "steps": steps}
+    t_end = time.perf_counter()
+    row: dict[str, Any] = {
+        # end to end: building the tracker and its run, the loop, close() (last batch, the
+        # store's WAL checkpoint)
+        "total_s": t_build + t_end - t_start,
+        "setup_s": t_build,
+        "steps": steps,
+        "loop_s": t_loop - t_start,  # the steady per-step cost of a long run
+        "close_s": t_end - t_loop,
+    }
     if tracker is not None:
         _, sharp = tracker.series("sharpness")
         _, mv = tracker.series("sharpness_matvecs")
@@ -167,7 +183,7 @@ def bench_model(
     """Ratios of per-step time to the plain loop's (medians over rounds). Cockpit's economy
     configuration runs ``economy_steps`` steps (its per-sample quantities are slow on a CPU;
     0: left out)."""
-    modes = ["plain", "cheap", "cheap_sync", "sharpness"]
+    modes = ["plain", "cheap", "cheap_sync", "sharpness", "sharpness_only"]
     if cockpit:
         modes += (
             ["cockpit_economy", "cockpit_hessmaxev"] if economy_steps else ["cockpit_hessmaxev"]
@@ -202,8 +218,16 @@ def bench_model(
         per_step = row[m]["total_s"] / row[m]["steps"]
         return per_step / (row["plain"]["total_s"] / row["plain"]["steps"])
 
+    def steady(row: dict[str, Any], m: str) -> float:
+        return row[m]["loop_s"] / row["plain"]["loop_s"]
+
     others = [m for m in modes if m != "plain"]
     ratios = {m: statistics.median(ratio(row, m) for row in per_round) for m in others}
+    steady_ratios = {
+        m: statistics.median(steady(row, m) for row in per_round)
+        for m in others
+        if not m.startswith("cockpit")
+    }
     spread = {
         m: [min(ratio(r, m) for r in per_round), max(ratio(r, m) for r in per_round)]
         for m in others
@@ -216,6 +240,7 @@ def bench_model(
         "params": sum(p.numel() for p in _setup(width, n)[0].parameters()),
         "plain_median_step_s": plain_step,
         "ratios_vs_plain": ratios,
+        "steady_ratios_vs_plain": steady_ratios,
         "ratio_min_max": spread,
         "per_round": per_round,
     }
@@ -244,7 +269,9 @@ def main() -> None:
         results.append(res)
         print(
             f"{label}: plain step {res['plain_median_step_s'] * 1e3:.2f} ms; "
-            + "; ".join(f"{m} {v:.3f}x" for m, v in res["ratios_vs_plain"].items()),
+            + "; ".join(f"{m} {v:.3f}x" for m, v in res["ratios_vs_plain"].items())
+            + " | loop only: "
+            + "; ".join(f"{m} {v:.3f}x" for m, v in res["steady_ratios_vs_plain"].items()),
             flush=True,
         )
     out = Path(__file__).parent / "results"
