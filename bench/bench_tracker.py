@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--cockpit-path", default=None)
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cockpit, cockpit_note = _cockpit_available(args.cockpit_path)
@@ -277,6 +278,7 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     stamp = dt.date.today().isoformat() + ("_quick" if args.quick else "")
+    stamp += f"_{args.tag}" if args.tag else ""
     path = out / f"tracker_{stamp}.json"
     path.write_text(
         json.dumps(
