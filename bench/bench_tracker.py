@@ -9,12 +9,13 @@ same kind of model (its paper's figures, quoted by the issue).
 Models: the demo's standard net (MLP 64-128-128-10 tanh, MSE on one-hot labels, full batch of
 256 digits, as ``gdscope demo``) and a bigger one (64-512-512-10 on all 1797 digits).
 
-Modes: ``plain``; ``cheap`` (cheap probes, batches written by the tracker's writer thread, the
-default); ``cheap_sync`` (``background=False``); ``sharpness`` (cheap probes plus sharpness every
-100 steps); ``sharpness_only`` (sharpness every 100 steps alone, Cockpit's HessMaxEV
-configuration's counterpart); Cockpit ``economy`` and ``HessMaxEV`` (every 100 steps). Two
-ratios: end to end (building the tracker and its run, the loop, ``close()``: the last batch and
-the store's one-off WAL checkpoint) and loop only (the per-step cost of a long run).
+Modes: ``plain``; ``cheap`` (cheap probes, batches written by the tracker's writer thread,
+``background=True``); ``cheap_sync`` (``background=False``, the Tracker's default);
+``sharpness`` (cheap probes plus sharpness every 100 steps); ``sharpness_only`` (sharpness every
+100 steps alone, Cockpit's HessMaxEV configuration's counterpart); Cockpit ``economy`` and
+``HessMaxEV`` (every 100 steps). Two ratios: end to end (building the tracker and its run, the
+loop, ``close()``: the last batch and the store's one-off WAL checkpoint) and loop only (the
+per-step cost of a long run).
 
 Shared-machine care: every configuration of a model runs once per round, in an order that
 rotates from round to round, each time as a fresh run of ``steps`` steps (model, optimizer,

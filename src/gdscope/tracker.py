@@ -26,12 +26,14 @@ last unflushed batch, i.e. the steps of the last ``commit_seconds`` (at most ``c
 steps); the run stays ``running`` (incomplete), as before. ``commit_seconds=0`` writes every
 step in its own commit.
 
-**Background writes** (``background=True``, the default): a due batch is handed to a writer
-thread and ``step`` returns at once; batches are then half size (``commit_steps/2`` steps or
-``commit_seconds/2``), so the batch being written and the one being filled together stay within
-the bound above. One write is in flight at a time (the next waits for it), so the stored steps
-are always a prefix; a write that fails keeps its steps and raises in the loop at the next
-batch or flush. Every flush listed above waits for the write in flight.
+**Background writes** (``background=True``; off by default: on a loaded 2-core machine they
+measured 3-5% slower than writing in the loop, ``bench/bench_tracker.py``, since the writer
+then competes with training for the CPU and the GIL; they can pay where a core is free): a due
+batch is handed to a writer thread and ``step`` returns at once; batches are then half size
+(``commit_steps/2`` steps or ``commit_seconds/2``), so the batch being written and the one being
+filled together stay within the bound above. One write is in flight at a time (the next waits
+for it), so the stored steps are always a prefix; a write that fails keeps its steps and raises
+in the loop at the next batch or flush. Every flush listed above waits for the write in flight.
 
 **The hot path.** Probes may return scalar tensors; the tracker reads a step's values together
 (on an accelerator one host sync per step, on the CPU ``float`` per value, which is cheaper
@@ -97,9 +99,9 @@ class Tracker:
         commit_seconds: write buffered steps to the store at most this often (seconds; ``0``:
             every step in its own commit). See the module docstring for the crash bound.
         commit_steps: ... or once this many steps are buffered, whichever comes first.
-        background: write batches in a writer thread while training goes on (default), in
-            half-size batches so that the batch in flight and the one buffered together stay
-            within the bound above; ``False``: written in the loop. ``commit_seconds=0`` always
+        background: write batches in a writer thread while training goes on, in half-size
+            batches so that the batch in flight and the one buffered together stay within the
+            bound above; ``False`` (default): written in the loop. ``commit_seconds=0`` always
             writes in the loop.
     """
 
@@ -114,7 +116,7 @@ class Tracker:
         seed: int = 0,
         commit_seconds: float = 0.5,
         commit_steps: int = 100,
-        background: bool = True,
+        background: bool = False,
     ) -> None:
         if (
             isinstance(commit_seconds, bool)
