@@ -127,3 +127,22 @@ def test_apply_records_choice_in_environment_and_reset_restores(tmp_path):
         reset_threads()
     assert torch.get_num_threads() == before and current_choice() is None
     assert environment_info()["thread_choice"] is None
+
+
+def test_reset_restores_torch_threads_after_the_blas_limits():
+    """torch's count set before apply_threads comes back after reset, also when the BLAS limit
+    (threadpoolctl) shares torch's OpenMP pool: restoring it last used to leave torch at the
+    BLAS pool's original count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        apply_threads(ThreadChoice(2, 2, 0.0, 2, None, "given", "2 free"))
+        assert torch.get_num_threads() == 2
+        apply_threads(ThreadChoice(1, 2, 1.0, 1, None, "given", "1 free"))  # re-applied
+        assert torch.get_num_threads() == 1
+        apply_threads(ThreadChoice(2, 2, 0.0, 2, None, "given", "2 free"))
+        reset_threads()
+        assert torch.get_num_threads() == 1 and current_choice() is None
+    finally:
+        reset_threads()
+        torch.set_num_threads(before)

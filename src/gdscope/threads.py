@@ -217,21 +217,20 @@ def apply_threads(choice: ThreadChoice) -> ThreadChoice:
     global _current, _previous, _blas_limiter
     if _current is None:
         _previous = torch.get_num_threads()
-    torch.set_num_threads(choice.threads)
-    if _blas_limiter is None:
-        try:
-            import numpy.linalg  # noqa: F401  (load the BLAS libraries so the limit reaches them)
-            import scipy.linalg  # noqa: F401
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            pass
-        else:
-            _blas_limiter = threadpool_limits(limits=choice.threads, user_api="blas")
-    else:
+    if _blas_limiter is not None:
         _blas_limiter.restore_original_limits()
+        _blas_limiter = None
+    try:
+        import numpy.linalg  # noqa: F401  (load the BLAS libraries so the limit reaches them)
+        import scipy.linalg  # noqa: F401
         from threadpoolctl import threadpool_limits
-
+    except ImportError:
+        pass
+    else:
         _blas_limiter = threadpool_limits(limits=choice.threads, user_api="blas")
+    # torch last: an OpenMP-backed BLAS shares torch's OpenMP pool, so a BLAS limit set or
+    # restored after torch.set_num_threads would change torch's count too
+    torch.set_num_threads(choice.threads)
     _current = choice
     return choice
 
@@ -241,10 +240,10 @@ def reset_threads() -> None:
     import torch
 
     global _current, _previous, _blas_limiter
-    if _current is not None and _previous is not None:
-        torch.set_num_threads(_previous)
     if _blas_limiter is not None:
         _blas_limiter.restore_original_limits()
+    if _current is not None and _previous is not None:
+        torch.set_num_threads(_previous)  # after the BLAS limits (see apply_threads)
     _current = _previous = _blas_limiter = None
 
 
