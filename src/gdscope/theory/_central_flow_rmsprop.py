@@ -58,7 +58,7 @@ from gdscope.curvature.third import edge_derivatives
 from gdscope.errors import InvalidArgumentError, NonFiniteError
 from gdscope.linalg.operator import CallableOperator
 from gdscope.problem import Problem
-from gdscope.theory._edge_eigs import refine, solve_sdcp, top_eigs
+from gdscope.theory._edge_eigs import solve_sdcp, track
 from gdscope.theory._edge_eigs import to_numpy as _np
 
 __all__ = ["rmsprop_setting", "run_rmsprop_flow"]
@@ -164,12 +164,9 @@ def run_rmsprop_flow(
             sc = Dg.rsqrt()
             hop = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
             op = CallableOperator(_Scaled(hop, sc), P, theta.dtype, theta.device)
-            if S is None or S.shape[1] != m or since >= eig_every or refresh:
-                warm = None if S is None else S[:, : min(m, S.shape[1])]
-                lam, S, mv = top_eigs(op, m, warm, eig_tol, seed)
+            lam, S, mv, solved = track(op, S, m, since >= eig_every or refresh, eig_tol, seed)
+            if solved:
                 since, solves = 0, solves + 1
-            else:
-                lam, S, mv = refine(op, S)
             matvecs += mv
             since += 1
             U = sc[:, None] * S  # Uᵀ D U = I

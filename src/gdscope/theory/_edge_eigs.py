@@ -17,7 +17,7 @@ from torch import Tensor
 from gdscope.linalg.lanczos import lanczos
 from gdscope.linalg.operator import CallableOperator
 
-__all__ = ["refine", "solve_sdcp", "to_numpy", "top_eigs"]
+__all__ = ["refine", "solve_sdcp", "to_numpy", "top_eigs", "track"]
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
@@ -42,6 +42,20 @@ def top_eigs(
     )
     assert res.vectors is not None
     return res.values.to(op.dtype), res.vectors.to(op.dtype), res.matvecs
+
+
+def track(
+    op: CallableOperator, V: Tensor | None, m: int, stale: bool, tol: float, seed: int
+) -> tuple[Tensor, Tensor, int, bool]:
+    """The top ``m`` eigenpairs of ``op`` along a trajectory: a fresh :func:`top_eigs` solve
+    (warm-started from ``V``) when ``V`` is missing, of another width, or ``stale``; else one
+    :func:`refine` step. Returns ``(λ, V, products, solved)``."""
+    if V is None or V.shape[1] != m or stale:
+        warm = None if V is None else V[:, : min(m, V.shape[1])]
+        lam, V, mv = top_eigs(op, m, warm, tol, seed)
+        return lam, V, mv, True
+    lam, V, mv = refine(op, V)
+    return lam, V, mv, False
 
 
 def refine(op: CallableOperator, V: Tensor) -> tuple[Tensor, Tensor, int]:

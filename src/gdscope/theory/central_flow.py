@@ -87,7 +87,7 @@ from gdscope.curvature.third import edge_derivatives, third_derivative_warnings
 from gdscope.errors import InvalidArgumentError, NonFiniteError
 from gdscope.problem import Params, Problem
 from gdscope.theory._central_flow_rmsprop import rmsprop_setting, run_rmsprop_flow
-from gdscope.theory._edge_eigs import refine, solve_sdcp, to_numpy, top_eigs
+from gdscope.theory._edge_eigs import solve_sdcp, to_numpy, track
 from gdscope.theory.dynamics import Prediction, optimizer_spec
 
 __all__ = ["CentralFlowPrediction", "central_flow", "solve_sdcp"]
@@ -388,12 +388,9 @@ def central_flow(
         for t in range(steps + 1):
             for s in range(substeps):
                 op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
-                if V is None or V.shape[1] != m or since >= eig_every or refresh:
-                    warm = None if V is None else V[:, : min(m, V.shape[1])]
-                    lam, V, mv = top_eigs(op, m, warm, eig_tol, seed)
+                lam, V, mv, solved = track(op, V, m, since >= eig_every or refresh, eig_tol, seed)
+                if solved:
                     since, solves = 0, solves + 1
-                else:
-                    lam, V, mv = refine(op, V)
                 matvecs += mv
                 since += 1
                 near = bool((lam >= edge_fraction * thr).any())
