@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError, NonFiniteError
-from gdscope.integrations.sinks import Sink
+from gdscope.integrations.sinks import Sink, check_sinks
 from gdscope.probes import (
     DistanceProbe,
     GradNormProbe,
@@ -46,6 +46,7 @@ from gdscope.probes.base import Iterate
 from gdscope.tracker import Tracker
 
 __all__ = [
+    "CallbackSettings",
     "DEFAULT_CURVATURE_EVERY",
     "DEFAULT_EVAL_SAMPLES",
     "EvalLossProbe",
@@ -298,6 +299,45 @@ def check_every(curvature_every: Any) -> int:
 
 
 # ---------------------------------------------------------------------- a session
+class CallbackSettings:
+    """What both trainer callbacks take besides their own arguments, checked in one place."""
+
+    def _set_common(
+        self,
+        store: Any,
+        probes: Sequence[Probe] | None,
+        loss: Any,
+        eval_data: Any,
+        eval_samples: int,
+        eval_batch_size: int | None,
+        seed: int,
+        curvature_every: int,
+        run_name: str | None,
+        config: Mapping[str, Any] | None,
+        sinks: Any,
+        log_to_trainer: bool,
+        on_error: str,
+    ) -> None:
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidArgumentError(f"config={config!r} must be a dict of settings or None.")
+        check_subset_args(eval_samples, eval_batch_size, seed)
+        self.store = store
+        self.curvature_every = check_every(curvature_every)
+        self.probes = list(probes) if probes is not None else None
+        self.loss = loss
+        self.eval_data = eval_data
+        self.eval_samples = eval_samples
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.run_name = run_name
+        self.config = dict(config or {})
+        self.sinks = check_sinks(sinks)
+        self.log_to_trainer = bool(log_to_trainer)
+        self.on_error = check_on_error(on_error)
+        #: The session of the current training (``None`` before it, and off the main process).
+        self.session: TrackingSession | None = None
+
+
 class TrackingSession:
     """A :class:`~gdscope.Tracker` and its sinks, run from a trainer's hook.
 

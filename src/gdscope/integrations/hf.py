@@ -47,11 +47,9 @@ from gdscope.errors import InvalidArgumentError
 from gdscope.integrations._common import (
     DEFAULT_CURVATURE_EVERY,
     DEFAULT_EVAL_SAMPLES,
+    CallbackSettings,
     TrackingSession,
     callback_probes,
-    check_every,
-    check_on_error,
-    check_subset_args,
     curvature_dtype,
     eval_batches,
     move,
@@ -59,7 +57,7 @@ from gdscope.integrations._common import (
     problem_data,
     unwrap_optimizer,
 )
-from gdscope.integrations.sinks import PREFIX, Sink, check_sinks
+from gdscope.integrations.sinks import PREFIX, Sink
 from gdscope.probes import Probe
 from gdscope.problem import Problem
 from gdscope.store import Store
@@ -100,7 +98,7 @@ class _TrainerLog(Sink):
         return out
 
 
-class GdscopeCallback(TrainerCallback):
+class GdscopeCallback(CallbackSettings, TrainerCallback):
     """Track gdscope probes during ``Trainer.train`` (see the module docstring).
 
     Args:
@@ -146,27 +144,24 @@ class GdscopeCallback(TrainerCallback):
             raise InvalidArgumentError(
                 f"shift={shift!r} must be True, False or None (decided from the model class)."
             )
-        if config is not None and not isinstance(config, Mapping):
-            raise InvalidArgumentError(f"config={config!r} must be a dict of settings or None.")
-        check_subset_args(eval_samples, eval_batch_size, seed)
-        self.store = store
-        self.curvature_every = check_every(curvature_every)
-        self.probes = list(probes) if probes is not None else None
-        self.loss = loss
+        self._set_common(
+            store,
+            probes,
+            loss,
+            eval_data,
+            eval_samples,
+            eval_batch_size,
+            seed,
+            curvature_every,
+            run_name,
+            config,
+            sinks,
+            log_to_trainer,
+            on_error,
+        )
         self.shift = shift
         self.labels = labels
         self.logits = logits
-        self.eval_data = eval_data
-        self.eval_samples = eval_samples
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.run_name = run_name
-        self.config = dict(config or {})
-        self.sinks = check_sinks(sinks)
-        self.log_to_trainer = bool(log_to_trainer)
-        self.on_error = check_on_error(on_error)
-        #: The session of the current training (``None`` before it, and off the main process).
-        self.session: TrackingSession | None = None
         self._log: _TrainerLog | None = None
 
     def _data(self, args: TrainingArguments, train_dataloader: Any) -> Any:

@@ -41,11 +41,9 @@ from gdscope.errors import InvalidArgumentError
 from gdscope.integrations._common import (
     DEFAULT_CURVATURE_EVERY,
     DEFAULT_EVAL_SAMPLES,
+    CallbackSettings,
     TrackingSession,
     callback_probes,
-    check_every,
-    check_on_error,
-    check_subset_args,
     curvature_dtype,
     eval_batches,
     move,
@@ -53,7 +51,7 @@ from gdscope.integrations._common import (
     problem_data,
     unwrap_optimizer,
 )
-from gdscope.integrations.sinks import CallableSink, Sink, check_sinks
+from gdscope.integrations.sinks import CallableSink, Sink
 from gdscope.probes import Probe
 from gdscope.problem import Problem
 from gdscope.store import Store
@@ -66,7 +64,7 @@ LOSS_ATTRIBUTES = ("loss_fn", "criterion", "loss_func", "loss_module")
 HOOK = "on_train_batch_end (after optimizer.step; step = trainer.global_step - 1)"
 
 
-class GdscopeCallback(pl.Callback):
+class GdscopeCallback(CallbackSettings, pl.Callback):
     """Track gdscope probes during ``Trainer.fit`` (see the module docstring).
 
     Args:
@@ -119,26 +117,23 @@ class GdscopeCallback(pl.Callback):
             raise InvalidArgumentError(
                 f"adapter={adapter!r} must be a gdscope adapter, e.g. gs.adapters.hf()."
             )
-        if config is not None and not isinstance(config, Mapping):
-            raise InvalidArgumentError(f"config={config!r} must be a dict of settings or None.")
-        check_subset_args(eval_samples, eval_batch_size, seed)
-        self.store = store
-        self.curvature_every = check_every(curvature_every)
-        self.probes = list(probes) if probes is not None else None
-        self.loss = loss
+        self._set_common(
+            store,
+            probes,
+            loss,
+            eval_data,
+            eval_samples,
+            eval_batch_size,
+            seed,
+            curvature_every,
+            run_name,
+            config,
+            sinks,
+            log_to_trainer,
+            on_error,
+        )
         self.model = model
         self.adapter = adapter
-        self.eval_data = eval_data
-        self.eval_samples = eval_samples
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.run_name = run_name
-        self.config = dict(config or {})
-        self.sinks = check_sinks(sinks)
-        self.log_to_trainer = bool(log_to_trainer)
-        self.on_error = check_on_error(on_error)
-        #: The session of the current fit (``None`` before it, and on non-zero ranks).
-        self.session: TrackingSession | None = None
         self._last_global: int | None = None
 
     # ------------------------------------------------------------------ setup
