@@ -28,7 +28,12 @@ Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` p
 ``"jacobian"``
     ``vmap(jacrev)`` Jacobians of a tile of samples (``k`` backward passes per sample), then one
     GEMM per pair of tiles: ``n n2 k² P`` multiply-adds, ``(b + b2) k P`` memory for tiles of
-    ``b``, ``b2`` samples. Works for any module ``torch.func`` can differentiate.
+    ``b``, ``b2`` samples. Works where ``torch.func.jacrev`` works on one sample. Where
+    ``vmap`` cannot batch the model over samples (``nn.GRU``, ``nn.LSTM``: PyTorch has no batching
+    rule for them), the per-sample Jacobians (and the structured captures) are formed in a Python
+    loop over samples instead, with the same result (and the log and ``_explain`` say so); where
+    even ``jacrev`` of one sample fails, this method and ``"structured"`` refuse with the module's
+    name and ``"auto"`` takes ``"vp"``.
 ``"vp"``
     NTK-vector products ``v ↦ J Jᵀ v`` (:func:`gdscope.kernels.operator.ntk_operator`: a vjp and
     a jvp, about three forward passes of all ``n + n2`` samples each) applied to identity
@@ -55,13 +60,14 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from gdscope.errors import (
     InvalidArgumentError,
@@ -86,7 +92,8 @@ class NtkMethod(enum.StrEnum):
     STRUCTURED = "structured"
     """Per-layer contractions only; refuses models with uncovered parameters."""
     JACOBIAN = "jacobian"
-    """``vmap(jacrev)`` Jacobian tiles contracted by GEMM; any model."""
+    """Per-sample Jacobian tiles (``vmap(jacrev)``, or a loop over samples where ``vmap``
+    cannot batch the model) contracted by GEMM."""
     VP = "vp"
     """NTK-vector products on identity columns; never forms ``J``; slow, least memory."""
 
@@ -226,6 +233,8 @@ class _Plan:
     fb: list[str] = field(default_factory=list)  # canonical names of fallback parameters
     fallback_why: dict[str, str] = field(default_factory=dict)  # module -> reason
     act: int = 0  # activation elements per sample (leaf module outputs)
+    #: ``vmap`` can batch the model over samples; else per-sample captures run in a Python loop
+    batched: bool = True
 
     @property
     def jac_rules(self) -> list[Rule]:
@@ -332,6 +341,67 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
+@dataclass(frozen=True)
+class _Batching:
+    """How per-sample Jacobians can be formed on this model (:func:`_batching`)."""
+
+    vmap: bool = True  # ``vmap`` batches the model over samples
+    jac: bool = True  # ``jacrev`` works on one sample (k cotangents batched by ``vmap``)
+    module: str | None = None  # the innermost module running when ``vmap`` failed
+    why: str = ""  # PyTorch's message, first line
+
+    def describe(self) -> str:
+        where = f"module {self.module!r}" if self.module else "the model"
+        if self.vmap:
+            return "per-sample Jacobians by vmap over samples"
+        if self.jac:
+            return (
+                f"per-sample Jacobians in a Python loop over samples: vmap cannot batch {where} "
+                f"over samples ({self.why})"
+            )
+        return f"no per-sample Jacobians: vmap fails in {where} ({self.why})"
+
+
+def _batching(model: nn.Module, fn: ModelFunction, x1: Tensor) -> _Batching:
+    """Can ``vmap`` batch the model over samples (a forward and one backward on two copies of
+    one sample)? If not (``nn.GRU``, ``nn.LSTM``, custom autograd functions without a vmap
+    rule), can ``jacrev`` at least batch the cotangents of one sample? The innermost module that
+    was running when ``vmap`` failed is named in the reason."""
+    stack: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        label = name or type(model).__name__
+        handles.append(mod.register_forward_pre_hook(lambda *_, lb=label: stack.append(lb)))
+        handles.append(mod.register_forward_hook(lambda *_: stack.pop() and None))
+    params = fn.params
+
+    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, (p, fn.buffers), (xi.unsqueeze(0),)).reshape(-1)
+
+    def one(xi: Tensor) -> dict[str, Tensor]:
+        out, pull = vjp(lambda p: f(p, xi), params)
+        return pull(torch.ones_like(out))[0]
+
+    culprit, why = None, ""
+    try:
+        with torch.enable_grad():
+            vmap(one)(x1.expand(2, *x1.shape[1:]))
+        return _Batching()
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        culprit = stack[-1] if stack else None
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        out, pull = vjp(lambda p: f(p, x1[0]), params)
+        vmap(pull)(torch.ones(2, *out.shape, dtype=out.dtype, device=out.device))
+        ok = True
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        ok = False
+    return _Batching(vmap=False, jac=ok, module=culprit, why=why)
+
+
 def _record(model: nn.Module, fn: ModelFunction, x1: Tensor) -> tuple[dict, int]:
     """One forward of one sample: per-module calls and shapes, output size, buffer check."""
     snapshot = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -385,8 +455,9 @@ def _build_plan(
     trace: bool,
     n_other: int,
     force: str | dict[str, str] | None = None,
+    batched: bool = True,
 ) -> _Plan:
-    plan = _Plan(model=model, fn=fn, k=k, in_shape=tuple(x.shape[1:]))
+    plan = _Plan(model=model, fn=fn, k=k, in_shape=tuple(x.shape[1:]), batched=batched)
     plan.act = sum(
         math.prod(r["out"]) * r["calls"] for r in info.values() if r.get("leaf") and r["out"]
     )
@@ -485,7 +556,7 @@ def _verify_rules(plan: _Plan, xs: Tensor) -> None:
         _, pull = vjp(f, rp)
         return pull(vi)[0]
 
-    true = {n: g.sum(0) for n, g in vmap(per)(xs, v).items()}
+    true = {n: g.sum(0) for n, g in _over_samples(per, plan.batched, (), (xs, v)).items()}
     tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(fn.dtype, 3e-2)
     if fn.dtype == torch.float32 and fn.device.type == "cuda":
         tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
@@ -541,9 +612,19 @@ def _capture(
         return out.reshape(-1), hooks.aux
 
     with hooks:
-        per = vmap(jacrev(f, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
-        (G, J), aux = per(probes, fbp, xs)
+        per = jacrev(f, argnums=(0, 1), has_aux=True)
+        (G, J), aux = _over_samples(per, plan.batched, (probes, fbp), (xs,))
     return G, J, aux
+
+
+def _over_samples(f: Callable, batched: bool, const: tuple, per: tuple[Tensor, ...]) -> Any:
+    """``f(*const, *(t[i] for t in per))`` for every sample ``i``, stacked along a new dim 0: by
+    ``vmap``, or by a Python loop where ``vmap`` cannot batch the model (``nn.GRU``/``nn.LSTM``;
+    same result, one call per sample)."""
+    if batched:
+        return vmap(f, in_dims=(None,) * len(const) + (0,) * len(per))(*const, *per)
+    outs = [f(*const, *(t[i] for t in per)) for i in range(per[0].shape[0])]
+    return tree_map(lambda *ts: torch.stack(ts), outs[0], *outs[1:])
 
 
 class _Feats:
@@ -674,6 +755,7 @@ class _Job:
     plan: _Plan | None = None
     layout: _Layout | None = None
     block_size: int | None = None
+    batching: _Batching = field(default_factory=lambda: _Batching())
 
     @property
     def n(self) -> int:
@@ -836,8 +918,22 @@ def _prepare(
             raise InvalidArgumentError(f"out must have a floating dtype, got {out.dtype}.")
     else:
         budget -= 0 if for_blocks else out_bytes
+    batching = _Batching() if method == "vp" else _batching(model, fn, x[:1])
+    if not batching.vmap:
+        log.info("ntk: %s", batching.describe())
+    if not batching.jac:
+        if method != "auto":
+            where = f"module {batching.module!r}" if batching.module else "the model"
+            raise InvalidArgumentError(
+                f"method={method!r} needs per-sample Jacobians, but torch.func cannot form them "
+                f"on {where} ({batching.why}). Use method='vp' (NTK-vector products; also what "
+                "method='auto' does here)."
+            )
+        method = "vp"
+        log.info("ntk: method='auto' takes 'vp' (NTK-vector products)")
     job = _Job(method, model, fn, x, x2, trace_outputs, budget, k, block_size=block_size)
-    job.plan = _build_plan(model, fn, x, info, k, method, trace_outputs, n2, force)
+    job.batching = batching
+    job.plan = _build_plan(model, fn, x, info, k, method, trace_outputs, n2, force, batching.vmap)
     if method != "vp":
         job.layout = _layout(job.plan, n, n2, x2 is None, trace_outputs, budget, block_size)
     return job, out
@@ -991,7 +1087,12 @@ def _explain(
     with math_attention():
         job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
     plan, lay = job.plan, job.layout
-    info = {"method": job.method, "k": job.k, "modules": plan.describe()}
+    info = {
+        "method": job.method,
+        "k": job.k,
+        "modules": plan.describe(),
+        "batching": job.batching.describe(),
+    }
     if lay is not None:
         pairs = 0
         for i0 in range(0, job.n, lay.tile):
