@@ -15,7 +15,9 @@ from gdscope.experiments._edge_parts import (
     edge_onset,
     linearized_verdict,
     loss_verdict,
+    oscillation_period,
     sharpness_verdict,
+    sliding_means,
     window_means,
 )
 
@@ -51,7 +53,7 @@ def _result(**over: Any) -> dict[str, Any]:
 
 
 RULES = {
-    "loss": lambda r: loss_verdict(r, window=20, tol=0.10, onset_fraction=0.95),
+    "loss": lambda r: loss_verdict(r, periods=3, tol=0.10, onset_fraction=0.95),
     "sharpness": lambda r: sharpness_verdict(r, tol=0.05, onset_fraction=0.95, min_post_onset=5),
     "linearized": lambda r: linearized_verdict(r, window=20, factor=2.0, onset_fraction=0.95),
 }
@@ -63,17 +65,61 @@ def test_window_means_and_onset() -> None:
     assert edge_onset(_result(sharp=[0.5 * THR] * 40), 0.95) is None
 
 
-def test_loss_rule_holds_fails_and_reports_the_worst_window() -> None:
-    v = RULES["loss"](_result())
-    assert v.status == "holds", v.measured
-    assert v.details["median_error"] < 0.01  # the ±20% wiggle averages out over 20 steps
+def _cycled(period: float, amp: float = 0.3, decay: float = 0.0) -> np.ndarray:
+    """GD's loss of :func:`_result` times a self-stabilization cycle of ``period`` steps after
+    step 45 (relative amplitude ``amp``, envelope ``exp(−decay·(t − 45))``)."""
+    t = np.arange(T)
     gd = np.asarray(_result()["gd_loss"])
-    gd[100:110] *= 3.0  # one catapult spike: the median stays, the max reports it
+    on = t >= 45
+    env = amp * np.exp(-decay * (t - 45))
+    return gd * np.where(on, 1 + env * np.sin(2 * np.pi * (t - 45) / period), 1.0)
+
+
+def test_sliding_means() -> None:
+    assert np.allclose(sliding_means(np.arange(5.0), 2), [0.5, 1.5, 2.5, 3.5])
+    assert sliding_means(np.arange(3.0), 4).size == 0
+
+
+@pytest.mark.parametrize("period", [12, 25, 37])
+def test_oscillation_period_is_measured(period: int) -> None:
+    """A cycle on top of the period-2 flip and a decaying trend: its period is recovered; the
+    flip alone (no cycle) gives 2; white noise gives no cycle either."""
+    osc = oscillation_period(_cycled(period), 45)
+    assert osc.kind == "self-stabilization cycle" and abs(osc.period - period) <= 1, osc
+    assert osc.acf_peak > osc.noise
+    flip = oscillation_period(np.asarray(_result()["gd_loss"]), 45)
+    assert flip.kind == "period-2 flip" and flip.period == 2
+    rng = np.random.default_rng(0)
+    noisy = np.asarray(_result()["gd_loss"]) * np.exp(0.05 * rng.standard_normal(T))
+    assert oscillation_period(noisy, 45).period == 2
+
+
+def test_loss_rule_tests_every_window_of_a_few_measured_periods() -> None:
+    # the ±20% flip alone: T = 2, 6-step windows average it out exactly
+    v = RULES["loss"](_result())
+    assert v.status == "holds" and v.details["period"] == 2 and v.details["window"] == 6
+    assert v.details["max_error"] < 0.01  # only the trend under the flip is left
+    # a ±30% cycle of 25 steps: 75-step windows hold it to 30%/(3π)·(…) < 10%; one period not
+    v = RULES["loss"](_result(gd_loss=list(_cycled(25))))
+    assert v.status == "holds", v.measured
+    assert v.details["period"] == 25 and v.details["window"] == 75
+    assert v.details["max_error"] < 0.05 and v.details["errors_by_periods"]["1"] > 0.05
+    assert v.details["windows"] == T - 75 + 1  # every window, first step to last
+    # one catapult spike: a window over it fails, and is named; the windows before it hold
+    gd = _cycled(25)
+    gd[100:110] *= 2.5
     v = RULES["loss"](_result(gd_loss=list(gd)))
-    assert v.status == "holds" and v.details["max_error"] > 0.5
-    assert v.details["max_error_window_start"] == 100
-    v = RULES["loss"](_result(gd_loss=list(gd * 1.3)))
+    assert v.status == "fails" and v.details["period"] == 25, v.measured
+    start = v.details["max_error_window_start"]
+    assert start <= 100 and start + 75 >= 110 and v.details["max_error"] > 0.15
+    assert max(v.details["errors"][: 100 - 75 + 1]) < 0.05
+    assert f"steps {start}–{start + 74}" in v.reason
+    # a 30% bias everywhere fails
+    v = RULES["loss"](_result(gd_loss=list(_cycled(25) * 1.3)))
     assert v.status == "fails" and v.details["median_error"] == pytest.approx(0.3, rel=0.05)
+    # a run shorter than two windows: more steps decide
+    v = loss_verdict(_result(gd_loss=list(_cycled(25))), periods=5, tol=0.1, onset_fraction=0.95)
+    assert v.status == "undetermined" and "fewer than two windows" in v.measured
 
 
 def test_sharpness_rule() -> None:
@@ -130,6 +176,8 @@ def test_config_is_checked() -> None:
         resolve("edge", ["lrs=[-1.0]"])
     with pytest.raises(ConfigError, match="loss_window"):
         resolve("edge", ["steps=10", "loss_window=20"])
+    with pytest.raises(ConfigError, match="loss_periods"):
+        resolve("edge", ["loss_periods=0"])
 
 
 def test_edge_is_a_builtin() -> None:
