@@ -50,6 +50,11 @@ compares with autograd on two samples before trusting the rule: a parameter also
 module's ``forward`` (tied weights, ``F.linear(h, self.lin.weight)``) fails that check and its
 module falls back to the Jacobian.
 
+**Custom layers** declare their own rule: a class attribute ``__ntk_rule__`` holding a
+:class:`Rule` subclass (or a factory ``module -> Rule subclass | None``), read by
+:func:`declared_rule` before the built-in table; see docs/extending.md for a worked example. The
+registry knows no model zoo: ``gdscope.zoo.NTKLinear`` declares :class:`NTKLinearRule` this way.
+
 Layouts: a chunk of ``c`` samples arrives as the module input ``inp`` of shape ``(c, *in_shape)``
 and cotangents ``G`` of shape ``(c, k, *out_shape)``, where ``in_shape``/``out_shape`` are what the
 module saw in a per-sample call (usually with a leading batch dimension 1).
@@ -59,16 +64,30 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gdscope.zoo.models import NTKLinear
-
-__all__ = ["APPROACHES", "MhaPartRule", "Rule", "make_rule", "mha_forward", "mha_inputs"]
+__all__ = [
+    "APPROACHES",
+    "ChannelNormRule",
+    "ConvRule",
+    "EmbeddingRule",
+    "LayerNormRule",
+    "LinearRule",
+    "MhaPartRule",
+    "NTKLinearRule",
+    "NtkRuleSpec",
+    "Rule",
+    "declared_rule",
+    "make_rule",
+    "mha_forward",
+    "mha_inputs",
+]
 
 APPROACHES = ("gram", "pair", "jac")
 
@@ -88,6 +107,9 @@ class Rule:
     """One module's structured NTK contribution. Subclasses fill in the geometry."""
 
     approaches: tuple[str, ...] = ("jac",)
+    #: local names of the module's own parameters this rule accounts for; a module holding any
+    #: other trainable parameter gets no rule (its parameters go to the Jacobian route)
+    param_names: ClassVar[frozenset[str]] = frozenset({"weight", "bias"})
     #: ``None``, or the part of a composite module (``"q"``, ``"k"``, ``"v"``, ``"o"`` of an
     #: ``nn.MultiheadAttention``): the capture then holds a dict of inputs and cotangents per
     #: module name, one entry per part.
@@ -341,7 +363,12 @@ class _AffineRule(Rule):
 
 
 class LinearRule(_AffineRule):
-    """``nn.Linear`` on inputs ``(..., d)``: every leading position shares the weight."""
+    """``nn.Linear`` on inputs ``(..., d)``: every leading position shares the weight.
+
+    Reads the module's ``in_features``/``out_features`` and its ``weight``/``bias``. For a custom
+    layer ``y = w_scale · W x + b_scale · b`` (docs/extending.md) subclass it and set
+    ``self.w_scale``/``self.b_scale`` in ``__init__``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -350,24 +377,25 @@ class LinearRule(_AffineRule):
         self.T = max(1, math.prod(self.in_shape[:-1]))
 
     def _A(self, inp: Tensor) -> Tensor:
-        return inp.reshape(inp.shape[0], self.T, self.d)
+        A = inp.reshape(inp.shape[0], self.T, self.d)
+        return A if self.w_scale == 1.0 else A * self.w_scale
 
     def _Gc(self, G: Tensor) -> Tensor:
         return G.reshape(G.shape[0], self.k, self.T, self.o).transpose(2, 3)
 
 
 class NTKLinearRule(LinearRule):
-    """:class:`gdscope.zoo.NTKLinear`: ``y = sqrt(σ_w²/d) W h + sqrt(σ_b²) b``, so ``A`` carries
-    the weight scale and the bias term of ``M`` is ``σ_b²`` instead of 1."""
+    """A dense layer in NTK parameterization, ``y = sqrt(σ_w²/d) W h + sqrt(σ_b²) b``: ``A``
+    carries the weight scale and the bias term of ``M`` is ``σ_b²`` instead of 1.
+
+    Reads the module's ``in_features``, ``out_features``, ``weight_var`` and ``bias_var``
+    (``gdscope.zoo.NTKLinear`` declares it through ``__ntk_rule__``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m = self.module
         self.w_scale = math.sqrt(m.weight_var / m.in_features)
         self.b_scale = math.sqrt(m.bias_var)
-
-    def _A(self, inp: Tensor) -> Tensor:
-        return super()._A(inp) * self.w_scale
 
 
 class ConvRule(_AffineRule):
@@ -424,6 +452,8 @@ class EmbeddingRule(_AffineRule):
     ``jac`` scatters into all ``num_embeddings`` rows (only worth it for small vocabularies; the
     planner's cost model knows); ``padding_idx`` rows get no gradient, as in PyTorch.
     """
+
+    param_names = frozenset({"weight"})
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -568,6 +598,10 @@ class MhaPartRule(_AffineRule):
     (``3E × E``) and the packed ``in_proj_bias`` contribute rows ``rows`` of the parameter;
     :meth:`grad` returns the full-size gradient, zero outside those rows.
     """
+
+    param_names = frozenset(
+        {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+    )
 
     def __init__(
         self,
@@ -759,13 +793,55 @@ def _forward_is(m: nn.Module, cls: type) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward and "forward" not in vars(m)
 
 
+#: What a module class puts in ``__ntk_rule__``: a :class:`Rule` subclass, or a factory called
+#: with the module that returns one (or ``None``: no rule for this instance).
+NtkRuleSpec: TypeAlias = type[Rule] | Callable[[nn.Module], type[Rule] | None]
+
+
+def declared_rule(m: nn.Module) -> type[Rule] | None:
+    """The rule ``m``'s class declares through ``__ntk_rule__`` (the protocol), else ``None``.
+
+    A class declares ``__ntk_rule__ = MyRule`` (a :class:`Rule` subclass whose
+    ``__init__(name, module, params, in_shape, out_shape, k)`` reads the geometry from the module
+    and the shapes the module saw in a one-sample forward), or a factory
+    ``__ntk_rule__ = staticmethod(lambda module: MyRule)`` (which may return ``None``, and lets
+    the rule's module be imported lazily). The declaration is honoured only where it is at least
+    as derived as the class that defines ``forward``: a subclass that overrides ``forward``
+    without declaring again gets no rule (``__ntk_rule__ = None`` also opts out), and so does an
+    instance whose ``forward`` was replaced. Every rule is still checked against autograd on two
+    samples before the planner trusts it (see :mod:`gdscope.kernels.ntk`).
+    """
+    cls = type(m)
+    if "forward" in vars(m):
+        return None
+    fwd = next((c for c in cls.__mro__ if "forward" in vars(c)), None)
+    own = next((c for c in cls.__mro__ if "__ntk_rule__" in vars(c)), None)
+    if own is None or fwd is None or not issubclass(own, fwd):
+        return None
+    spec = vars(own)["__ntk_rule__"]
+    if isinstance(spec, staticmethod):
+        spec = spec.__func__
+    if spec is None:
+        return None
+    rule = spec if isinstance(spec, type) else spec(m)
+    if rule is None:
+        return None
+    if not (isinstance(rule, type) and issubclass(rule, Rule)):
+        raise TypeError(
+            f"{cls.__name__}.__ntk_rule__ gives {rule!r}, not a subclass of "
+            "gdscope.kernels.rules.Rule: declare the rule class (or a factory returning one)."
+        )
+    return rule
+
+
 def _rule_class(m: nn.Module) -> type[Rule] | None:
+    declared = declared_rule(m)
+    if declared is not None:
+        return declared
     if _forward_is(m, nn.MultiheadAttention):
         return MhaPartRule
     if _forward_is(m, nn.Linear):
         return LinearRule
-    if _forward_is(m, NTKLinear):
-        return NTKLinearRule
     if _forward_is(m, nn.Conv1d) or _forward_is(m, nn.Conv2d):
         return ConvRule
     if _forward_is(m, nn.Embedding):
@@ -781,23 +857,6 @@ def _rule_class(m: nn.Module) -> type[Rule] | None:
         if not m.training and uses_running:
             return ChannelNormRule
     return None
-
-
-_ALLOWED = {
-    LinearRule: {"weight", "bias"},
-    NTKLinearRule: {"weight", "bias"},
-    ConvRule: {"weight", "bias"},
-    EmbeddingRule: {"weight"},
-    LayerNormRule: {"weight", "bias"},
-    ChannelNormRule: {"weight", "bias"},
-    MhaPartRule: {
-        "in_proj_weight",
-        "in_proj_bias",
-        "q_proj_weight",
-        "k_proj_weight",
-        "v_proj_weight",
-    },
-}
 
 
 def make_rule(
@@ -825,12 +884,12 @@ def make_rule(
     if cls is MhaPartRule:
         sub = {n for n, p in module.out_proj._parameters.items() if p is not None}
         mine = {n for n in params if not n.startswith("out_proj.")}
-        if not (own | mine) <= _ALLOWED[cls] or not sub <= {"weight", "bias"}:
+        if not (own | mine) <= cls.param_names or not sub <= {"weight", "bias"}:
             return None
         return _mha_rules(name, module, params, extra, k, shapes or {})
     if in_shape is None or out_shape is None:
         return None
-    if not own <= _ALLOWED[cls] or not set(params) <= _ALLOWED[cls]:
+    if not own <= cls.param_names or not set(params) <= cls.param_names:
         return None
     if cls is ConvRule:
         nd = 1 if isinstance(module, nn.Conv1d) else 2

@@ -48,7 +48,17 @@ class NTKLinear(nn.Module):
     ``N(0, 1)`` and trained; the variances only scale the forward pass. This is
     neural-tangents' ``stax.Dense(W_std=sqrt(weight_var), b_std=sqrt(bias_var),
     parameterization="ntk")`` and the convention of :func:`gdscope.infinite_ntk`.
+
+    Declares its structured NTK rule (:class:`gdscope.kernels.rules.NTKLinearRule`) through the
+    ``__ntk_rule__`` protocol (docs/extending.md), imported lazily so the zoo does not load the
+    kernel code.
     """
+
+    @staticmethod
+    def __ntk_rule__(module: nn.Module) -> type:
+        from gdscope.kernels.rules import NTKLinearRule
+
+        return NTKLinearRule
 
     def __init__(
         self,
