@@ -90,6 +90,7 @@ def run_gdscope(width: int, n: int, steps: int, mode: str, tmp: str) -> dict[str
         tracker._ensure_run()  # the run's row (environment, config), as the first step would
         t_build = time.perf_counter() - t0
     mse = torch.nn.functional.mse_loss
+    c_start = time.process_time()
     t_start = time.perf_counter()
     for t in range(steps):
         opt.zero_grad()
@@ -103,6 +104,7 @@ def run_gdscope(width: int, n: int, steps: int, mode: str, tmp: str) -> dict[str
     if tracker is not None:
         tracker.close()
     t_end = time.perf_counter()
+    c_end = time.process_time()
     row: dict[str, Any] = {
         # end to end: building the tracker and its run, the loop, close() (last batch, the
         # store's WAL checkpoint)
@@ -111,6 +113,9 @@ def run_gdscope(width: int, n: int, steps: int, mode: str, tmp: str) -> dict[str
         "steps": steps,
         "loop_s": t_loop - t_start,  # the steady per-step cost of a long run
         "close_s": t_end - t_loop,
+        # CPU seconds of the process (all threads) over the loop and close(): less sensitive
+        # than wall time to other processes on a shared machine
+        "cpu_s": c_end - c_start,
     }
     if tracker is not None:
         _, sharp = tracker.series("sharpness")
@@ -222,10 +227,18 @@ def bench_model(
     def steady(row: dict[str, Any], m: str) -> float:
         return row[m]["loop_s"] / row["plain"]["loop_s"]
 
+    def cpu(row: dict[str, Any], m: str) -> float:
+        return row[m]["cpu_s"] / row["plain"]["cpu_s"]
+
     others = [m for m in modes if m != "plain"]
     ratios = {m: statistics.median(ratio(row, m) for row in per_round) for m in others}
     steady_ratios = {
         m: statistics.median(steady(row, m) for row in per_round)
+        for m in others
+        if not m.startswith("cockpit")
+    }
+    cpu_ratios = {
+        m: statistics.median(cpu(row, m) for row in per_round)
         for m in others
         if not m.startswith("cockpit")
     }
@@ -242,6 +255,7 @@ def bench_model(
         "plain_median_step_s": plain_step,
         "ratios_vs_plain": ratios,
         "steady_ratios_vs_plain": steady_ratios,
+        "cpu_ratios_vs_plain": cpu_ratios,
         "ratio_min_max": spread,
         "per_round": per_round,
     }
@@ -273,7 +287,9 @@ def main() -> None:
             f"{label}: plain step {res['plain_median_step_s'] * 1e3:.2f} ms; "
             + "; ".join(f"{m} {v:.3f}x" for m, v in res["ratios_vs_plain"].items())
             + " | loop only: "
-            + "; ".join(f"{m} {v:.3f}x" for m, v in res["steady_ratios_vs_plain"].items()),
+            + "; ".join(f"{m} {v:.3f}x" for m, v in res["steady_ratios_vs_plain"].items())
+            + " | CPU time: "
+            + "; ".join(f"{m} {v:.3f}x" for m, v in res["cpu_ratios_vs_plain"].items()),
             flush=True,
         )
     out = Path(__file__).parent / "results"

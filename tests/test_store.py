@@ -118,6 +118,53 @@ def test_step_is_atomic(store):
     assert store.series(run, "loss")[1].tolist() == [1.0, 0.9]
 
 
+def test_log_blocks_stores_every_value_once_and_all_or_nothing(store):
+    """log_blocks (the Tracker's fast path): each block's rows land as (step, name) values;
+    one transaction across blocks; numbers of other types are converted."""
+    run = store.create_run("r", environment=ENV)
+    keys = [("loss", "loss", "before"), ("dist_init", "dist_init", "after")]
+    store.log_blocks(
+        run,
+        [
+            (keys, [0, 1], [[1.0, 0.0], [0.5, 0.25]]),
+            ([("sharpness", "sharpness", "after")], [1], [[np.float64(2.5)]]),
+            (keys, [2], [[0.25, 3]]),
+        ],
+    )
+    assert store.series(run, "loss")[1].tolist() == [1.0, 0.5, 0.25]
+    assert store.series(run, "dist_init")[1].tolist() == [0.0, 0.25, 3.0]
+    assert store.series(run, "sharpness")[1].tolist() == [2.5]
+    rows = {(s, n): (v, pr, it) for s, n, v, pr, it in store.metrics(run)}
+    assert rows[(1, "dist_init")] == (0.25, "dist_init", "after")
+    # a later block repeating a stored step: nothing of the call is stored
+    with pytest.raises(InvalidArgumentError, match="already logged"):
+        store.log_blocks(run, [(keys, [3], [[0.1, 0.1]]), (keys, [2], [[0.1, 0.1]])])
+    assert store.series(run, "loss")[0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        (([("loss", "p", "before")], [0], [["x"]]), "'loss': value 'x' is not a number"),
+        (([("loss", "p", "before")], [0], [[1.0, 2.0]]), "step 0 has 2 values for 1 names"),
+        (([("loss", "p", "before")], [0, 1], [[1.0]]), "one row per step"),
+        (([("loss", "p", "before")], [], []), "at least one step"),
+        (([("loss", "p", "before"), ("loss", "q", "after")], [0], [[1.0, 2.0]]), "more than"),
+        (([("loss", "p", "during")], [0], [[1.0]]), "iterate='during'"),
+        (([("loss", "p", "before")], [-1], [[1.0]]), "step=-1"),
+        (([(None, "p", "before")], [0], [[1.0]]), "MetricRow.name=None"),
+    ],
+)
+def test_log_blocks_refuses_a_bad_block_naming_it(store, block, match):
+    run = store.create_run("r", environment=ENV)
+    store.log_blocks(run, [([("loss", "p", "before")], [5], [[1.0]])])
+    with pytest.raises(InvalidArgumentError, match=match):
+        store.log_blocks(run, [([("ok", "p", "before")], [6], [[1.0]]), block])
+    assert store.metric_names(run) == ["loss"]  # the good block of the call is not stored
+    with pytest.raises(InvalidArgumentError, match="no such run"):
+        store.log_blocks(run + 9, [([("loss", "p", "before")], [0], [[1.0]])])
+
+
 def test_a_batch_of_steps_is_one_transaction(store, tmp_path):
     """log_steps: several steps in one commit; an error in any step stores none of them and
     names the step."""

@@ -334,19 +334,19 @@ def test_background_write_error_keeps_steps_and_raises_in_the_loop(tmp_path, mon
     tracker.step(0, loss=1.0)
     tracker._pending_steps.wait()
     store = tracker._store
-    real = store.log_steps
+    real = store.log_blocks
     calls = []
 
-    def failing(run_id, steps):
+    def failing(run_id, blocks):
         calls.append(1)
         raise gs.errors.StoreError("disk full (simulated)")
 
-    monkeypatch.setattr(store, "log_steps", failing)
+    monkeypatch.setattr(store, "log_blocks", failing)
     tracker.step(1, loss=0.9)  # half a batch (1 step) goes to the writer, which fails
     with pytest.raises(gs.errors.StoreError, match="disk full"):
         tracker.step(2, loss=0.8)  # the next submit reports it
     assert calls
-    monkeypatch.setattr(store, "log_steps", real)
+    monkeypatch.setattr(store, "log_blocks", real)
     tracker.close()
     assert _stored_steps(path) == [0, 1, 2]  # the failed batch was kept and written
 

@@ -37,7 +37,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -256,6 +256,38 @@ def _metric_values(row: MetricRow) -> tuple[str, float, str, str]:
             f"metric {row.name!r}: iterate={row.iterate!r} must be one of {ITERATES}."
         )
     return row.name, _as_float(row), row.probe, row.iterate
+
+
+#: ``(keys, steps, values)``: see :meth:`Store.log_blocks`.
+Block = tuple[Sequence[tuple[str, str, str]], Sequence[int], Sequence[Sequence[float]]]
+
+
+def _check_block(
+    keys: Sequence[tuple[str, str, str]], steps: Sequence[int], values: Sequence[Sequence[float]]
+) -> tuple[list[tuple[str, str, str]], list[int], Sequence[Sequence[float]]]:
+    """A block's names checked once, its steps and the shape and type of its values."""
+    checked = [_metric_values(MetricRow(n, 0.0, pr, it)) for n, pr, it in keys]
+    names = [c[0] for c in checked]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidArgumentError(f"a block of steps names {twice} more than once.")
+    steps = [_check_step(s) for s in steps]
+    if not steps or len(values) != len(steps):
+        raise InvalidArgumentError(
+            f"a block of {len(steps)} steps has {len(values)} rows of values: give one row per "
+            "step, and at least one step."
+        )
+    width = len(checked)
+    rows = list(values)
+    for i, (step, row) in enumerate(zip(steps, rows, strict=True)):
+        if len(row) != width:
+            raise InvalidArgumentError(f"step {step} has {len(row)} values for {width} names.")
+        if not all(type(v) is float for v in row):  # converted, or refused naming the metric
+            rows[i] = [
+                _as_float(MetricRow(n, v, pr, it))
+                for (n, _, pr, it), v in zip(checked, row, strict=True)
+            ]
+    return [(n, pr, it) for n, _, pr, it in checked], steps, rows
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -518,10 +550,7 @@ class Store:
         """
         batch = [(_check_step(step), list(rows)) for step, rows in steps]
         with self._transaction() as con:
-            if run_id not in self._known_runs:  # one look-up per run, not per step
-                if not con.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
-                    raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
-                self._known_runs.add(run_id)
+            self._check_run(con, run_id)
             for step, rows in batch:
                 values = [(run_id, step, *_metric_values(row)) for row in rows]
                 try:
@@ -530,6 +559,39 @@ class Store:
                     raise InvalidArgumentError(
                         f"a metric was already logged at step {step} of run {run_id}: {e}."
                     ) from e
+
+    def log_blocks(self, run_id: int, blocks: Iterable[Block]) -> None:
+        """Store blocks of steps in one transaction: all of them or, on any error, none.
+
+        A block ``(keys, steps, values)`` holds steps that log the same values (a steady loop):
+        ``values[i][j]`` is the value named ``keys[j] = (name, probe, iterate)`` at
+        ``steps[i]``. Names are checked once per block rather than once per value, which makes
+        this the Tracker's fast path.
+        """
+        checked = [_check_block(*block) for block in blocks]
+        flat = (
+            (run_id, step, n, v, pr, it)
+            for keys, steps, values in checked
+            for step, row in zip(steps, values, strict=True)
+            for (n, pr, it), v in zip(keys, row, strict=True)
+        )
+        with self._transaction() as con:
+            self._check_run(con, run_id)
+            try:
+                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", flat)
+            except sqlite3.IntegrityError as e:
+                first, last = checked[0][1][0], checked[-1][1][-1]
+                raise InvalidArgumentError(
+                    f"a metric was already logged at one of steps {first}..{last} of run "
+                    f"{run_id}: {e}."
+                ) from e
+
+    def _check_run(self, con: sqlite3.Connection, run_id: int) -> None:
+        """Refuse an unknown run (one look-up per run, not per write)."""
+        if run_id not in self._known_runs:
+            if not con.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise InvalidArgumentError(f"run_id={run_id!r}: no such run; create_run first.")
+            self._known_runs.add(run_id)
 
     def finish_run(
         self, run_id: int, status: str = "completed", summary: dict[str, Any] | None = None

@@ -15,7 +15,7 @@ from call to call (gaps are fine; a repeated or earlier step is refused, since e
 are stored once).
 
 **Batched writes.** Steps are buffered and written in one transaction
-(:meth:`Store.log_steps <gdscope.store.Store.log_steps>`) at most once per ``commit_seconds``
+(:meth:`Store.log_blocks <gdscope.store.Store.log_blocks>`) at most once per ``commit_seconds``
 (default 0.5 s) or every ``commit_steps`` steps (default 100), whichever comes first; the first
 step is written at once. The buffer is flushed by :meth:`Tracker.finish`, :meth:`Tracker.close`,
 the context manager's exit, any exception inside :meth:`Tracker.step`, before a
@@ -200,7 +200,7 @@ class Tracker:
         self.last_step: int | None = None
         self._last_return: float | None = None
         self._pending: list[tuple[str, str, str]] = []  # artifacts recorded before the run
-        self._checked: set[tuple[tuple[str, str, str], ...]] = set()  # name lists checked
+        self._checked: dict[_Keys, _Keys] = {}  # name lists checked (each kept once)
         self._time_keys: dict[str, str] = {}
 
     # ------------------------------------------------------------------ the store
@@ -482,7 +482,8 @@ class Tracker:
         """
         if self._store is not None and keys:
             sig = tuple(keys)
-            if sig not in self._checked:
+            known = self._checked.get(sig)
+            if known is None:
                 for (n, pr, it), v in zip(keys, values, strict=True):
                     _metric_values(MetricRow(n, v, pr, it))
                 names = [k[0] for k in keys]
@@ -494,7 +495,8 @@ class Tracker:
                     )
                 if len(self._checked) >= _CHECKED_MAX:
                     self._checked.clear()
-                self._checked.add(sig)
+                known = self._checked[sig] = sig
+            sig = known  # one object per name list: the writer groups steps by identity
             self._ensure_run()
             assert self.run_id is not None
             pending = self._pending_steps
@@ -540,20 +542,21 @@ _CHECKED_MAX = 256
 def _floats(raw: list[Any]) -> list[float]:
     """The values as floats; scalar tensors off the CPU are read in one batch (one host sync).
 
-    On the CPU ``float(t)`` per tensor is cheaper than stacking; a batch that cannot be stacked
-    (mixed devices, a dtype the device lacks) falls back to ``float`` per value, which also
-    raises the usual error for a value that is not a number.
+    On the CPU ``float`` per tensor is cheaper than stacking (and most values are floats
+    already); a batch that cannot be stacked (mixed devices, a dtype the device lacks) falls
+    back to ``float`` per value, which also raises the usual error for a value that is not a
+    number.
     """
-    tensors = [v for v in raw if isinstance(v, Tensor)]
-    if len(tensors) > 1 and any(t.device.type != "cpu" for t in tensors):
+    tensors = [v for v in raw if type(v) is not float]
+    if len(tensors) > 1 and any(isinstance(t, Tensor) and not t.is_cpu for t in tensors):
         try:
             read = iter(
                 torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors]).tolist()
             )
-            return [next(read) if isinstance(v, Tensor) else float(v) for v in raw]
-        except (RuntimeError, TypeError, ValueError):
+            return [v if type(v) is float else next(read) for v in raw]
+        except (RuntimeError, TypeError, ValueError, AttributeError):
             pass
-    return [float(v) for v in raw]
+    return [v if type(v) is float else float(v) for v in raw]
 
 
 def _central_flow_curves(prediction: Prediction, at: np.ndarray) -> dict[str, Any]:
@@ -580,7 +583,8 @@ def _central_flow_curves(prediction: Prediction, at: np.ndarray) -> dict[str, An
 
 
 #: A buffered step: ``(step, ((name, probe, iterate), ...), values)``.
-_Buffered = tuple[int, tuple[tuple[str, str, str], ...], list[float]]
+_Keys = tuple[tuple[str, str, str], ...]  # (name, probe, iterate) of each of a step's values
+_Buffered = tuple[int, _Keys, list[float]]
 
 
 class _PendingSteps:
@@ -604,14 +608,16 @@ class _PendingSteps:
         self._error: BaseException | None = None
 
     def _write(self, batch: list[_Buffered]) -> None:
+        """One transaction; consecutive steps with the same names go as one block."""
         assert self.store is not None and self.run_id is not None
-        self.store.log_steps(
-            self.run_id,
-            [
-                (step, [MetricRow(n, v, pr, it) for (n, pr, it), v in zip(keys, vals, strict=True)])
-                for step, keys, vals in batch
-            ],
-        )
+        blocks: list[tuple[_Keys, list[int], list[list[float]]]] = []
+        for step, keys, vals in batch:
+            if blocks and blocks[-1][0] is keys:
+                blocks[-1][1].append(step)
+                blocks[-1][2].append(vals)
+            else:
+                blocks.append((keys, [step], [vals]))
+        self.store.log_blocks(self.run_id, blocks)
 
     def _background(self) -> None:
         try:
@@ -706,7 +712,8 @@ def _check_loss(loss: Any) -> Tensor | None:
                 f"loss must be a scalar, got a {loss.dtype} tensor of shape {tuple(loss.shape)}: "
                 "pass the step's loss value (e.g. loss=loss, the criterion's scalar output)."
             )
-        return loss.detach().reshape(())
+        loss = loss.detach()
+        return loss if loss.dim() == 0 else loss.reshape(())
     if isinstance(loss, (bool, np.bool_)) or not isinstance(loss, (int, float, np.number)):
         raise InvalidArgumentError(
             f"loss={_short(loss)} ({type(loss).__name__}) must be a number or a scalar tensor: "

@@ -153,15 +153,13 @@ class GradNormProbe(Probe):
 
 
 def _total_norm(tensors: list[Tensor]) -> Tensor:
-    """``‖(t_1, …, t_k)‖₂`` as a scalar tensor: one fused ``_foreach_norm`` when the tensors
-    are dense and share a device and dtype, else :func:`torch.nn.utils.get_total_norm`."""
-    first = tensors[0]
-    if all(
-        t.device == first.device and t.dtype == first.dtype and t.layout == torch.strided
-        for t in tensors
-    ):
+    """``‖(t_1, …, t_k)‖₂`` as a scalar tensor: one fused ``_foreach_norm``, or, where the
+    tensors do not share a device and dtype (or are sparse), :func:`torch.nn.utils.get_total_norm`.
+    """
+    try:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-    return torch.nn.utils.get_total_norm(tensors)
+    except (RuntimeError, NotImplementedError):
+        return torch.nn.utils.get_total_norm(tensors)
 
 
 class LiveParams:
@@ -232,7 +230,10 @@ class DistanceProbe(Probe):
             base = [0.0] * len(layers)
             for j, t in zip(where, theta0, strict=True):
                 base[j] += float(torch.dot(t.reshape(-1), t.reshape(-1)))
-            self._init = _DistInit(key, theta0, flat0, buf, pieces, shaped, where, layers, base)
+            keys = [(f"dist_init/{layer}", f"dist_init_rel/{layer}") for layer in layers]
+            self._init = _DistInit(
+                key, theta0, flat0, buf, pieces, shaped, where, layers, base, keys
+            )
             self._direct = (None, False)
         return self._init
 
@@ -272,9 +273,9 @@ class DistanceProbe(Probe):
             "dist_init_rel": _ratio(tot, tot0),
         }
         if self.per_layer and len(layers) > 1:
-            for layer, d, b in zip(layers, diff, base, strict=True):
-                out[f"dist_init/{layer}"] = math.sqrt(d)
-                out[f"dist_init_rel/{layer}"] = _ratio(d, b)
+            for (key, key_rel), d, b in zip(init.keys, diff, base, strict=True):
+                out[key] = math.sqrt(d)
+                out[key_rel] = _ratio(d, b)
         return out
 
 
@@ -288,6 +289,7 @@ class _DistInit(NamedTuple):
     where: list[int]
     layers: list[str]
     base: list[float]
+    keys: list[tuple[str, str]]  # per layer: its dist_init/… and dist_init_rel/… names
 
 
 def _ratio(sq: float, sq0: float) -> float:
