@@ -125,6 +125,11 @@ class CentralFlowPrediction(Prediction):
         substeps, eig_every: the discretization used.
         eig_solves, eig_products: full Lanczos solves, and Hessian-vector products spent on
             tracking the eigenspace (solves and refinements; the derivative pass not counted).
+        curvature_every: substeps between curvature refreshes (``central_flow``'s argument).
+        curvature_passes: derivative passes (a gradient and ``m`` HVPs each, with ``m(m+1)/2``
+            third-derivative products at the edge); GD flow only (0 for RMSprop).
+        third_products: third-derivative products in those passes.
+        gradient_passes: gradient-only passes between curvature refreshes.
     """
 
     sharpness: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -140,6 +145,10 @@ class CentralFlowPrediction(Prediction):
     eig_every: int = 1
     eig_solves: int = 0
     eig_products: int = 0
+    curvature_every: int = 1
+    curvature_passes: int = 0
+    third_products: int = 0
+    gradient_passes: int = 0
 
     def __repr__(self) -> str:
         onset = "never" if self.onset_step is None else f"step {self.onset_step}"
@@ -218,6 +227,33 @@ def _residuals(prob: Problem, out: Tensor, Y: Tensor) -> Tensor:
     return torch.full((out.numel(),), math.nan, dtype=out.dtype)
 
 
+@dataclass
+class _Curvature:
+    """The edge curvature at the last refresh (:func:`central_flow`, ``curvature_every``):
+    ``M = VᵀHV`` (moved to first order since), the third-derivative products ``G`` (``None``
+    below the edge), ``λ_1`` then, the substeps since, and ``dλ_1/dt`` between the last two
+    refreshes."""
+
+    M: Tensor
+    G: Tensor | None
+    top: float
+    age: int = 0
+    rate: float = 0.0
+
+
+def _loss_and_grad(prob: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """``L(θ)`` and the flat ``∇L(θ)`` by one backward pass."""
+    leaves = {n: v.detach().requires_grad_(True) for n, v in prob.unflatten(theta).items()}
+    with torch.enable_grad():
+        value = prob.loss(leaves)
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    flat = {
+        n: torch.zeros_like(v) if gr is None else gr
+        for (n, v), gr in zip(leaves.items(), grads, strict=True)
+    }
+    return value.detach(), prob.flatten(flat).detach()
+
+
 def central_flow(
     prob: Problem,
     optimizer: Any,
@@ -227,6 +263,7 @@ def central_flow(
     max_edge: int = 6,
     edge_fraction: float = 0.95,
     eig_every: int | None = None,
+    curvature_every: int = 1,
     eig_tol: float = 1e-7,
     track_tol: float = 1e-3,
     params: Params | None = None,
@@ -247,6 +284,14 @@ def central_flow(
         edge_fraction: eigenvalues ``≥ edge_fraction·2/η`` enter the complementarity problem.
         eig_every: substeps between full warm-started Lanczos solves (default: every 10
             steps); in between, one block Rayleigh–Ritz refinement of the tracked eigenspace.
+        curvature_every: substeps between refreshes of the edge curvature (GD only): the
+            tracked eigenvectors ``V``, ``M = VᵀHV`` and the third-derivative products ``G``.
+            ``1`` (default) refreshes every substep; ``k > 1`` reuses ``G`` for ``k`` substeps,
+            moving ``M`` to first order (``dM_ij = G_ijᵀ dw``, the linearization the
+            complementarity problem already makes) and computing only ``∇L`` in between: about
+            ``k``× fewer Hessian-vector and third-derivative products, the cheaper,
+            coarser flow (docs/performance.md). Below the edge the refresh computes ``G`` only
+            once an eigenvalue could reach the edge before the next refresh (from its rate).
         track_tol: a refined pair whose residual ``‖Hv − λv‖`` exceeds ``track_tol·|λ_1|``
             (checked for free from the derivative pass) triggers a full solve next substep.
         eig_tol: Lanczos relative residual tolerance.
@@ -275,6 +320,12 @@ def central_flow(
     substeps = _check_int("substeps", substeps, 1)
     max_edge = _check_int("max_edge", max_edge, 1)
     eig_every = 10 * substeps if eig_every is None else _check_int("eig_every", eig_every, 1)
+    curvature_every = _check_int("curvature_every", curvature_every, 1)
+    if rms and curvature_every != 1:
+        raise InvalidArgumentError(
+            f"curvature_every={curvature_every} is implemented for gradient descent only; the "
+            "RMSprop flow refreshes its curvature every substep: pass curvature_every=1."
+        )
     track_tol = _check_float("track_tol", track_tol, 0.0, 1.0)
     edge_fraction = _check_float("edge_fraction", edge_fraction, 0.0, 1.0)
     eig_tol = _check_float("eig_tol", eig_tol, 0.0, 1.0)
@@ -321,6 +372,7 @@ def central_flow(
     worst_res = 0.0
     onset: int | None = None
     since, solves, matvecs, refresh = 0, 0, 0, False
+    passes = thirds = grads = 0
 
     def record(
         t: int,
@@ -385,36 +437,66 @@ def central_flow(
             + ("the optimizer's square_avg." if setting["nu0"] is not None else "∇L(w₀)².")
         )
     else:
+        curv: _Curvature | None = None
+        lagless = curvature_every == 1
         for t in range(steps + 1):
             for s in range(substeps):
-                op = curvature_operator(prob, "hessian", params=prob.unflatten(theta), check=False)
-                lam, V, mv, solved = track(op, V, m, since >= eig_every or refresh, eig_tol, seed)
-                if solved:
-                    since, solves = 0, solves + 1
-                matvecs += mv
-                since += 1
-                near = bool((lam >= edge_fraction * thr).any())
-                D = edge_derivatives(
-                    prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
-                )
-                M = V.T @ D.HU
-                M = 0.5 * (M + M.T)
-                # the tracked pairs' residuals come free with HU: a poor one asks for a fresh solve
-                resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
-                refresh = bool((resid_eig > track_tol * max(float(lam.abs().max()), 1e-300)).any())
-                g = D.grad
-                crit = [i for i in range(m) if float(lam[i]) >= edge_fraction * thr]
-                c = len(crit)
+                # a poor tracked pair (refresh) asks for a fresh solve at the next refresh
+                due = curv is None or curv.age >= curvature_every or (refresh and lagless)
+                if due:
+                    op = curvature_operator(
+                        prob, "hessian", params=prob.unflatten(theta), check=False
+                    )
+                    stale = since >= eig_every or refresh
+                    lam, V, mv, solved = track(op, V, m, stale, eig_tol, seed)
+                    if solved:
+                        since, solves = 0, solves + 1
+                    matvecs += mv
+                    top = float(lam.max())
+                    near = top >= edge_fraction * thr
+                    if curvature_every > 1 and curv is not None and not near:
+                        # lagged curvature: the third-derivative products are needed from the
+                        # refresh before an eigenvalue can reach the edge fraction
+                        rate = max(0.0, (top - curv.top) / max(curv.age * dt, 1e-300))
+                        near = top + 2 * rate * curvature_every * dt >= edge_fraction * thr
+                    D = edge_derivatives(
+                        prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
+                    )
+                    passes += 1
+                    thirds += m * (m + 1) // 2 if near else 0
+                    M = V.T @ D.HU
+                    M = 0.5 * (M + M.T)
+                    # the tracked pairs' residuals come free with HU: a poor one asks for a
+                    # fresh solve
+                    resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
+                    scale = max(float(lam.abs().max()), 1e-300)
+                    refresh = bool((resid_eig > track_tol * scale).any())
+                    rate = 0.0 if curv is None else (top - curv.top) / max(curv.age * dt, 1e-300)
+                    curv = _Curvature(M, D.G if near else None, top, rate=rate)
+                    g, loss_t = D.grad, D.loss
+                else:
+                    assert curv is not None
+                    loss_t, g = _loss_and_grad(prob, theta)
+                    grads += 1
+                M = curv.M
+                diag = torch.diagonal(M)
+                crit = [i for i in range(m) if float(diag[i]) >= edge_fraction * thr]
+                c = len(crit) if curv.G is not None else 0
                 X = np.zeros((0, 0))
                 step_dir = -eta * g
                 if c:
+                    assert curv.G is not None
                     idx = torch.tensor(crit, device=g.device)
-                    Gc = D.G[idx][:, idx]  # (c, c, P)
+                    Gc = curv.G[idx][:, idx]  # (c, c, P)
                     Mc = M[idx][:, idx]
                     C = torch.einsum("ijp,p->ij", Gc, g)
                     Gf = Gc.reshape(c * c, -1)
                     eye = torch.eye(c, dtype=g.dtype, device=g.device)
-                    alpha = 2 * eye - eta * Mc + dt * eta**2 * C
+                    gap = 2 * eye - eta * Mc
+                    if curvature_every > 1:  # pull an overshoot back over a refresh interval
+                        w_, Q_ = torch.linalg.eigh(gap)
+                        gap = (Q_ * torch.where(w_ < 0, w_ / curvature_every, w_)) @ Q_.T
+                    alpha = gap + dt * eta**2 * C
                     Bm = (dt * eta**2 / 2) * (Gf @ Gf.T)
                     x0 = X_prev if X_prev is not None and X_prev.shape == (c, c) else None
                     X, res = solve_sdcp(to_numpy(alpha), to_numpy(Bm), x0=x0)
@@ -424,16 +506,19 @@ def central_flow(
                 X_prev = X if c else None
                 saturated = saturated or (c == m == max_edge and max_edge < P)
                 if s == 0:
-                    lv = float(D.loss)
+                    lv = float(loss_t)
                     flow_loss[t] = lv
-                    sharp[t] = float(lam[0])
+                    lams = np.sort(np.linalg.eigvalsh(to_numpy(M)))[::-1]
+                    if curv.G is None and curv.age:  # below the edge, lagged: λ's trend
+                        lams = lams + curv.rate * curv.age * dt
+                    sharp[t] = float(lams[0])
                     if t == 0 and sharp[0] > thr:
                         notes.append(
                             f"the run starts above the edge (λ_1 = {sharp[0]:.4g} > 2/η = "
                             f"{thr:.4g}): GD's first steps are unstable (a catapult), which the "
                             "flow does not model: it projects back onto λ_1 = 2/η at once."
                         )
-                    eigs_rec[t, :m] = to_numpy(lam[:m])
+                    eigs_rec[t, :m] = lams[:m]
                     count[t] = c
                     loss_bar[t] = lv
                     if c:
@@ -452,14 +537,21 @@ def central_flow(
                     if t == steps:
                         break
                 theta = theta + dt * step_dir
+                since += 1
+                curv.age += 1
+                if curvature_every > 1 and curv.G is not None:
+                    # between refreshes M follows the flow to first order: dM_ij = G_ijᵀ dw
+                    dM = torch.einsum("ijp,p->ij", curv.G, dt * step_dir)
+                    curv.M = curv.M + 0.5 * (dM + dM.T)
                 if not bool(torch.isfinite(theta).all()):
                     raise NonFiniteError(
                         f"the central flow left finite values at step {t} (substep {s}): "
                         "lower lr, raise substeps, or shorten steps."
                     )
                 # grow the tracked space while every tracked eigenvalue is near the edge
-                if c == m and m < max_edge:
+                if due and c == m and m < max_edge:
                     m += 1
+                    curv.age = curvature_every  # the next substep tracks the wider space
     if saturated:
         notes.append(
             f"all {max_edge} tracked eigenvalues reached the edge at some point: more may have; "
@@ -507,4 +599,8 @@ def central_flow(
         eig_every=eig_every,
         eig_solves=solves,
         eig_products=matvecs,
+        curvature_every=curvature_every,
+        curvature_passes=passes,
+        third_products=thirds,
+        gradient_passes=grads,
     )
