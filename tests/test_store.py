@@ -165,6 +165,32 @@ def test_log_blocks_refuses_a_bad_block_naming_it(store, block, match):
         store.log_blocks(run + 9, [([("loss", "p", "before")], [0], [[1.0]])])
 
 
+def test_a_store_with_the_earlier_metrics_layout_reads_and_writes_alike(tmp_path):
+    """Stores created before the WITHOUT ROWID layout key metrics (run_id, step, name) with an
+    index on (run_id, name, step): same columns and uniqueness, so the same calls work."""
+    path = tmp_path / "old.db"
+    old_ddl = gdscope.store._SCHEMA.replace(
+        "    PRIMARY KEY (run_id, name, step)\n) WITHOUT ROWID;",
+        "    PRIMARY KEY (run_id, step, name)\n);\n"
+        "CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);",
+    )
+    assert old_ddl != gdscope.store._SCHEMA
+    with sqlite3.connect(path) as con:
+        con.executescript(old_ddl)
+        con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    with Store(path) as db:
+        run = db.create_run("r", environment=ENV)
+        db.log_blocks(run, [([("loss", "loss", "before")], [0, 1, 2], [[3.0], [2.0], [1.0]])])
+        db.log_step(run, 3, [MetricRow("loss", 0.5)])
+        with pytest.raises(InvalidArgumentError, match="already logged"):
+            db.log_step(run, 2, [MetricRow("loss", 0.1)])
+        assert db.series(run, "loss")[1].tolist() == [3.0, 2.0, 1.0, 0.5]
+        assert db.runs()[0].last_step == 3
+    with sqlite3.connect(path) as con:
+        sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'metrics'").fetchone()[0]
+    assert "WITHOUT ROWID" not in sql  # the file's own layout was left as it was
+
+
 def test_a_batch_of_steps_is_one_transaction(store, tmp_path):
     """log_steps: several steps in one commit; an error in any step stores none of them and
     names the step."""

@@ -74,6 +74,9 @@ JSON_GENERATOR = "generator"
 _SNIFF_BYTES = 65536
 OutputKind = Literal["html", "json", "csv"]
 
+# ``metrics`` is one B-tree keyed (run_id, name, step) (WITHOUT ROWID): a series is one range
+# scan and an insert touches one tree. Stores created before 2026-12-03 key it (run_id, step,
+# name) with a second index on (run_id, name, step): the same columns and uniqueness, read alike.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
@@ -93,9 +96,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     value REAL,
     probe TEXT,
     iterate TEXT,
-    PRIMARY KEY (run_id, step, name)
-);
-CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
+    PRIMARY KEY (run_id, name, step)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id INTEGER NOT NULL,
     name TEXT NOT NULL,
