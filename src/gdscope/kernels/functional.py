@@ -7,6 +7,7 @@ output ``a`` inner) and ``J = ∂F/∂θ ∈ R^{nk × P}`` with parameters flatt
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,8 @@ from gdscope.errors import InvalidArgumentError, StatefulModuleError
 from gdscope.problem import check_finite, check_finite_params, math_attention
 
 __all__ = ["ModelFunction", "check_finite", "check_finite_params", "jacobian"]
+
+log = logging.getLogger(__name__)
 
 _COUPLING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -80,11 +83,25 @@ class ModelFunction:
 
 
 def jacobian(model: nn.Module | ModelFunction, x: Tensor, *, chunk: int | None = None) -> Tensor:
-    """``J = ∂F/∂θ`` as ``(n·k, P)`` (sample-major), by ``vmap(jacrev)`` in chunks of samples."""
+    """``J = ∂F/∂θ`` as ``(n·k, P)`` (sample-major), by ``vmap(jacrev)`` in chunks of samples.
+
+    Where ``vmap`` cannot batch a module over samples (``nn.GRU``, ``nn.LSTM``: their fused
+    kernels have no batching rule) the per-sample Jacobians are taken one sample at a time:
+    the same matrix, ``n`` Python-level calls instead of one.
+    """
     fn = model if isinstance(model, ModelFunction) else ModelFunction(model)
     if x.shape[0] == 0:
         raise InvalidArgumentError("x is empty (0 samples): pass at least one input.")
-    per = vmap(jacrev(fn.per_sample()), in_dims=(None, 0), chunk_size=chunk)
-    jac = per(fn.params, x)  # dict name -> (n, k, *shape)
+    one = jacrev(fn.per_sample())
+    try:
+        jac = vmap(one, in_dims=(None, 0), chunk_size=chunk)(fn.params, x)
+    except RuntimeError as batched:
+        try:
+            rows = [one(fn.params, x[i]) for i in range(x.shape[0])]
+        except RuntimeError:
+            raise batched from None  # not a batching limit: the model fails on one sample too
+        log.info("jacobian: vmap cannot batch this model over samples; one sample at a time")
+        jac = {n: torch.stack([r[n] for r in rows]) for n in fn.names}
+    # jac: dict name -> (n, k, *shape)
     J = fn.flatten(jac, lead=2)  # (n, k, P)
     return J.reshape(-1, J.shape[-1])
