@@ -142,24 +142,14 @@ class Tracker:
                 "gs.Problem(model, loss, (X, Y))."
             )
         self.prob = prob
-        self.probes = _check_probes(probes)
+        self.probes = check_probes(probes)
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise InvalidArgumentError(
                 f"probes: names must be unique, got {names}: pass each probe once."
             )
-        if store is not None and not isinstance(store, (str, PathLike, Store)):
-            raise InvalidArgumentError(
-                f"store={store!r} ({type(store).__name__}) must be a path to an SQLite file, a "
-                "gdscope.store.Store or None (in memory only), e.g. store='runs.db'."
-            )
-        if run_name is not None and (not isinstance(run_name, str) or not run_name.strip()):
-            raise InvalidArgumentError(
-                f"run_name={run_name!r} ({type(run_name).__name__}) must be a non-empty string "
-                "or None (the store names the run run-<id>)."
-            )
-        if run_name is not None:
-            check_name(run_name, "run_name", run=True)  # refused now, not at the first step
+        check_store_arg(store)
+        check_run_name(run_name)  # refused now, not at the first step
         if config is not None and not isinstance(config, Mapping):
             raise InvalidArgumentError(
                 f"config={config!r} ({type(config).__name__}) must be a dict of settings or None."
@@ -679,7 +669,28 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_probes(probes: Any) -> list[Probe]:
+def check_store_arg(store: Any) -> None:
+    """Refuse a ``store=`` that is not a path, a :class:`~gdscope.store.Store` or ``None``."""
+    if store is not None and not isinstance(store, (str, PathLike, Store)):
+        raise InvalidArgumentError(
+            f"store={store!r} ({type(store).__name__}) must be a path to an SQLite file, a "
+            "gdscope.store.Store or None (in memory only), e.g. store='runs.db'."
+        )
+
+
+def check_run_name(run_name: Any) -> None:
+    """Refuse a ``run_name=`` the store would refuse at the first step."""
+    if run_name is not None and (not isinstance(run_name, str) or not run_name.strip()):
+        raise InvalidArgumentError(
+            f"run_name={run_name!r} ({type(run_name).__name__}) must be a non-empty string "
+            "or None (the store names the run run-<id>)."
+        )
+    if run_name is not None:
+        check_name(run_name, "run_name", run=True)
+
+
+def check_probes(probes: Any) -> list[Probe]:
+    """``probes`` as a list of Probe instances (``None``: the default probes), or a clear error."""
     if probes is None:
         return list(default_probes())
     if isinstance(probes, Probe):

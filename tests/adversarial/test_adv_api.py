@@ -252,6 +252,20 @@ def test_schedules_refuse_bad_arguments(make, name):
         ({"subset": 100}, "subset"),
         ({"subset": -1}, "subset"),
         ({"subset": [0, 99]}, "subset"),
+        ({"commit_seconds": -1}, "commit_seconds"),
+        ({"commit_seconds": math.nan}, "commit_seconds"),
+        ({"commit_seconds": math.inf}, "commit_seconds"),
+        ({"commit_seconds": "0.5"}, "commit_seconds"),
+        ({"commit_seconds": True}, "commit_seconds"),
+        ({"commit_seconds": None}, "commit_seconds"),
+        ({"commit_steps": 0}, "commit_steps"),
+        ({"commit_steps": -5}, "commit_steps"),
+        ({"commit_steps": 1.5}, "commit_steps"),
+        ({"commit_steps": True}, "commit_steps"),
+        ({"commit_steps": "100"}, "commit_steps"),
+        ({"background": "yes"}, "background"),
+        ({"background": 1}, "background"),
+        ({"background": None}, "background"),
     ],
 )
 def test_tracker_refuses_bad_arguments(kwargs, name):
@@ -648,3 +662,43 @@ def test_tracker_refuses_an_unprintable_run_name_at_construction(name):
     prob = gs.Problem(torch.nn.Linear(2, 1).double(), "mse", (X, Y))
     with pytest.raises(InvalidArgumentError, match="run_name"):
         gs.Tracker(prob, store=None, run_name=name)
+
+
+# ---------------------------------------------------------------------- trainer callbacks
+CALLBACK_BAD = [
+    ({"store": 3}, "store"),
+    ({"store": ["runs.db"]}, "store"),
+    ({"probes": 3}, "probes"),
+    ({"probes": [3]}, "probes"),
+    ({"probes": LossProbe()}, "probes"),
+    ({"run_name": 5}, "run_name"),
+    ({"run_name": ""}, "run_name"),
+    ({"run_name": "123"}, "run_name"),
+    ({"loss": 5}, "loss"),
+    ({"loss": "msee"}, "loss"),
+    ({"log_to_trainer": "no"}, "log_to_trainer"),
+    ({"eval_samples": 0}, "eval_samples"),
+    ({"eval_samples": 1.5}, "eval_samples"),
+    ({"eval_batch_size": 0}, "eval_batch_size"),
+    ({"seed": "a"}, "seed"),
+    ({"curvature_every": 0}, "curvature_every"),
+    ({"curvature_every": "10"}, "curvature_every"),
+    ({"config": "abc"}, "config"),
+    ({"sinks": [3]}, "sinks"),
+    ({"on_error": "ignore"}, "on_error"),
+]
+
+
+@pytest.mark.parametrize("kind", ["lightning", "hf"])
+@pytest.mark.parametrize(("kwargs", "name"), CALLBACK_BAD)
+def test_trainer_callbacks_refuse_bad_arguments_when_made(kind, kwargs, name, tmp_path):
+    """A bad argument to either callback fails on the line that adds it, naming the argument,
+    not steps into training (where on_error='warn' would only turn tracking off)."""
+    pytest.importorskip("lightning" if kind == "lightning" else "transformers")
+    if kind == "lightning":
+        from gdscope.integrations.lightning import GdscopeCallback
+    else:
+        from gdscope.integrations.hf import GdscopeCallback
+    with pytest.raises(InvalidArgumentError, match=rf"\b{name}\b"):
+        GdscopeCallback(**{"store": tmp_path / "runs.db", **kwargs})
+    assert not (tmp_path / "runs.db").exists()  # nothing written

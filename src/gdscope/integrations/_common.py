@@ -43,7 +43,8 @@ from gdscope.probes import (
     ThresholdProbe,
 )
 from gdscope.probes.base import Iterate
-from gdscope.tracker import Tracker
+from gdscope.problem import _resolve_loss
+from gdscope.tracker import Tracker, check_probes, check_run_name, check_store_arg
 
 __all__ = [
     "CallbackSettings",
@@ -321,9 +322,19 @@ class CallbackSettings:
         if config is not None and not isinstance(config, Mapping):
             raise InvalidArgumentError(f"config={config!r} must be a dict of settings or None.")
         check_subset_args(eval_samples, eval_batch_size, seed)
+        # refused when the callback is made, not steps into training
+        check_store_arg(store)
+        check_run_name(run_name)
+        if loss is not None:
+            _resolve_loss(loss, None)
+        if not isinstance(log_to_trainer, (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"log_to_trainer={log_to_trainer!r} ({type(log_to_trainer).__name__}) must be "
+                "True (values also go to the trainer's logger) or False."
+            )
         self.store = store
         self.curvature_every = check_every(curvature_every)
-        self.probes = list(probes) if probes is not None else None
+        self.probes = check_probes(probes) if probes is not None else None
         self.loss = loss
         self.eval_data = eval_data
         self.eval_samples = eval_samples
