@@ -3,6 +3,9 @@ and its record in the run's environment."""
 
 from __future__ import annotations
 
+import math
+import os
+
 import pytest
 import torch
 
@@ -71,9 +74,51 @@ def test_busy_from_proc_stat_sample(monkeypatch):
         ]
     )
     monkeypatch.setattr(threads, "_cpu_times", lambda ids: next(samples))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     busy, source = busy_cpus([0, 1], 2, sample=0.0)
     assert busy == pytest.approx(1.0) and "/proc/stat" in source
     assert choose_threads(allowed=2, busy=busy).threads == 1
+
+
+def _idle_sample(monkeypatch, load: float, own: float, cpus: int = 2) -> None:
+    """Both CPUs idle over the sample; the load average and this process's share given."""
+    samples = iter([{"cpu0": (0, 100), "cpu1": (0, 100)}, {"cpu0": (25, 125), "cpu1": (25, 125)}])
+    monkeypatch.setattr(threads, "_cpu_times", lambda ids: next(samples))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "_own_load", lambda: own)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: cpus)
+
+
+def test_an_idle_moment_on_a_loaded_machine_is_not_taken_for_idle(monkeypatch):
+    """Work that comes and goes: the quarter-second sample sees idle CPUs, the minute's load
+    average says one is busy most of the time: one thread, not two."""
+    _idle_sample(monkeypatch, load=1.3, own=0.05)
+    busy, source = busy_cpus([0, 1], 2, sample=0.0)
+    assert busy == pytest.approx(1.25) and source == "1-minute load average"
+    assert choose_threads(allowed=2, busy=busy).threads == 1
+
+
+def test_this_process_own_load_is_not_counted_as_someone_elses(monkeypatch):
+    _idle_sample(monkeypatch, load=1.0, own=0.95)  # only we ran over the last minute
+    busy, source = busy_cpus([0, 1], 2, sample=0.0)
+    assert busy == pytest.approx(0.05) and source == "1-minute load average"
+    assert choose_threads(allowed=2, busy=busy).threads == 2
+
+
+def test_the_load_average_is_spread_over_the_whole_machine(monkeypatch):
+    # 4 of 16 CPUs are ours; a load of 8 keeps half the machine, so 2 of ours, busy
+    _idle_sample(monkeypatch, load=8.0, own=0.0, cpus=16)
+    assert busy_cpus([0, 1], 4, sample=0.0) == (2.0, "1-minute load average")
+
+
+def test_own_load_follows_the_kernel_average(monkeypatch, tmp_path):
+    """rate·(1 − e^{−t/60}): a process that used 1 CPU for 60 s adds 1 − 1/e to the load."""
+    stat = "123 (py thon) R " + " ".join(["0"] * 18) + " 1000 0 0\n"  # started at tick 1000
+    files = {"/proc/self/stat": stat, "/proc/uptime": "70.0 5.0\n"}  # 10 s at 100 ticks/s
+    monkeypatch.setattr(threads.Path, "read_text", lambda self: files[str(self)])
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(threads.os, "times", lambda: os.times_result((40.0, 20.0, 0, 0, 0)))
+    assert threads._own_load() == pytest.approx(1.0 * (1 - math.exp(-1.0)))
 
 
 def test_proc_stat_parsing(tmp_path, monkeypatch):
@@ -93,6 +138,7 @@ def test_proc_stat_parsing(tmp_path, monkeypatch):
 def test_without_proc_stat_the_load_average_is_used(monkeypatch, tmp_path):
     monkeypatch.setattr(threads, "_PROC_STAT", tmp_path / "missing")
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    monkeypatch.setattr(threads, "_own_load", lambda: 0.0)
     busy, source = busy_cpus(None, 2, sample=0.0)
     assert busy == 2.0 and source == "1-minute load average"  # capped at the CPUs allowed
 

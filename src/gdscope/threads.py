@@ -10,9 +10,12 @@ a 2-core machine busy with other work and 0.7 s with 1 thread; the demo (bench/b
 
 * ``allowed``: the CPUs this process may run on (``os.sched_getaffinity``), further limited by a
   cgroup CPU quota (``/sys/fs/cgroup/cpu.max``) where one is set;
-* ``busy``: how many of them other processes keep busy, from the idle time of those CPUs in
-  ``/proc/stat`` over a short sample (0.25 s; this process sleeps meanwhile), else the 1-minute
-  load average, else 0;
+* ``busy``: how many of them other processes keep busy: the larger of the busy time of those
+  CPUs in ``/proc/stat`` over a short sample (0.25 s; this process sleeps meanwhile) and the
+  1-minute load average less this process's own share of it, scaled to the CPUs allowed. A
+  machine that other work loads on and off can look idle for a quarter of a second, not for a
+  minute: taking two threads at such a moment once made an ``edge`` run on a 2-core machine
+  take 883 s;
 * ``free = allowed − ⌈busy − 0.25⌉`` (a CPU busy less than a quarter of the time counts as free;
   anything more counts as taken, because a descheduled partner costs far more than a thread
   less);
@@ -129,34 +132,66 @@ def _cpu_times(ids: list[int] | None) -> dict[str, tuple[int, int]] | None:
     return out or None
 
 
+def _own_load() -> float:
+    """This process's share of the 1-minute load average: its mean CPUs since it started,
+    weighted as the kernel's exponential average weights them, ``rate·(1 − e^{−elapsed/60})``.
+    0 where /proc does not say when it started."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, clock ticks
+        elapsed = float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if elapsed <= 0:
+        return 0.0
+    t = os.times()
+    return (t.user + t.system) / elapsed * (1.0 - math.exp(-elapsed / 60.0))
+
+
+def _load_busy(allowed: int | None) -> float | None:
+    """CPUs of ours that the 1-minute load average says others keep busy: ``(load − own)``
+    spread evenly over the machine's CPUs, times the CPUs allowed; ``None`` without it."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    total = os.cpu_count() or 1
+    others = max(0.0, load - _own_load())
+    if allowed is None:
+        return others
+    return min(float(allowed), others * min(allowed, total) / total)
+
+
 def busy_cpus(
     ids: list[int] | None = None, allowed: int | None = None, sample: float = SAMPLE_SECONDS
 ) -> tuple[float, str]:
     """How many CPUs other processes keep busy, and how that was measured.
 
-    Sums ``1 − idle/elapsed`` over the CPUs ``ids`` in ``/proc/stat`` across ``sample`` seconds
-    (this process sleeps meanwhile, so what is busy is someone else; steal time counts as busy).
-    Without /proc/stat: the 1-minute load average, capped at ``allowed``. Else 0.
+    The larger of: ``1 − idle/elapsed`` summed over the CPUs ``ids`` in ``/proc/stat`` across
+    ``sample`` seconds (this process sleeps meanwhile, so what is busy is someone else; steal
+    time counts as busy), and the 1-minute load average less this process's share, scaled to
+    the ``allowed`` CPUs (:func:`_load_busy`). Either alone where the other is missing; else 0.
     """
+    sampled = None
     first = _cpu_times(ids)
     if first is not None:
         time.sleep(sample)
         second = _cpu_times(ids)
         if second is not None:
-            busy = 0.0
+            sampled = 0.0
             for cpu, (idle1, total1) in second.items():
                 if cpu not in first:
                     continue
                 idle0, total0 = first[cpu]
                 elapsed = total1 - total0
                 if elapsed > 0:
-                    busy += min(1.0, max(0.0, 1.0 - (idle1 - idle0) / elapsed))
-            return busy, f"/proc/stat over {sample:g} s"
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0.0, "no load information"
-    return (load if allowed is None else min(load, float(allowed))), "1-minute load average"
+                    sampled += min(1.0, max(0.0, 1.0 - (idle1 - idle0) / elapsed))
+    loaded = _load_busy(allowed)
+    if sampled is not None and (loaded is None or sampled >= loaded):
+        return sampled, f"/proc/stat over {sample:g} s"
+    if loaded is not None:
+        return loaded, "1-minute load average"
+    return 0.0, "no load information"
 
 
 def choose_threads(
