@@ -121,12 +121,6 @@ def test_gru_ntk_eigs_matches_dense_oracle():
     assert res.lambda_max == pytest.approx(float(lam[-1]), rel=1e-10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="request K-1 (/tmp/briefs/k_requests.md): functional.jacobian (disparity's SVD path) "
-    "vmaps over samples, which nn.GRU cannot do",
-)
 def test_gru_disparity_matches_dense_oracle():
     model, x = _recurrent(nn.GRU, n=5)
     J = autograd_jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))

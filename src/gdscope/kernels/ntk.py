@@ -55,11 +55,13 @@ before anything is allocated (see :func:`ntk` for the alternatives).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,7 +69,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from gdscope.errors import (
     InvalidArgumentError,
@@ -235,6 +239,20 @@ class _Plan:
     act: int = 0  # activation elements per sample (leaf module outputs)
     #: ``vmap`` can batch the model over samples; else per-sample captures run in a Python loop
     batched: bool = True
+    #: matmul FLOPs of each module's one-sample forward (inclusive of children), from _record
+    flops: dict[str, float] = field(default_factory=dict)
+    #: own (exclusive) forward FLOPs of the module holding each fallback-able parameter
+    param_flops: dict[str, float] = field(default_factory=dict)
+    n_modules: int = 1  # modules called per forward (Python overhead per pass)
+    n_ops: int = 1  # ATen operators one forward dispatches
+    n_other: int = 1  # samples on the other side of the kernel (amortises per-sample work)
+    n: int = 1  # samples on this side
+    sym: bool = True  # x2 is None
+
+    @property
+    def F(self) -> float:
+        """Matmul FLOPs of one sample's forward (at least ``2P``: every weight used once)."""
+        return max(float(self.flops.get("", 0.0)), 2.0 * self.fn.num_params)
 
     @property
     def jac_rules(self) -> list[Rule]:
@@ -402,6 +420,18 @@ def _batching(model: nn.Module, fn: ModelFunction, x1: Tensor) -> _Batching:
     return _Batching(vmap=False, jac=ok, module=culprit, why=why)
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a forward dispatches (per-operator overhead of a pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _record(model: nn.Module, fn: ModelFunction, x1: Tensor) -> tuple[dict, int]:
     """One forward of one sample: per-module calls and shapes, output size, buffer check."""
     snapshot = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -445,6 +475,284 @@ def _record(model: nn.Module, fn: ModelFunction, x1: Tensor) -> tuple[dict, int]
     return hooks.info, int(out.numel())
 
 
+def _count(model: nn.Module, fn: ModelFunction, x1: Tensor) -> tuple[dict[str, float], int]:
+    """Matmul FLOPs of a one-sample forward per module name (inclusive of its children) and
+    the number of ATen operators it dispatches (once per model structure: cached)."""
+    counter = FlopCounterMode(display=False)
+    ops = _OpCounter()
+    with torch.no_grad(), counter, ops:
+        functional_call(model, (fn.params, fn.buffers), (x1,))
+    root = type(model).__name__
+    counts = {m: float(sum(c.values())) for m, c in counter.get_flop_counts().items()}
+    flops = {}
+    for name, _ in model.named_modules():
+        flops[name] = counts.get(f"{root}.{name}" if name else root, 0.0)
+    return flops, max(1, ops.n)
+
+
+# --------------------------------------------------------------------------------------------
+# The structure cache: the rule check and the batching check, per model structure
+
+
+@dataclass
+class _Checked:
+    """What is known about a model structure: how to batch it, which rules failed the check."""
+
+    batching: _Batching
+    flops: dict[str, float]  # matmul FLOPs of a one-sample forward per module (inclusive)
+    ops: int  # ATen operators of that forward
+    failed: frozenset[str] | None = None  # None: rules not checked yet
+
+
+_CACHE: OrderedDict[tuple, _Checked] = OrderedDict()
+_CACHE_SIZE = 64
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _structure_key(model: nn.Module, fn: ModelFunction, x1: Tensor, k: int) -> tuple:
+    """A key for everything the rule and batching checks depend on except parameter *values*:
+    module classes (and a replaced ``forward``), their scalar attributes (flags such as
+    ``training``, ``batch_first``, ``eps``), parameter names, shapes, ``requires_grad`` and
+    tying, buffer shapes, the per-sample input's shape and dtype, the model's dtype, device and
+    ``k``. Models that differ only in their weights share one entry."""
+    canon = {id(p): n for n, p in model.named_parameters()}
+    mods = []
+    for name, m in model.named_modules():
+        attrs = tuple(
+            sorted(
+                (a, v)
+                for a, v in vars(m).items()
+                if not a.startswith("_") and isinstance(v, _SCALARS)
+            )
+        )
+        params = tuple(
+            (pn, canon.get(id(p)), tuple(p.shape), p.requires_grad)
+            for pn, p in m._parameters.items()
+            if p is not None
+        )
+        bufs = tuple((bn, tuple(b.shape)) for bn, b in m._buffers.items() if b is not None)
+        fwd = vars(m).get("forward")
+        mods.append((name, id(type(m)), type(m).__qualname__, id(fwd), attrs, params, bufs))
+    return (
+        tuple(mods),
+        tuple(x1.shape[1:]),
+        x1.dtype,
+        fn.dtype,
+        str(fn.device),
+        k,
+    )
+
+
+def _checked(
+    model: nn.Module, fn: ModelFunction, x1: Tensor, k: int, batching: bool = True
+) -> _Checked:
+    """The cached facts about this model structure (computed on a miss; ``batching=False``
+    skips the batching check for the ``"vp"`` method, which does not need it)."""
+    key = _structure_key(model, fn, x1, k)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    if not batching:
+        return _Checked(_Batching(), *_count(model, fn, x1))
+    hit = _Checked(_batching(model, fn, x1), *_count(model, fn, x1))
+    _CACHE[key] = hit
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return hit
+
+
+# --------------------------------------------------------------------------------------------
+# The cost model
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """Seconds per unit of work, for predicting each route's time (:func:`_plan_costs`).
+
+    Fixed constants fitted on the development machine (2-vCPU AMD EPYC VM, torch 2.13 CPU, one
+    thread, float32; load 2-3 from other work) to ``_features`` and ``"vp"`` timings of MLPs
+    (d 4-64, width 8-256, 1-4 hidden layers) and convnets (two 3×3 convolutions, 4-16 channels,
+    8×8 inputs) at k = 1 and 10, n = 16 and 128 (most predictions within 2× of the measured
+    time), and a 1024² ``torch.mm`` (82 GFLOP/s float32, 29 float64). What they say:
+
+    - ``gemm``: the contraction GEMMs (and the structured rules' Gram products).
+    - ``cap_flop``: matmul FLOPs inside a ``vmap(jacrev)`` capture (about 25 GFLOP/s).
+    - ``jac_elem``: **each per-sample Jacobian element autograd forms** in the Jacobian route
+      (about 8 ns in float32: a weight gradient per sample and output is an outer product
+      written to memory, then copied into the GEMM's operand). This term, not the GEMM, makes
+      the tutorial's ``vmap(jacrev)`` recipe slow for dense layers at small ``n·k``.
+    - ``rule_elem``/``feat_elem``: elements the structured rules write per sample (their
+      per-sample Jacobians by one batched matmul; the Gram routes' inputs and cotangents).
+    - ``act_elem``: the ``k`` backward passes' elementwise work, per activation element.
+    - ``op_call``: dispatch overhead per ATen operator of a pass under ``vmap``/autograd (the
+      forward's operators are counted once by ``_record``; a capture runs about 3× as many,
+      a vjp + jvp pair 4×); ``pass_call`` per capture call; ``module_call`` per rule hook;
+      ``tile_call`` per rule per tile. A GRU dispatches ~100 operators per forward, an MLP ~8.
+    - ``vp_*``: the NTK-vector-product route, one vjp and one jvp per output column, whose
+      per-column overhead (``vp_col`` + operators) dominates at small sizes.
+
+    Only ratios matter for the choice. Float64 doubles the FLOP and element terms (the measured
+    GEMM ratio is 2.8); an accelerator divides them by 50 and keeps the per-call terms, which
+    then dominate (no GPU calibration was run).
+    """
+
+    gemm: float = 1 / 80e9
+    cap_flop: float = 1 / 25e9
+    jac_elem: float = 8e-9
+    rule_elem: float = 1e-9
+    feat_elem: float = 1e-9
+    act_elem: float = 1e-9
+    module_call: float = 25e-6
+    op_call: float = 20e-6
+    pass_call: float = 1e-3
+    tile_call: float = 30e-6
+    vp_flop: float = 1 / 20e9
+    vp_act: float = 4e-8
+    vp_col: float = 5e-4
+
+
+#: Another route replaces the structured plan (or the Jacobian route a rule) only when it is
+#: predicted this much faster and saves at least ``_MIN_SAVING`` seconds: the model is good to
+#: about 2× in absolute time (better in ratios), and near ties or on tiny problems a stable
+#: choice is worth more than a few predicted microseconds.
+_MARGIN = 1.25
+_MIN_SAVING = 1e-3
+
+
+def _clearly_cheaper(new: float, old: float) -> bool:
+    return new * _MARGIN < old and old - new > _MIN_SAVING
+
+
+_FLOAT_TERMS = (
+    "gemm",
+    "cap_flop",
+    "jac_elem",
+    "rule_elem",
+    "feat_elem",
+    "act_elem",
+    "vp_flop",
+    "vp_act",
+)
+
+
+def _machine(plan: _Plan) -> _Machine:
+    m = _Machine()
+    scale = 2.0 if plan.fn.dtype == torch.float64 else 1.0
+    if plan.fn.device.type != "cpu":
+        scale /= 50.0  # an accelerator: FLOPs and bytes are cheap, per-call overhead is not
+    return dataclasses.replace(m, **{t: getattr(m, t) * scale for t in _FLOAT_TERMS})
+
+
+@dataclass
+class _Work:
+    """How much of each kind of work one plan does (per call of :func:`ntk`)."""
+
+    pairs: float  # sample pairs contracted
+    captured: float  # samples passed through a capture (features recomputed per tile if not cached)
+    passes: int  # capture calls (chunks, or samples in a loop when vmap cannot batch)
+    tiles: int  # (i, j) tiles
+
+
+def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work:
+    if lay is None:  # before a layout exists: one tile row of a nominal size, features cached
+        b = max(1, min(n, math.ceil(_TILE_ROWS / plan.k)))
+        pairs = n * (n + b) / 2 if sym else float(n * n2)
+        cap = float(n if sym else n + n2)
+        return _Work(pairs, cap, 1 if sym else 2, max(1, math.ceil(pairs / b / b)))
+    pairs = 0.0
+    cap = 0.0 if not lay.cached else float(n if sym else n + n2)
+    tiles = 0
+    for i0 in range(0, n, lay.tile):
+        bi = min(i0 + lay.tile, n) - i0
+        if not lay.cached:
+            cap += bi
+        for j0 in range(i0 if sym else 0, n2, lay.tile2):
+            bj = min(j0 + lay.tile2, n2) - j0
+            pairs += bi * bj
+            tiles += 1
+            if not lay.cached and not (sym and j0 == i0):
+                cap += bj
+    return _Work(pairs, cap, max(1, math.ceil(cap / max(lay.chunk, 1))), tiles)
+
+
+def _capture_flops(plan: _Plan) -> float:
+    """Matmul FLOPs of one sample's capture: the forward, ``k`` backward passes through every
+    layer (input gradients, ≈ the forward), the weight gradients of the fallback parameters
+    (≈ their modules' forward each) and the ``jac`` rules' per-sample Jacobians."""
+    F, k = plan.F, plan.k
+    wgrad = sum(plan.param_flops.get(n, 0.0) for n in plan.fb)
+    form = sum(r.form_flops() for r in plan.jac_rules)
+    return F + k * (F + wgrad) + form
+
+
+def _capture_seconds(plan: _Plan, work: _Work, mach: _Machine) -> float:
+    k = plan.k
+    feat = sum(r.feature_bytes(r.approach, 1) for r in plan.feat_rules)
+    per_sample = (
+        _capture_flops(plan) * mach.cap_flop
+        + k * plan.p_fb * mach.jac_elem
+        + k * sum(r.jac_width() for r in plan.jac_rules) * mach.rule_elem
+        + feat * mach.feat_elem
+        + k * plan.act * mach.act_elem
+    )
+    passes = work.passes if plan.batched else work.captured
+    per_pass = mach.pass_call + 3 * plan.n_ops * mach.op_call
+    per_pass += 2 * len(plan.rules) * mach.module_call
+    return work.captured * per_sample + passes * per_pass
+
+
+def _plan_costs(plan: _Plan, work: _Work, trace: bool) -> tuple[float, float]:
+    """``(matmul FLOPs, predicted seconds)`` of a structured/mixed/Jacobian plan."""
+    mach = _machine(plan)
+    kk = 1 if trace else plan.k * plan.k
+    cap = work.captured * _capture_flops(plan)
+    gemm = work.pairs * 2.0 * kk * plan.width
+    rules = work.pairs * sum(r.flops(r.approach, trace) for r in plan.feat_rules)
+    weighted = work.pairs * sum(r.cost(r.approach, trace, plan.n_other) for r in plan.feat_rules)
+    seconds = (
+        _capture_seconds(plan, work, mach)
+        + (gemm + weighted) * mach.gemm
+        + work.tiles * (1 + len(plan.feat_rules)) * mach.tile_call
+    )
+    return cap + gemm + rules, seconds
+
+
+def _vp_costs(plan: _Plan, n: int, n2: int, sym: bool) -> tuple[float, float]:
+    """``(matmul FLOPs, seconds)`` of the ``"vp"`` route: ``n2·k`` columns (also with
+    ``trace_outputs``), each a vjp (≈ 2 forwards) and a jvp (≈ 3) over all ``N`` samples."""
+    mach = _machine(plan)
+    N = n if sym else n + n2
+    cols = n2 * plan.k
+    flops = N * plan.F + cols * N * 5.0 * plan.F
+    seconds = (
+        flops * mach.vp_flop
+        + cols * N * plan.act * mach.vp_act
+        + cols * (mach.vp_col + 4 * plan.n_ops * mach.op_call)
+    )
+    return flops, seconds
+
+
+def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work) -> float:
+    """Predicted seconds of one rule's share by ``approach`` (or ``"fb"``: its parameters by
+    the Jacobian route, weight gradients formed by autograd inside the capture)."""
+    mach = _machine(plan)
+    kk = 1 if trace else plan.k * plan.k
+    width = r.jac_width()
+    if approach == "fb":
+        wg = sum(plan.param_flops.get(n, 0.0) for n in r.params.values())
+        per = plan.k * (wg * mach.cap_flop + width * mach.jac_elem)
+        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per
+    passes = work.passes if plan.batched else work.captured
+    hooks = passes * 2 * mach.module_call  # its probe and hook in every capture pass
+    if approach == "jac":
+        per = r.form_flops() * mach.cap_flop + plan.k * width * mach.rule_elem
+        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per + hooks
+    contract = work.pairs * r.cost(approach, trace, plan.n_other) * mach.gemm
+    feat = work.captured * r.feature_bytes(approach, 1) * mach.feat_elem
+    return contract + feat + hooks + work.tiles * mach.tile_call
+
+
 def _build_plan(
     model: nn.Module,
     fn: ModelFunction,
@@ -456,11 +764,18 @@ def _build_plan(
     n_other: int,
     force: str | dict[str, str] | None = None,
     batched: bool = True,
+    checked: _Checked | None = None,
+    sym: bool = True,
 ) -> _Plan:
     plan = _Plan(model=model, fn=fn, k=k, in_shape=tuple(x.shape[1:]), batched=batched)
     plan.act = sum(
         math.prod(r["out"]) * r["calls"] for r in info.values() if r.get("leaf") and r["out"]
     )
+    plan.n_other, plan.n, plan.sym = n_other, x.shape[0], sym
+    plan.n_modules = max(1, sum(r["calls"] for r in info.values()))
+    if checked is not None:
+        plan.flops, plan.n_ops = checked.flops, checked.ops
+    _own_flops(plan, model)
     if method in ("vp",):
         return plan
     canon = {id(p): n for n, p in model.named_parameters()}
@@ -516,30 +831,82 @@ def _build_plan(
             plan.rules.extend(rule if isinstance(rule, list) else [rule])
             claimed.update(sub.values())
     if plan.rules:
-        _verify_rules(plan, x[: min(2, x.shape[0])])
+        _verify_rules(plan, x[: min(2, x.shape[0])], checked)
     if method == "structured" and plan.fb:
         raise InvalidArgumentError(
             "method='structured' cannot cover these modules: "
             + "; ".join(f"{m} ({why})" for m, why in plan.fallback_why.items())
             + ". Use method='auto' (structured rules plus the Jacobian of the rest)."
         )
-    _choose(plan, trace, n_other, force)
+    _choose(plan, trace, n_other, force, allow_fb=method == "auto")
     return plan
 
 
-def _choose(plan: _Plan, trace: bool, n_other: int, force: str | dict[str, str] | None) -> None:
+def _own_flops(plan: _Plan, model: nn.Module) -> None:
+    """Each parameter's module's exclusive forward FLOPs (its weight-gradient cost per
+    cotangent in the Jacobian route), shared evenly among the module's parameters' owner."""
+    canon = {id(p): n for n, p in model.named_parameters()}
+    for mname, mod in model.named_modules():
+        own = [canon[id(p)] for p in mod._parameters.values() if p is not None]
+        if not own:
+            continue
+        f = plan.flops.get(mname, 0.0)
+        pre = f"{mname}." if mname else ""
+        f -= sum(
+            plan.flops.get(c, 0.0)
+            for c in plan.flops
+            if c.startswith(pre) and c != mname and "." not in c[len(pre) :]
+        )
+        for n in own:
+            plan.param_flops[n] = plan.param_flops.get(n, 0.0) + max(f, 0.0) / len(own)
+
+
+def _choose(
+    plan: _Plan,
+    trace: bool,
+    n_other: int,
+    force: str | dict[str, str] | None,
+    allow_fb: bool = False,
+) -> None:
+    """Each rule's route: the forced one, else the cheapest by :func:`_rule_seconds` among its
+    approaches and (``allow_fb``, method ``"auto"``) the Jacobian of its parameters."""
+    demote = []
+    work = _work(plan, None, plan.n, plan.n_other, plan.sym)
     for r in plan.rules:
         want = force.get(r.key, force.get(r.name)) if isinstance(force, dict) else force
         options = [a for a in r.approaches if not (trace and a == "pair")]
+        if allow_fb and r.part is None:
+            options.append("fb")
         if want is not None and want in options:
             r.approach = want
         else:
-            r.approach = min(options, key=lambda a: r.cost(a, trace, n_other))
+            # the contraction-only choice (rules.py's weights, tuned per route), replaced by
+            # the whole-cost model's (capture, per-call overhead, the Jacobian route) only
+            # where that is clearly cheaper
+            base = [a for a in options if a != "fb"]
+            r.approach = min(base, key=lambda a: r.cost(a, trace, n_other))
+            cost = {a: _rule_seconds(plan, r, a, trace, work) for a in options}
+            best = min(options, key=cost.__getitem__)
+            if _clearly_cheaper(cost[best], cost[r.approach]):
+                r.approach = best
+        if r.approach == "fb":
+            demote.append(r)
+    for r in demote:
+        r.approach = "jac"
+        plan.rules.remove(r)
+        plan.fb.extend(n for n in r.params.values() if n not in plan.fb)
+        plan.fallback_why[r.name or type(plan.model).__name__] = (
+            "the Jacobian route is cheaper here (cost model)"
+        )
 
 
-def _verify_rules(plan: _Plan, xs: Tensor) -> None:
-    """Compare every rule's gradient with autograd on a few samples; demote failures."""
+def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> None:
+    """Compare every rule's gradient with autograd on a few samples; demote failures. The
+    outcome is cached per model structure (``checked``): a second call pays nothing."""
     fn, model = plan.fn, plan.model
+    if checked is not None and checked.failed is not None:
+        _demote_failed(plan, checked.failed)
+        return
     G, _, aux = _capture(plan, xs, plan.rules, [])
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(xs.shape[0], plan.k, generator=gen, dtype=torch.float64)
@@ -577,14 +944,20 @@ def _verify_rules(plan: _Plan, xs: Tensor) -> None:
         err2[o] = err2.get(o, 0.0) + float((g - t).norm()) ** 2
         scale2[o] = scale2.get(o, 0.0) + max(float(t.norm()), float(g.norm())) ** 2
     bad = {o for o in err2 if err2[o] > tol**2 * scale2[o] and err2[o] > 0}
+    if checked is not None:
+        checked.failed = frozenset(bad)
+    _demote_failed(plan, bad)
+    for name in bad:
+        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
+
+
+def _demote_failed(plan: _Plan, bad: frozenset[str] | set[str]) -> None:
     for r in [r for r in plan.rules if r.name in bad]:
         plan.rules.remove(r)
         plan.fb.extend(n for n in r.params.values() if n not in plan.fb)
-        plan.fallback_why[r.name or type(model).__name__] = (
+        plan.fallback_why[r.name or type(plan.model).__name__] = (
             "its parameters are also used outside its forward (gradient check failed)"
         )
-    for name in bad:
-        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,6 +1133,9 @@ class _Job:
     layout: _Layout | None = None
     block_size: int | None = None
     batching: _Batching = field(default_factory=lambda: _Batching())
+    #: predicted ``(matmul FLOPs, seconds)`` per route considered, and the route taken
+    costs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    route: str = ""
 
     @property
     def n(self) -> int:
@@ -922,7 +1298,8 @@ def _prepare(
             raise InvalidArgumentError(f"out must have a floating dtype, got {out.dtype}.")
     else:
         budget -= 0 if for_blocks else out_bytes
-    batching = _Batching() if method == "vp" else _batching(model, fn, x[:1])
+    checked = _checked(model, fn, x[:1], k, method != "vp")
+    batching = checked.batching
     if not batching.vmap:
         log.info("ntk: %s", batching.describe())
     if not batching.jac:
@@ -937,10 +1314,60 @@ def _prepare(
         log.info("ntk: method='auto' takes 'vp' (NTK-vector products)")
     job = _Job(method, model, fn, x, x2, trace_outputs, budget, k, block_size=block_size)
     job.batching = batching
-    job.plan = _build_plan(model, fn, x, info, k, method, trace_outputs, n2, force, batching.vmap)
+    job.plan = _build_plan(
+        model, fn, x, info, k, method, trace_outputs, n2, force, batching.vmap, checked, x2 is None
+    )
     if method != "vp":
         job.layout = _layout(job.plan, n, n2, x2 is None, trace_outputs, budget, block_size)
+    _pick_route(job, compare=method == "auto" and force is None)
     return job, out
+
+
+def _pick_route(job: _Job, compare: bool) -> None:
+    """Predict the cost of the job's plan and, with ``compare`` (``method="auto"``), of the
+    plain Jacobian route and the NTK-vector products too; switch to the cheapest.
+
+    Each route's cost is ``(matmul FLOPs, seconds)`` from :func:`_plan_costs` /
+    :func:`_vp_costs` under the layout it would get (recomputed features when they do not fit
+    count again); ``job.costs`` keeps them for :func:`_explain` and the log."""
+    plan, n, n2, sym, trace = job.plan, job.n, job.n2, job.sym, job.trace
+    name = "vp" if job.method == "vp" else ("jacobian" if not plan.rules else "structured")
+    if job.method == "vp":
+        job.costs = {"vp": _vp_costs(plan, n, n2, sym)}
+    else:
+        job.costs = {name: _plan_costs(plan, _work(plan, job.layout, n, n2, sym), trace)}
+    job.route = name
+    if not compare:
+        return
+    alt: dict[str, tuple[_Plan, _Layout | None]] = {}
+    if plan.rules:
+        jplan = dataclasses.replace(
+            plan,
+            rules=[],
+            fb=list(plan.fn.names),
+            fallback_why={"(all)": "the Jacobian route is cheaper here (cost model)"},
+        )
+        try:
+            jlay = _layout(jplan, n, n2, sym, trace, job.budget, job.block_size)
+        except InvalidArgumentError:
+            pass  # its per-sample Jacobians do not fit the budget
+        else:
+            alt["jacobian"] = (jplan, jlay)
+            job.costs["jacobian"] = _plan_costs(jplan, _work(jplan, jlay, n, n2, sym), trace)
+    job.costs["vp"] = _vp_costs(plan, n, n2, sym)
+    best = min(job.costs, key=lambda r: job.costs[r][1])
+    if not _clearly_cheaper(job.costs[best][1], job.costs[name][1]):
+        best = name  # within the model's accuracy: keep the plan (stable routes near ties)
+    if best == "vp":
+        job.method, job.layout = "vp", None
+    elif best != name:
+        job.plan, job.layout = alt[best]
+    job.route = best
+    log.debug(
+        "ntk auto: %s (predicted %s)",
+        best,
+        ", ".join(f"{r}: {c[1]:.3g} s, {c[0]:.3g} FLOP" for r, c in job.costs.items()),
+    )
 
 
 def ntk(
@@ -1096,6 +1523,8 @@ def _explain(
         "k": job.k,
         "modules": plan.describe(),
         "batching": job.batching.describe(),
+        "route": job.route,
+        "predicted": {r: {"flops": c[0], "seconds": c[1]} for r, c in job.costs.items()},
     }
     if lay is not None:
         pairs = 0

@@ -158,6 +158,16 @@ class Rule:
     def _form_cost(self) -> float:
         return 0.0
 
+    def form_flops(self) -> float:
+        """Matmul FLOPs per sample to form the ``jac`` route's per-sample Jacobian."""
+        return 0.0
+
+    def flops(self, approach: str, trace: bool) -> float:
+        """Matmul FLOPs per sample pair of :meth:`contract` for ``approach`` (what
+        ``torch.utils.flop_counter`` counts: GEMMs, not elementwise passes); for ``"jac"``
+        this rule's columns in the jac-group GEMM."""
+        return 2.0 * (1 if trace else self.k * self.k) * self.jac_width()
+
     def feature_bytes(self, approach: str, esize: int) -> int:
         """Bytes stored per sample for ``approach`` (0 for ``jac``: it lives in the jac group)."""
         return 0
@@ -248,6 +258,18 @@ class _AffineRule(Rule):
 
     def _form_cost(self) -> float:
         return self.k * self.T * self.jac_width()
+
+    def form_flops(self) -> float:
+        return 2.0 * self.k * self.T * self.o * (self.d // self.groups) * self.has_w
+
+    def flops(self, approach: str, trace: bool) -> float:
+        k, T, o = self.k, self.T, self.o
+        m = self._m_cost() if not isinstance(self, EmbeddingRule) else 0.0
+        if approach == "gram":
+            return m + 2.0 * (k if trace else k * k) * T * T * o
+        if approach == "pair":
+            return m + 2.0 * k * o * T * T + 2.0 * k * k * o * T
+        return super().flops(approach, trace)
 
     def cost(self, approach: str, trace: bool, n_other: int) -> float:
         k, T, o = self.k, self.T, self.o
@@ -493,6 +515,9 @@ class EmbeddingRule(_AffineRule):
     def _form_cost(self) -> float:
         return self.k * (self.T + self.V) * self.o
 
+    def form_flops(self) -> float:
+        return 0.0  # a scatter
+
     def _masked_G(self, inp: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         idx = self._A(inp)
         Gt = G.reshape(G.shape[0], self.k, self.T, self.o)
@@ -529,6 +554,9 @@ class _NormRule(Rule):
 
     def _form_cost(self) -> float:
         return self.k * math.prod(self.out_shape) * 2
+
+    def form_flops(self) -> float:
+        return 2.0 * self.k * math.prod(self.out_shape) * self.has_w  # the einsum for γ
 
     def _jac_parts(self, inp: Tensor, G: Tensor) -> list[Tensor]:
         xh, Gn = self._xhat_G(inp, G)
