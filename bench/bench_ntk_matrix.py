@@ -403,8 +403,8 @@ def _est_bytes(method: str, n: int, k: int, P: int, trace: bool) -> float:
     out = 4.0 * n * n * (1 if trace else k * k)
     if method in ("tf-jac", "nt"):  # the Jacobian, vmap(jacrev) intermediates, one product
         return 4.0 * n * k * P * 1.5 + 2 * out
-    if method == "nngeometry":  # a batch's Jacobian and the (k, n, k, n) Gram
-        return 4.0 * min(n, 512) * k * P * 1.5 + 4.0 * n * n * k * k * 2
+    if method == "nngeometry":  # per-layer Grams from hooked activations: the (k, n, k, n) Gram
+        return 4.0 * n * n * k * k * 3
     return 2 * out
 
 
