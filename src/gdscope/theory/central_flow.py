@@ -124,10 +124,12 @@ class CentralFlowPrediction(Prediction):
             order).
         substeps, eig_every: the discretization used.
         eig_solves, eig_products: full Lanczos solves, and Hessian-vector products spent on
-            tracking the eigenspace (solves and refinements; the derivative pass not counted).
+            tracking the eigenspace (solves, refinements, and ``HV`` of the tracked vectors
+            below the edge when others are at it; the derivative pass not counted).
         curvature_every: substeps between curvature refreshes (``central_flow``'s argument).
-        curvature_passes: derivative passes (a gradient and ``m`` HVPs each, with ``m(m+1)/2``
-            third-derivative products at the edge); GD flow only (0 for RMSprop).
+        curvature_passes: derivative passes (a gradient and ``HV`` of the tracked vectors, with
+            ``n(n+1)/2`` third-derivative products for the ``n`` near the edge); GD flow only
+            (0 for RMSprop).
         third_products: third-derivative products in those passes.
         gradient_passes: gradient-only passes between curvature refreshes.
     """
@@ -231,14 +233,17 @@ def _residuals(prob: Problem, out: Tensor, Y: Tensor) -> Tensor:
 class _Curvature:
     """The edge curvature at the last refresh (:func:`central_flow`, ``curvature_every``):
     ``M = VᵀHV`` (moved to first order since), the third-derivative products ``G`` (``None``
-    below the edge), ``λ_1`` then, the substeps since, and ``dλ_1/dt`` between the last two
-    refreshes."""
+    below the edge), ``λ_1`` then, the substeps since, ``dλ_1/dt`` between the last two
+    refreshes, and ``G`` restricted to the eigenvalues at the edge with its Gram matrix."""
 
     M: Tensor
     G: Tensor | None
     top: float
     age: int = 0
     rate: float = 0.0
+    crit: list[int] | None = None
+    Gc: Tensor | None = None
+    gram: Tensor | None = None
 
 
 def _loss_and_grad(prob: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,6 +269,7 @@ def central_flow(
     edge_fraction: float = 0.95,
     eig_every: int | None = None,
     curvature_every: int = 1,
+    stop_after_edge: int | None = None,
     eig_tol: float = 1e-7,
     track_tol: float = 1e-3,
     params: Params | None = None,
@@ -292,6 +298,8 @@ def central_flow(
             ``k``× fewer Hessian-vector and third-derivative products, the cheaper,
             coarser flow (docs/performance.md). Below the edge the refresh computes ``G`` only
             once an eigenvalue could reach the edge before the next refresh (from its rate).
+        stop_after_edge: stop this many steps after the flow reaches the edge (GD only; the
+            prediction then ends there, ``steps`` says where); ``None`` runs all ``steps``.
         track_tol: a refined pair whose residual ``‖Hv − λv‖`` exceeds ``track_tol·|λ_1|``
             (checked for free from the derivative pass) triggers a full solve next substep.
         eig_tol: Lanczos relative residual tolerance.
@@ -321,6 +329,12 @@ def central_flow(
     max_edge = _check_int("max_edge", max_edge, 1)
     eig_every = 10 * substeps if eig_every is None else _check_int("eig_every", eig_every, 1)
     curvature_every = _check_int("curvature_every", curvature_every, 1)
+    if stop_after_edge is not None:
+        stop_after_edge = _check_int("stop_after_edge", stop_after_edge, 0)
+    if rms and stop_after_edge is not None:
+        raise InvalidArgumentError(
+            "stop_after_edge is implemented for gradient descent only: pass None for RMSprop."
+        )
     if rms and curvature_every != 1:
         raise InvalidArgumentError(
             f"curvature_every={curvature_every} is implemented for gradient descent only; the "
@@ -364,7 +378,9 @@ def central_flow(
     resid: list[np.ndarray] = [np.zeros(0)] * len(record_steps)
     Yall = torch.cat([y.reshape(y.shape[0], -1) for _, y, _ in prob.batches()])
 
-    m = min(2, max_edge)
+    # lagged curvature tracks all max_edge eigenvalues from the start: widening the space
+    # later costs a fresh Lanczos solve each time, more than the extra HVPs at rare refreshes
+    m = min(2, max_edge) if curvature_every == 1 else max_edge
     saturated = False
     V: Tensor | None = None
     lam: Tensor | None = None
@@ -438,6 +454,7 @@ def central_flow(
         )
     else:
         curv: _Curvature | None = None
+        done = False
         lagless = curvature_every == 1
         for t in range(steps + 1):
             for s in range(substeps):
@@ -453,26 +470,34 @@ def central_flow(
                         since, solves = 0, solves + 1
                     matvecs += mv
                     top = float(lam.max())
-                    near = top >= edge_fraction * thr
-                    if curvature_every > 1 and curv is not None and not near:
+                    ahead = 0.0
+                    if curvature_every > 1 and curv is not None:
                         # lagged curvature: the third-derivative products are needed from the
                         # refresh before an eigenvalue can reach the edge fraction
                         rate = max(0.0, (top - curv.top) / max(curv.age * dt, 1e-300))
-                        near = top + 2 * rate * curvature_every * dt >= edge_fraction * thr
+                        ahead = 2 * rate * curvature_every * dt
+                    # third-derivative products only for the (leading) eigenvalues near the
+                    # edge: the complementarity problem uses no others
+                    n = int((lam + ahead >= edge_fraction * thr).sum())
+                    U = V[:, :n] if n else V
                     D = edge_derivatives(
-                        prob, V, params=prob.unflatten(theta), third=near, pure_layernorm=pure
+                        prob, U, params=prob.unflatten(theta), third=n > 0, pure_layernorm=pure
                     )
+                    HU = D.HU
+                    if 0 < n < m:
+                        HU = torch.cat([HU, op.matmat(V[:, n:])], 1)
+                        matvecs += m - n
                     passes += 1
-                    thirds += m * (m + 1) // 2 if near else 0
-                    M = V.T @ D.HU
+                    thirds += n * (n + 1) // 2
+                    M = V.T @ HU
                     M = 0.5 * (M + M.T)
                     # the tracked pairs' residuals come free with HU: a poor one asks for a
                     # fresh solve
-                    resid_eig = torch.linalg.norm(D.HU - V @ M, dim=0)
+                    resid_eig = torch.linalg.norm(HU - V @ M, dim=0)
                     scale = max(float(lam.abs().max()), 1e-300)
                     refresh = bool((resid_eig > track_tol * scale).any())
                     rate = 0.0 if curv is None else (top - curv.top) / max(curv.age * dt, 1e-300)
-                    curv = _Curvature(M, D.G if near else None, top, rate=rate)
+                    curv = _Curvature(M, D.G if n else None, top, rate=rate)
                     g, loss_t = D.grad, D.loss
                 else:
                     assert curv is not None
@@ -480,24 +505,28 @@ def central_flow(
                     grads += 1
                 M = curv.M
                 diag = torch.diagonal(M)
-                crit = [i for i in range(m) if float(diag[i]) >= edge_fraction * thr]
-                c = len(crit) if curv.G is not None else 0
+                n_g = 0 if curv.G is None else curv.G.shape[0]
+                crit = [i for i in range(n_g) if float(diag[i]) >= edge_fraction * thr]
+                c = len(crit)
                 X = np.zeros((0, 0))
                 step_dir = -eta * g
                 if c:
                     assert curv.G is not None
                     idx = torch.tensor(crit, device=g.device)
-                    Gc = curv.G[idx][:, idx]  # (c, c, P)
+                    if curv.crit != crit:  # G is fixed until the next refresh: so is its Gram
+                        curv.crit, curv.Gc = crit, curv.G[idx][:, idx]  # (c, c, P)
+                        Gf = curv.Gc.reshape(c * c, -1)
+                        curv.gram = Gf @ Gf.T
+                    Gc = curv.Gc
                     Mc = M[idx][:, idx]
                     C = torch.einsum("ijp,p->ij", Gc, g)
-                    Gf = Gc.reshape(c * c, -1)
                     eye = torch.eye(c, dtype=g.dtype, device=g.device)
                     gap = 2 * eye - eta * Mc
                     if curvature_every > 1:  # pull an overshoot back over a refresh interval
                         w_, Q_ = torch.linalg.eigh(gap)
                         gap = (Q_ * torch.where(w_ < 0, w_ / curvature_every, w_)) @ Q_.T
                     alpha = gap + dt * eta**2 * C
-                    Bm = (dt * eta**2 / 2) * (Gf @ Gf.T)
+                    Bm = (dt * eta**2 / 2) * curv.gram
                     x0 = X_prev if X_prev is not None and X_prev.shape == (c, c) else None
                     X, res = solve_sdcp(to_numpy(alpha), to_numpy(Bm), x0=x0)
                     worst_res = max(worst_res, res)
@@ -534,15 +563,20 @@ def central_flow(
                         j = rec_set[t]
                         outs[j] = to_numpy(out.reshape(-1))
                         resid[j] = to_numpy(_residuals(prob, out, Yall))
-                    if t == steps:
+                    if stop_after_edge is not None and onset is not None:
+                        done = t >= onset + stop_after_edge
+                    if t == steps or done:
                         break
                 theta = theta + dt * step_dir
                 since += 1
                 curv.age += 1
                 if curvature_every > 1 and curv.G is not None:
                     # between refreshes M follows the flow to first order: dM_ij = G_ijᵀ dw
+                    # (the block with third-derivative products; the rest is below the edge)
                     dM = torch.einsum("ijp,p->ij", curv.G, dt * step_dir)
-                    curv.M = curv.M + 0.5 * (dM + dM.T)
+                    k = dM.shape[0]
+                    curv.M = curv.M.clone()
+                    curv.M[:k, :k] += 0.5 * (dM + dM.T)
                 if not bool(torch.isfinite(theta).all()):
                     raise NonFiniteError(
                         f"the central flow left finite values at step {t} (substep {s}): "
@@ -552,6 +586,22 @@ def central_flow(
                 if due and c == m and m < max_edge:
                     m += 1
                     curv.age = curvature_every  # the next substep tracks the wider space
+            if done:
+                break
+        if done and t < steps:
+            notes.append(
+                f"stopped at step {t}, {stop_after_edge} steps after the flow reached the edge "
+                f"(step {onset}; stop_after_edge), before the {steps} steps asked for."
+            )
+            keep = record_steps <= t
+            outs, resid = (
+                [o for o, k in zip(outs, keep, strict=True) if k],
+                [r for r, k in zip(resid, keep, strict=True) if k],
+            )
+            record_steps, steps = record_steps[keep], t
+            loss_bar, flow_loss, sharp = loss_bar[: t + 1], flow_loss[: t + 1], sharp[: t + 1]
+            eigs_rec, sig_rec = eigs_rec[: t + 1], sig_rec[: t + 1]
+            osc, count = osc[: t + 1], count[: t + 1]
     if saturated:
         notes.append(
             f"all {max_edge} tracked eigenvalues reached the edge at some point: more may have; "
