@@ -6,6 +6,7 @@ of a float64 model (no ``torch.func``), stacked into ``J`` (``n × k × P``), th
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
@@ -80,7 +81,7 @@ def _recurrent(cell: type[nn.RNNBase], n: int = 4) -> tuple[nn.Module, torch.Ten
 def test_recurrent_ntk_every_route(cell, method, caplog):
     model, x = _recurrent(cell)
     ref = oracle_ntk(model, x)
-    with caplog.at_level(logging.INFO, logger="gdscope.kernels.ntk"):
+    with caplog.at_level(logging.DEBUG, logger="gdscope.kernels.ntk"):
         K = gs.ntk(model, x, method=method)
     assert_close(K, ref)
     if method != "vp":  # the fallback is said, naming the module that vmap cannot batch
@@ -139,3 +140,179 @@ def test_gru_disparity_ntk_eigs_fallback_matches_dense_oracle():
     assert rep.method == "ntk_eigs"
     assert rep.sigma_min == pytest.approx(float(sv[-1]), rel=1e-6)
     assert rep.sigma_max == pytest.approx(float(sv[0]), rel=1e-8)
+
+
+def test_no_per_sample_jacobians_auto_takes_vp_and_the_others_refuse(monkeypatch):
+    """Where even ``jacrev`` of one sample fails, ``auto`` takes ``vp``; ``jacobian`` and
+    ``structured`` refuse naming the module and the fix (simulated: no such module is known)."""
+    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+
+    def broken(model, fn, x1):
+        return ntk_mod._Batching(vmap=False, jac=False, module="rnn", why="no batching rule")
+
+    monkeypatch.setattr(ntk_mod, "_batching", broken)
+    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    model, x = _recurrent(nn.GRU)
+    assert _explain(model, x)["method"] == "vp"
+    assert_close(gs.ntk(model, x), oracle_ntk(model, x))
+    for method in ("jacobian", "structured"):
+        with pytest.raises(InvalidArgumentError, match=r"module 'rnn'.*method='vp'"):
+            gs.ntk(model, x, method=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# auto agrees with every route; the cost model's FLOP predictions
+
+
+class TinyConv(nn.Module):
+    """Two 3×3 convolutions and a linear readout (the issue's small convnet, smaller)."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 16, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(h.flatten(1))
+
+
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    from gdscope.zoo import mlp, preact_resnet
+    from gdscope.zoo.transformer import gpt
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    return {
+        "mlp": (mlp([6, 16, 16, 3], dtype=F64, seed=0), torch.randn(7, 6, generator=g, dtype=F64)),
+        "mlp_ntk": (
+            mlp([6, 16, 16, 3], parameterization="ntk", bias_var=0.3, dtype=F64, seed=0),
+            torch.randn(7, 6, generator=g, dtype=F64),
+        ),
+        "mlp_k32": (mlp([6, 16, 32], dtype=F64, seed=0), torch.randn(4, 6, generator=g, dtype=F64)),
+        "convnet": (TinyConv().to(F64), torch.randn(6, 1, 4, 4, generator=g, dtype=F64)),
+        "preact_resnet": (
+            preact_resnet(1, 3, width=4, depth=(1,), seed=0, dtype=F64).eval(),
+            torch.randn(4, 1, 6, 6, generator=g, dtype=F64),
+        ),
+        "gpt": (
+            gpt(5, 4, d_model=8, n_heads=2, n_layers=1, seed=0, dtype=F64).eval(),
+            torch.randint(0, 5, (2, 4), generator=g),
+        ),
+        "gru": _recurrent(nn.GRU, n=5),
+    }
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_auto_agrees_with_every_route(name):
+    from gdscope.kernels.ntk import _prepare, _run
+
+    model, x = _cases()[name]
+    x2 = x[: max(1, x.shape[0] - 2)].flip(0)
+    if name != "gpt":  # gpt: k = 20 outputs, the oracle is checked on the routes below
+        assert_close(gs.ntk(model, x), oracle_ntk(model, x))
+    for xx2 in (None, x2):
+        ref = gs.ntk(model, x, xx2)
+        tr = gs.ntk(model, x, xx2, trace_outputs=True)
+        assert_close(tr, torch.diagonal(ref, dim1=2, dim2=3).sum(-1))
+        for method in ("jacobian", "vp", "structured"):
+            try:
+                K = gs.ntk(model, x, xx2, method=method)
+            except InvalidArgumentError:
+                assert method == "structured"  # tied / recurrent / uncovered parameters
+                continue
+            assert_close(K, ref)
+        # every per-layer route forced inside auto, and every layer by the Jacobian ("fb")
+        for force in ("gram", "pair", "jac", "fb"):
+            job, out = _prepare(model, x, xx2, "auto", False, None, None, force=force)
+            assert_close(_run(job, out), ref)
+        # mixed: the first rule by its Jacobian, the rest by their cheapest routes
+        job, _ = _prepare(model, x, xx2, "auto", False, None, None)
+        if job.plan.rules and job.plan.rules[0].part is None:
+            first = job.plan.rules[0].key
+            job, out = _prepare(model, x, xx2, "auto", False, None, None, force={first: "fb"})
+            assert first in " ".join(job.plan.fallback_why)
+            assert_close(_run(job, out), ref)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_predicted_flops_order_matches_flop_counter(name):
+    """For each route, the cost model's predicted matmul FLOPs against FlopCounterMode around
+    the route itself (structure cache warm, as in every call after the first): the predicted
+    order of the routes is the measured order, and each prediction is within 20%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = _cases()[name]
+    pred, meas = {}, {}
+    for method in ("auto", "structured", "jacobian", "vp"):
+        try:
+            info = _explain(model, x, method=method)
+        except InvalidArgumentError:
+            continue
+        route = info["route"]
+        gs.ntk(model, x, method=method)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            gs.ntk(model, x, method=method)
+        pred[method] = info["predicted"][route]["flops"]
+        meas[method] = counter.get_total_flops()
+    for m in pred:
+        assert abs(pred[m] / meas[m] - 1) < 0.2, (m, pred[m], meas[m])
+    order_p = sorted(pred, key=pred.__getitem__)
+    order_m = sorted(meas, key=meas.__getitem__)
+    # routes within 20% of each other are a tie: compare the order of distinct values only
+    distinct = [m for m in order_m if all(abs(meas[m] / meas[o] - 1) > 0.2 for o in meas if o != m)]
+    assert [m for m in order_p if m in distinct] == distinct, (pred, meas)
+
+
+def test_auto_takes_the_cheapest_predicted_route():
+    """``auto`` keeps the structured plan unless another route is predicted clearly faster."""
+    from gdscope.kernels.ntk import _MARGIN, _MIN_SAVING
+
+    for name, (model, x) in _cases().items():
+        info = _explain(model, x)
+        secs = {r: c["seconds"] for r, c in info["predicted"].items()}
+        best = min(secs, key=secs.__getitem__)
+        chosen = info["route"]
+        assert chosen == best or not (
+            secs[best] * _MARGIN < secs[chosen] and secs[chosen] - secs[best] > _MIN_SAVING
+        ), (name, secs, chosen)
+
+
+def test_rule_check_is_cached_per_structure(monkeypatch):
+    """The batching check, FLOP count and rule check run once per model structure: a second
+    model of the same structure (other weights) pays none of them; another shape does."""
+    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+
+    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    calls = {"capture": 0, "batching": 0}
+    capture, batching = ntk_mod._capture, ntk_mod._batching
+
+    def spy_capture(*a, **kw):
+        calls["capture"] += 1
+        return capture(*a, **kw)
+
+    def spy_batching(*a, **kw):
+        calls["batching"] += 1
+        return batching(*a, **kw)
+
+    monkeypatch.setattr(ntk_mod, "_capture", spy_capture)
+    monkeypatch.setattr(ntk_mod, "_batching", spy_batching)
+
+    def net(width: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).to(F64)
+
+    x = torch.randn(5, 3, dtype=F64)
+    gs.ntk(net(4, 0), x)
+    assert calls == {"capture": 2, "batching": 1}  # the rule check's capture, then the kernel's
+    other = net(4, 1)
+    K = gs.ntk(other, x)
+    assert calls == {"capture": 3, "batching": 1}  # cached: only the kernel's capture
+    assert_close(K, oracle_ntk(other, x))
+    gs.ntk(net(5, 0), x)
+    assert calls == {"capture": 5, "batching": 2}  # another structure: checked again

@@ -243,6 +243,8 @@ class _Plan:
     flops: dict[str, float] = field(default_factory=dict)
     #: own (exclusive) forward FLOPs of the module holding each fallback-able parameter
     param_flops: dict[str, float] = field(default_factory=dict)
+    #: parameters of convolutions (vmap computes their weight gradients for a whole chunk)
+    conv_params: set[str] = field(default_factory=set)
     n_modules: int = 1  # modules called per forward (Python overhead per pass)
     n_ops: int = 1  # ATen operators one forward dispatches
     n_other: int = 1  # samples on the other side of the kernel (amortises per-sample work)
@@ -502,6 +504,12 @@ class _Checked:
     flops: dict[str, float]  # matmul FLOPs of a one-sample forward per module (inclusive)
     ops: int  # ATen operators of that forward
     failed: frozenset[str] | None = None  # None: rules not checked yet
+    said: bool = False  # the batching fallback was logged at INFO once
+
+    def level(self) -> int:
+        """INFO the first time a structure's fallback is reported, DEBUG after that."""
+        first, self.said = not self.said, True
+        return logging.INFO if first else logging.DEBUG
 
 
 _CACHE: OrderedDict[tuple, _Checked] = OrderedDict()
@@ -652,6 +660,7 @@ class _Work:
     captured: float  # samples passed through a capture (features recomputed per tile if not cached)
     passes: int  # capture calls (chunks, or samples in a loop when vmap cannot batch)
     tiles: int  # (i, j) tiles
+    chunk: int = 1  # samples per capture call
 
 
 def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work:
@@ -659,7 +668,7 @@ def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work
         b = max(1, min(n, math.ceil(_TILE_ROWS / plan.k)))
         pairs = n * (n + b) / 2 if sym else float(n * n2)
         cap = float(n if sym else n + n2)
-        return _Work(pairs, cap, 1 if sym else 2, max(1, math.ceil(pairs / b / b)))
+        return _Work(pairs, cap, 1 if sym else 2, max(1, math.ceil(pairs / b / b)), n)
     pairs = 0.0
     cap = 0.0 if not lay.cached else float(n if sym else n + n2)
     tiles = 0
@@ -673,15 +682,22 @@ def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work
             tiles += 1
             if not lay.cached and not (sym and j0 == i0):
                 cap += bj
-    return _Work(pairs, cap, max(1, math.ceil(cap / max(lay.chunk, 1))), tiles)
+    chunk = min(lay.chunk, n) if plan.batched else 1
+    return _Work(pairs, cap, max(1, math.ceil(cap / max(lay.chunk, 1))), tiles, chunk)
 
 
-def _capture_flops(plan: _Plan) -> float:
+def _capture_flops(plan: _Plan, chunk: int = 1) -> float:
     """Matmul FLOPs of one sample's capture: the forward, ``k`` backward passes through every
     layer (input gradients, ≈ the forward), the weight gradients of the fallback parameters
-    (≈ their modules' forward each) and the ``jac`` rules' per-sample Jacobians."""
+    (≈ their modules' forward each) and the ``jac`` rules' per-sample Jacobians.
+
+    ``chunk``: samples per ``vmap`` call. PyTorch's batching rule for a convolution's weight
+    gradient runs one grouped convolution over the whole chunk, which the FLOP counter counts
+    ``chunk`` times (the measured time grows far less: the time model passes 1)."""
     F, k = plan.F, plan.k
-    wgrad = sum(plan.param_flops.get(n, 0.0) for n in plan.fb)
+    wgrad = sum(
+        plan.param_flops.get(n, 0.0) * (chunk if n in plan.conv_params else 1) for n in plan.fb
+    )
     form = sum(r.form_flops() for r in plan.jac_rules)
     return F + k * (F + wgrad) + form
 
@@ -706,7 +722,7 @@ def _plan_costs(plan: _Plan, work: _Work, trace: bool) -> tuple[float, float]:
     """``(matmul FLOPs, predicted seconds)`` of a structured/mixed/Jacobian plan."""
     mach = _machine(plan)
     kk = 1 if trace else plan.k * plan.k
-    cap = work.captured * _capture_flops(plan)
+    cap = work.captured * _capture_flops(plan, work.chunk)
     gemm = work.pairs * 2.0 * kk * plan.width
     rules = work.pairs * sum(r.flops(r.approach, trace) for r in plan.feat_rules)
     weighted = work.pairs * sum(r.cost(r.approach, trace, plan.n_other) for r in plan.feat_rules)
@@ -859,6 +875,8 @@ def _own_flops(plan: _Plan, model: nn.Module) -> None:
         )
         for n in own:
             plan.param_flops[n] = plan.param_flops.get(n, 0.0) + max(f, 0.0) / len(own)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                plan.conv_params.add(n)
 
 
 def _choose(
@@ -1301,7 +1319,7 @@ def _prepare(
     checked = _checked(model, fn, x[:1], k, method != "vp")
     batching = checked.batching
     if not batching.vmap:
-        log.info("ntk: %s", batching.describe())
+        log.log(checked.level(), "ntk: %s", batching.describe())
     if not batching.jac:
         if method != "auto":
             where = f"module {batching.module!r}" if batching.module else "the model"
