@@ -613,3 +613,26 @@ def test_stop_after_edge_ends_the_prediction_there() -> None:
     assert below.steps == 5 and not any("stopped" in n for n in below.notes)  # never at the edge
     with pytest.raises(InvalidArgumentError, match="stop_after_edge"):
         central_flow(prob, {"class": "GD", "lr": eta}, 5, stop_after_edge=-1)
+
+
+def test_lagged_curvature_interpolates_the_sharpness_below_the_edge() -> None:
+    """Between lagged refreshes below the edge the recorded sharpness is interpolated between
+    the refreshes (every 5 steps here): on a tanh MLP whose sharpness moves, closer to the
+    fresh flow's than the last refresh's value held (measured: 6.1% against 12% in the fast
+    dip of the first 5 steps, 0.11% against 2.9% after)."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 3, generator=g, dtype=D), torch.randn(12, 2, generator=g, dtype=D)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    prob = Problem(net, "mse", (X, Y))
+    fresh = central_flow(prob, {"class": "GD", "lr": 0.3}, 30, substeps=2)
+    lag = central_flow(prob, {"class": "GD", "lr": 0.3}, 30, substeps=2, curvature_every=10)
+    assert lag.onset_step is None and np.allclose(lag.loss, fresh.loss, rtol=1e-12)
+    moved = np.ptp(fresh.sharpness) / fresh.sharpness[0]
+    assert moved > 0.05  # the sharpness moves: a stale value would be off by that much
+    err = np.abs(lag.sharpness / fresh.sharpness - 1)
+    held = np.repeat(lag.sharpness[::5], 5)[:31]  # the refreshes' values, held
+    held_err = np.abs(held / fresh.sharpness - 1)
+    assert err[5:].max() < 0.002 < held_err[5:].max()
+    assert err[:5].max() < held_err[:5].max()
+    assert lag.curvature_passes <= 8

@@ -233,17 +233,32 @@ def _residuals(prob: Problem, out: Tensor, Y: Tensor) -> Tensor:
 class _Curvature:
     """The edge curvature at the last refresh (:func:`central_flow`, ``curvature_every``):
     ``M = VᵀHV`` (moved to first order since), the third-derivative products ``G`` (``None``
-    below the edge), ``λ_1`` then, the substeps since, ``dλ_1/dt`` between the last two
-    refreshes, and ``G`` restricted to the eigenvalues at the edge with its Gram matrix."""
+    below the edge), ``λ_1`` then, the substeps since, and ``G`` restricted to the eigenvalues
+    at the edge with its Gram matrix."""
 
     M: Tensor
     G: Tensor | None
     top: float
     age: int = 0
-    rate: float = 0.0
     crit: list[int] | None = None
     Gc: Tensor | None = None
     gram: Tensor | None = None
+
+
+def _interpolate_stale(stale: np.ndarray, sharp: np.ndarray, eigs: np.ndarray) -> None:
+    """Replace the recorded eigenvalues at ``stale`` steps (below the edge, between lagged
+    refreshes) by linear interpolation between the refreshes around them (in place; the last
+    ones, after the final refresh, are held)."""
+    fresh = np.flatnonzero(~stale)
+    todo = np.flatnonzero(stale)
+    if not todo.size or not fresh.size:
+        return
+    sharp[todo] = np.interp(todo, fresh, sharp[fresh])
+    for j in range(eigs.shape[1]):
+        col = eigs[: stale.size, j]
+        ok = fresh[np.isfinite(col[fresh])]
+        if ok.size:
+            col[todo] = np.interp(todo, ok, col[ok])
 
 
 def _loss_and_grad(prob: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -455,6 +470,7 @@ def central_flow(
     else:
         curv: _Curvature | None = None
         done = False
+        stale_rec = np.zeros(steps + 1, dtype=bool)
         lagless = curvature_every == 1
         for t in range(steps + 1):
             for s in range(substeps):
@@ -496,8 +512,7 @@ def central_flow(
                     resid_eig = torch.linalg.norm(HU - V @ M, dim=0)
                     scale = max(float(lam.abs().max()), 1e-300)
                     refresh = bool((resid_eig > track_tol * scale).any())
-                    rate = 0.0 if curv is None else (top - curv.top) / max(curv.age * dt, 1e-300)
-                    curv = _Curvature(M, D.G if n else None, top, rate=rate)
+                    curv = _Curvature(M, D.G if n else None, top)
                     g, loss_t = D.grad, D.loss
                 else:
                     assert curv is not None
@@ -538,8 +553,8 @@ def central_flow(
                     lv = float(loss_t)
                     flow_loss[t] = lv
                     lams = np.sort(np.linalg.eigvalsh(to_numpy(M)))[::-1]
-                    if curv.G is None and curv.age:  # below the edge, lagged: λ's trend
-                        lams = lams + curv.rate * curv.age * dt
+                    # below the edge between lagged refreshes M is stale: interpolated at the end
+                    stale_rec[t] = curv.G is None and curv.age > 0
                     sharp[t] = float(lams[0])
                     if t == 0 and sharp[0] > thr:
                         notes.append(
@@ -588,6 +603,7 @@ def central_flow(
                     curv.age = curvature_every  # the next substep tracks the wider space
             if done:
                 break
+        _interpolate_stale(stale_rec[: t + 1], sharp, eigs_rec)
         if done and t < steps:
             notes.append(
                 f"stopped at step {t}, {stop_after_edge} steps after the flow reached the edge "
