@@ -193,3 +193,35 @@ def test_demo_page_and_store(small_demo):
             assert info.summary["verdicts"]
         assert json.dumps(exp.results["threads"]) == json.dumps(result.threads.to_dict())
     assert result.threads.threads == 1 and torch.get_num_threads() >= 1
+
+
+def test_demo_overlays_the_central_flow(small_demo):
+    """The edge-of-stability runs carry the central flow (tracker.record_prediction: loss,
+    sharpness, threshold, onset) and the page draws it; the control keeps the linearized
+    model. The flow starts where GD starts, and reaches the edge."""
+    result, _ = small_demo
+    html = result.report_path.read_text()
+    assert "data-name='central-flow'" in html and "recorded prediction (central flow)" in html
+    with Store(result.store_path, readonly=True) as store:
+        (exp,) = store.experiments()
+        runs = {store.run(r).name: r for r in exp.run_ids}
+        for lr in SMALL.lrs:
+            name = f"demo-gd-lr{lr:g}"
+            pred = json.loads(store.artifact(runs[name], "prediction"))
+            if lr == SMALL.lrs[0]:
+                assert pred["kind"] == "linearized"
+                continue
+            assert pred["kind"] == "central flow" and pred["label"] == "central flow"
+            assert pred["threshold"] == pytest.approx(2 / lr)
+            onset = pred["onset_step"]
+            assert onset is not None and pred["steps"][-1] <= onset + SMALL.flow_edge_steps
+            assert len(pred["sharpness"]) == len(pred["steps"]) == len(pred["loss"])
+            pairs = zip(pred["steps"], pred["sharpness"], strict=True)
+            at_edge = [s for t, s in pairs if t > onset + 30]
+            assert at_edge and max(abs(s * lr / 2 - 1) for s in at_edge) < 0.1
+            _, loss = store.series(runs[name], "loss")
+            assert pred["loss"][0] == pytest.approx(float(loss[0]), rel=1e-4)
+            summary = exp.results["runs"][name]["central_flow"]
+            assert summary["steps"] == pred["steps"][-1] and summary["onset_step"] == onset
+            assert summary["loss_status"] in ("holds", "fails", "undetermined", "outside")
+            assert summary["third_products"] > 0 and summary["cpu_seconds"] > 0

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,7 @@ from gdscope.probes import (
 from gdscope.problem import Problem
 from gdscope.report import plots, write_experiment_report
 from gdscope.store import Store, check_output
-from gdscope.theory import Prediction, fit_rates, predict
+from gdscope.theory import CentralFlowPrediction, Prediction, central_flow, fit_rates, predict
 from gdscope.threads import ThreadChoice, apply_threads, choose_threads, reset_threads
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
@@ -67,8 +68,10 @@ __all__ = [
     "DEMO_THREAD_CAP",
     "DemoConfig",
     "DemoResult",
+    "FLOW_SETTINGS",
     "InitialKernel",
     "choose_demo_threads",
+    "flow_agreement",
     "linearization_verdict",
     "ntk_certificate",
     "run_demo",
@@ -131,7 +134,10 @@ class DemoConfig:
     ``64-w-w-10`` and its full-batch GD runs; ``lrs[0]`` is the control (predicted to stay below
     ``2/η``), the others are predicted to reach the edge of stability. ``agreement``: the factor
     within which the linearized and measured losses must agree at every step; ``drift_max``: the
-    relative kernel drift up to which ``K_t ≈ K₀`` counts as met.
+    relative kernel drift up to which ``K_t ≈ K₀`` counts as met. ``flow_edge_steps``: the
+    central flow of each edge-of-stability run is integrated from the start until this many
+    steps after it reaches the edge (at most ``steps``; 0: none); ``flow_refresh``: GD steps
+    between its curvature refreshes (:data:`FLOW_SETTINGS`).
     """
 
     samples: int = 256
@@ -147,6 +153,8 @@ class DemoConfig:
     onset_fraction: float = 0.95
     eos_band: tuple[float, float] = (0.95, 1.15)
     min_post_onset: int = 5
+    flow_edge_steps: int = 150
+    flow_refresh: int = 20
 
     @classmethod
     def full(cls) -> DemoConfig:
@@ -170,6 +178,11 @@ class DemoConfig:
                 f"lrs={self.lrs!r} must list at least two positive step sizes: the control "
                 "first, then those predicted to reach the edge of stability."
             )
+        for name in ("flow_edge_steps", "flow_refresh"):
+            value = getattr(self, name)
+            low = 0 if name == "flow_edge_steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidArgumentError(f"{name}={value!r} must be an integer >= {low}.")
         if not self.agreement > 1 or not self.drift_max > 0:
             raise InvalidArgumentError(
                 f"agreement={self.agreement!r} must be > 1 and drift_max={self.drift_max!r} > 0."
@@ -346,7 +359,14 @@ class _Demo:
         std_runs = []
         for lr in cfg.lrs:
             model = mlp(sizes, "tanh", seed=cfg.seed)
-            spred = None
+            spred: Prediction | None = None
+            flow_cpu = math.nan
+            if lr != control and cfg.flow_edge_steps:
+                with self.phase(
+                    f"central flow of the standard net at η = {lr:g} (to {cfg.flow_edge_steps} "
+                    "steps past the edge)"
+                ):
+                    spred, flow_cpu = _flow(std0, self.X, self.Y, lr, cfg)
             if lr == control:
                 with self.phase(f"linearized prediction of the standard net at η = {lr:g}"):
                     spred = predict(
@@ -367,9 +387,15 @@ class _Demo:
                     SharpnessProbe(cfg.sharpness_every),
                 ],
                 config={"model": f"mlp {sizes} tanh, standard parameterization"},
+                label="linearized model" if lr == control else "central flow",
             )
             run.figures |= _end_point(model, self.X, self.Y, self.mem, run.run_id)
-            if spred is not None:
+            if isinstance(spred, CentralFlowPrediction):
+                sharp = self.mem.series(run.run_id, "sharpness")
+                run.figures["central_flow"] = flow_agreement(
+                    spred, run.losses, sharp, cfg, flow_cpu
+                )
+            if spred is not None and lr == control:
                 with self.phase(f"NTK of the standard net after training: K_T at η = {lr:g}"):
                     drift = _drift(model, ks, self.X)
                 dist = self._last(run, "dist_init_rel")
@@ -418,6 +444,7 @@ class _Demo:
         prediction: Prediction | None,
         probes: list[Any],
         config: dict[str, Any],
+        label: str = "linearized model",
     ) -> _Run:
         prob = Problem(model, "mse", (self.X, self.Y))
         run_config = {
@@ -439,7 +466,7 @@ class _Demo:
             description=f"{name} (η = {lr:g})",
         )
         if prediction is not None:
-            tracker.record_prediction(prediction)
+            tracker.record_prediction(prediction, label=label)
         run = _Run(name, lr, tracker, np.asarray(result.losses, np.float64), prediction)
         self.runs.append(run)
         return run
@@ -483,7 +510,12 @@ class _Demo:
                 "label": "the linearized model (gs.predict from K₀)",
             }
             for r in self.runs
-            if r.prediction is not None
+            if r.prediction is not None and not isinstance(r.prediction, CentralFlowPrediction)
+        }
+        flows = {
+            r.name: r.prediction
+            for r in self.runs
+            if isinstance(r.prediction, CentralFlowPrediction)
         }
         out = []
         fig = plots.prediction_figure(
@@ -501,7 +533,15 @@ class _Demo:
                 )
             )
         std = {k: v for k, v in series.items() if "sharpness" in v}
-        fig = plots.sharpness_figure(std, colors)
+        overlay = {
+            name: {
+                "label": "central flow",
+                "steps": list(range(f.sharpness.size)),
+                "sharpness": f.sharpness.tolist(),
+            }
+            for name, f in flows.items()
+        }
+        fig = plots.sharpness_figure(std, colors, predictions=overlay)
         if fig is not None:
             out.append(
                 plots.Plot(
@@ -509,11 +549,177 @@ class _Demo:
                     "Edge of stability: the standard net under full-batch GD. "
                     + fig.caption
                     + " At the larger step sizes the sharpness rises to 2/η and hovers; at the "
-                    "control it stays below.",
+                    "control it stays below." + (" " + _FLOW_SHARPNESS if flows else ""),
                     fig.uri,
                 )
             )
+        if flows:
+            cf = {
+                name: {
+                    "steps": list(range(f.loss.size)),
+                    "loss": f.loss.tolist(),
+                    "label": "central flow",
+                }
+                for name, f in flows.items()
+            }
+            fig = plots.prediction_figure({k: series[k] for k in cf}, cf, colors)
+            if fig is not None:
+                runs = {r.name: r for r in self.runs}
+                out.append(
+                    plots.Plot("central-flow", _flow_caption(flows, runs, self.cfg), fig.uri)
+                )
         return out
+
+
+# --------------------------------------------------------------------------- central flow
+#: How the demo integrates the central flow (:func:`gdscope.central_flow`): the cheap, coarse
+#: flow that fits the demo's time (docs/performance.md, "The central flow"): two Euler substeps
+#: per GD step, the edge curvature (eigenvectors, ``VᵀHV``, third-derivative products) refreshed
+#: every ``DemoConfig.flow_refresh`` steps, up to six eigenvalues tracked, a fresh Lanczos solve
+#: every 100 steps or when a tracked pair's residual passes 5% of λ_1, in the model's dtype.
+FLOW_SETTINGS: dict[str, Any] = {
+    "substeps": 2,
+    "max_edge": 6,
+    "eig_every": 200,
+    "eig_tol": 1e-4,
+    "track_tol": 0.05,
+}
+#: The loss rule of the ``edge`` experiment, applied to the steps the flow covers (reported on
+#: the page, not judged): windows of this many measured oscillation periods, this tolerance.
+FLOW_LOSS_PERIODS, FLOW_LOSS_TOL, FLOW_SHARP_TOL = 3.0, 0.10, 0.05
+
+_FLOW_SHARPNESS = (
+    "The central flow's sharpness λ_1(w(t)) covers the first part of the run at the "
+    "edge-of-stability step sizes: the next figure says how far and how close."
+)
+
+
+def _flow(
+    model: nn.Module, X: Tensor, Y: Tensor, lr: float, cfg: DemoConfig
+) -> tuple[CentralFlowPrediction, float]:
+    """The central flow of full-batch GD at ``lr`` from ``model``'s parameters (a copy), until
+    ``cfg.flow_edge_steps`` steps after it reaches the edge (:data:`FLOW_SETTINGS`), and the
+    CPU seconds it took."""
+    prob = Problem(copy.deepcopy(model), "mse", (X, Y))
+    t0 = time.process_time()
+    with warnings.catch_warnings():  # a poorly solved step is in the prediction's notes
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flow = central_flow(
+            prob,
+            {"class": "GD", "lr": lr},
+            cfg.steps,
+            curvature_every=FLOW_SETTINGS["substeps"] * cfg.flow_refresh,
+            stop_after_edge=cfg.flow_edge_steps,
+            **FLOW_SETTINGS,
+        )
+    return flow, time.process_time() - t0
+
+
+def flow_agreement(
+    flow: CentralFlowPrediction,
+    losses: Sequence[float],
+    sharp: tuple[np.ndarray, np.ndarray],
+    cfg: DemoConfig,
+    cpu_seconds: float = math.nan,
+) -> dict[str, Any]:
+    """The central flow beside a measured GD run over the steps it covers, by the ``edge``
+    experiment's rules (:mod:`gdscope.experiments._edge_parts`): GD's loss against the flow's
+    time-averaged loss over every window of :data:`FLOW_LOSS_PERIODS` measured oscillation
+    periods, GD's post-onset median sharpness against the flow's; plus the flow's work."""
+    from gdscope.experiments._edge_parts import loss_verdict, sharpness_verdict
+
+    n = flow.steps
+    x, v = sharp
+    keep = np.isfinite(v) & (x <= n)
+    lr = float(flow.optimizer["lr"])
+    r = {
+        "lr": lr,
+        "threshold": flow.threshold,
+        "gd_loss": [float(u) for u in np.asarray(losses, dtype=np.float64)[: n + 1]],
+        "cf_loss": flow.loss.tolist(),
+        "sharp_steps": [int(u) for u in x[keep]],
+        "sharp": [float(u) for u in v[keep]],
+        "cf_sharp": flow.sharpness.tolist(),
+        "diverged": False,
+        "diverged_at": None,
+        "cf_error": None,
+    }
+    lv = loss_verdict(
+        r, periods=FLOW_LOSS_PERIODS, tol=FLOW_LOSS_TOL, onset_fraction=cfg.onset_fraction
+    )
+    sv = sharpness_verdict(
+        r, tol=FLOW_SHARP_TOL, onset_fraction=cfg.onset_fraction, min_post_onset=3
+    )
+    top = int(flow.edge_count.max()) if flow.edge_count.size else 0
+    return {
+        "steps": n,
+        "onset_step": flow.onset_step,
+        "loss_status": lv.status,
+        "loss": {k: lv.details.get(k) for k in ("window", "period", "max_error", "median_error")},
+        "loss_measured": lv.measured,
+        "sharpness_status": sv.status,
+        "sharpness": {k: sv.details.get(k) for k in ("measured_median", "predicted_median")},
+        "sharpness_measured": sv.measured,
+        "threshold": flow.threshold,
+        "max_edge_count": top,
+        "saturated": top >= FLOW_SETTINGS["max_edge"],
+        "cpu_seconds": cpu_seconds,
+        "curvature_passes": flow.curvature_passes,
+        "gradient_passes": flow.gradient_passes,
+        "third_products": flow.third_products,
+        "eig_products": flow.eig_products,
+    }
+
+
+def _flow_caption(
+    flows: dict[str, CentralFlowPrediction], runs: dict[str, _Run], cfg: DemoConfig
+) -> str:
+    """The central-flow figure's caption: what was integrated and how close it came."""
+    parts = []
+    for name, flow in flows.items():
+        a = runs[name].figures.get("central_flow", {})
+        lr = float(flow.optimizer["lr"])
+        text = f"η = {lr:g}: the flow to step {flow.steps}"
+        text += "" if flow.onset_step is None else f" (at the edge from step {flow.onset_step})"
+        loss = a.get("loss", {})
+        if loss.get("max_error") is not None:
+            what = (
+                "self-stabilization cycles"
+                if loss.get("period", 2) > 2
+                else "period-2 flips (no slower cycle stood out in these steps)"
+            )
+            text += (
+                f"; GD's loss over every window of {FLOW_LOSS_PERIODS:g} measured {what}, "
+                f"{loss['window']} steps, within {loss['max_error']:.1%} of the flow's L̄ "
+                f"(median {loss['median_error']:.1%})"
+            )
+        else:
+            text += f"; loss: {a.get('loss_measured', 'not compared')}"
+        sh = a.get("sharpness", {})
+        if sh.get("measured_median") is not None:
+            gm, pm = sh["measured_median"] / a["threshold"], sh["predicted_median"] / a["threshold"]
+            text += f"; GD's median sharpness after its onset {gm:.3f}·2/η, the flow's {pm:.3f}·2/η"
+        if a.get("saturated"):
+            text += (
+                f"; all {FLOW_SETTINGS['max_edge']} tracked eigenvalues reached the edge, so more "
+                "may oscillate than the flow models"
+            )
+        text += f" ({a.get('cpu_seconds', math.nan):.1f} s CPU)"
+        parts.append(text)
+    return (
+        "The central flow (gs.central_flow) beside the measured run at the edge-of-stability "
+        "step sizes: GD's loss (solid) and the flow's predicted time-averaged loss L̄ (dashed, "
+        f"same colour), integrated before training from the same initialization up to "
+        f"{cfg.flow_edge_steps} steps past the edge. The demo integrates a cheap, coarse flow "
+        f"to keep its time: {FLOW_SETTINGS['substeps']} Euler substeps per step, the edge "
+        f"curvature (eigenvectors, VᵀHV, third-derivative products) refreshed every "
+        f"{cfg.flow_refresh} steps (in between VᵀHV moves to first order, so the predicted "
+        f"sharpness saw-tooths a few percent above 2/η), at most {FLOW_SETTINGS['max_edge']} "
+        "eigenvalues tracked, in the model's dtype (docs/performance.md, 'The central flow'). "
+        "Below the edge the flow is gradient flow and the curves coincide; the flow has no "
+        "catapult: GD's sharpness overshoots 2/η and its loss spikes before it settles. "
+        "Measured, not judged, by the edge experiment's rules: " + "; ".join(parts) + "."
+    )
 
 
 # --------------------------------------------------------------------------- measurements
