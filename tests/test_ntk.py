@@ -360,16 +360,23 @@ def test_float32_follows_model_dtype():
 # Tiling, out=, blocks
 
 
-@pytest.mark.parametrize("method", ["auto", "jacobian"])
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
 def test_small_memory_tiles_and_streams_features(method):
-    """A budget too small to hold every sample's features: tiles, recomputed per tile pair."""
+    """A budget too small to hold every sample's features: tiles, recomputed per tile pair
+    (``auto`` may take the NTK-vector products instead, which need no features: measured
+    faster here at one thread, 0.48 s against 1.0 s structured and 0.62 s jacobian)."""
     model, _, x2 = make("resnet_block")
     x = torch.randn(48, 2, 6, 6, dtype=torch.float64)
     job, _ = _prepare(model, x, None, method, False, 10**9, None)
     mem = int(4.4 * job.plan.capture_bytes())  # enough for one capture, not for all features
     assert 48 * job.plan.feature_bytes() > mem / 2
     info = _explain(model, x, method=method, memory=mem + 48 * 48 * 4 * 8)
-    assert not info["cached"] and info["tile"] < 48
+    if info["method"] == "vp":
+        assert method == "auto" and info["route"] == "vp"
+        secs = {r: c["seconds"] for r, c in info["predicted"].items()}
+        assert secs["vp"] == min(secs.values())
+    else:
+        assert not info["cached"] and info["tile"] < 48
     ref = dense_ntk(model, x)
     out = torch.empty(48, 48, 2, 2, dtype=torch.float64)
     assert_close(ntk(model, x, method=method, memory=mem, out=out), ref)

@@ -40,12 +40,23 @@ Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` p
     columns: ``n2 k`` vjp/jvp pairs (also with ``trace_outputs``). Slow, but memory is one
     forward pass plus the output columns.
 ``"auto"`` (default)
-    ``structured`` where every trainable parameter belongs to a module with a rule that is
-    called exactly once per forward; otherwise the covered modules by their rules and the rest
-    (shared or reused modules, custom layers, parameters used outside their module) by the
-    Jacobian of just those parameters (contributions add over parameter groups); the plain
-    ``jacobian`` route if nothing is covered. Each rule is checked against autograd on two
-    samples before it is trusted.
+    The cheapest exact route by a cost model (:func:`_plan_costs`, :func:`_vp_costs`, constants
+    in :class:`_Machine`). Every module with a rule that is called exactly once per forward
+    (built-in layers, or a custom layer declaring ``__ntk_rule__``: docs/extending.md) is a
+    parameter group; each group takes the cheapest of its rule's routes and the Jacobian of its
+    parameters; the rest (shared or reused modules, layers without a rule, parameters used
+    outside their module) goes by the Jacobian of just those parameters (contributions add over
+    parameter groups). That plan is then compared as a whole with the plain ``jacobian`` route
+    and with ``vp``; another route is taken only when predicted clearly faster (≥ 1.25× and
+    ≥ 1 ms). The prediction counts matmul FLOPs (from a :class:`~torch.utils.flop_counter.
+    FlopCounterMode` pass of one sample), per-sample Jacobian elements written (what makes
+    the Jacobian route slow for dense layers), ATen operators dispatched per pass (overhead),
+    tiles and columns, under the memory layout each route would get. Each rule is checked
+    against autograd on two samples before it is trusted. The checks (vmap batching, FLOP
+    count, rule check) are cached per model *structure* (module classes, scalar attributes,
+    parameter names/shapes/tying, input shape, dtype, device, ``k``; not values), so repeated
+    calls on a training model pay them once. ``_explain`` reports each route's predicted FLOPs
+    and seconds and the route taken.
 
 With ``x2=None`` the kernel is symmetric and only the upper triangle of tiles is computed.
 Everything is tiled over samples under a memory budget (``memory``, bytes; default a quarter of
@@ -68,7 +79,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,7 +91,7 @@ from gdscope.errors import (
     StatefulModuleError,
 )
 from gdscope.kernels.functional import ModelFunction, check_finite, check_finite_params
-from gdscope.kernels.rules import Rule, make_rule, mha_forward, mha_inputs
+from gdscope.kernels.rules import Rule, declared_rule, make_rule, mha_forward, mha_inputs
 from gdscope.problem import math_attention
 
 __all__ = ["NtkMethod", "ntk", "ntk_blocks"]
@@ -92,7 +103,8 @@ class NtkMethod(enum.StrEnum):
     """How :func:`ntk` computes the kernel (costs in the module docstring)."""
 
     AUTO = "auto"
-    """Structured rules where they apply, the Jacobian of the remaining parameters elsewhere."""
+    """The cheapest exact route by a cost model: per parameter group a structured rule or the
+    group's Jacobian, the whole plan against the Jacobian and vp routes."""
     STRUCTURED = "structured"
     """Per-layer contractions only; refuses models with uncovered parameters."""
     JACOBIAN = "jacobian"
@@ -247,6 +259,7 @@ class _Plan:
     conv_params: set[str] = field(default_factory=set)
     n_modules: int = 1  # modules called per forward (Python overhead per pass)
     n_ops: int = 1  # ATen operators one forward dispatches
+    f_first: float = 0.0  # matmul FLOPs of a first layer that reads the input x directly
     n_other: int = 1  # samples on the other side of the kernel (amortises per-sample work)
     n: int = 1  # samples on this side
     sym: bool = True  # x2 is None
@@ -505,6 +518,7 @@ class _Checked:
     ops: int  # ATen operators of that forward
     failed: frozenset[str] | None = None  # None: rules not checked yet
     said: bool = False  # the batching fallback was logged at INFO once
+    pinned: tuple = ()  # objects whose ids are in the key (kept alive)
 
     def level(self) -> int:
         """INFO the first time a structure's fallback is reported, DEBUG after that."""
@@ -564,6 +578,11 @@ def _checked(
     if not batching:
         return _Checked(_Batching(), *_count(model, fn, x1))
     hit = _Checked(_batching(model, fn, x1), *_count(model, fn, x1))
+    # hold the classes (and replaced forwards) whose ids are in the key, so that no other class
+    # can reuse an id while the entry lives
+    hit.pinned = tuple(type(m) for m in model.modules()) + tuple(
+        vars(m)["forward"] for m in model.modules() if "forward" in vars(m)
+    )
     _CACHE[key] = hit
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -597,8 +616,10 @@ class _Machine:
       forward's operators are counted once by ``_record``; a capture runs about 3× as many,
       a vjp + jvp pair 4×); ``pass_call`` per capture call; ``module_call`` per rule hook;
       ``tile_call`` per rule per tile. A GRU dispatches ~100 operators per forward, an MLP ~8.
-    - ``vp_*``: the NTK-vector-product route, one vjp and one jvp per output column, whose
-      per-column overhead (``vp_col`` + operators) dominates at small sizes.
+    - ``vpb_*``: the NTK-vector-product route, a vjp and a jvp per output column, ``vmap``-ed
+      over chunks of columns (batched matmuls over columns run at ~5 GFLOP/s here);
+      ``vp_*``: the same one column at a time (models ``vmap`` cannot batch), whose per-column
+      overhead (``vp_col`` + operators) dominates at small sizes.
 
     Only ratios matter for the choice. Float64 doubles the FLOP and element terms (the measured
     GEMM ratio is 2.8); an accelerator divides them by 50 and keeps the per-call terms, which
@@ -618,6 +639,8 @@ class _Machine:
     vp_flop: float = 1 / 20e9
     vp_act: float = 4e-8
     vp_col: float = 5e-4
+    vpb_flop: float = 1 / 5e9
+    vpb_col: float = 1.5e-4
 
 
 #: Another route replaces the structured plan (or the Jacobian route a rule) only when it is
@@ -641,6 +664,7 @@ _FLOAT_TERMS = (
     "act_elem",
     "vp_flop",
     "vp_act",
+    "vpb_flop",
 )
 
 
@@ -699,7 +723,7 @@ def _capture_flops(plan: _Plan, chunk: int = 1) -> float:
         plan.param_flops.get(n, 0.0) * (chunk if n in plan.conv_params else 1) for n in plan.fb
     )
     form = sum(r.form_flops() for r in plan.jac_rules)
-    return F + k * (F + wgrad) + form
+    return F + k * (F - plan.f_first + wgrad) + form
 
 
 def _capture_seconds(plan: _Plan, work: _Work, mach: _Machine) -> float:
@@ -734,13 +758,30 @@ def _plan_costs(plan: _Plan, work: _Work, trace: bool) -> tuple[float, float]:
     return cap + gemm + rules, seconds
 
 
-def _vp_costs(plan: _Plan, n: int, n2: int, sym: bool) -> tuple[float, float]:
+def _vp_chunk(plan: _Plan, N: int, n2: int, budget: float, block_size: int | None) -> int:
+    """Samples ``j`` per ``vmap`` chunk of the vp route (``k`` columns each) under ``budget``."""
+    k = plan.k
+    per_col = plan.esize * (2 * plan.fn.num_params + 3 * N * max(plan.act, k) + 2 * N * k)
+    return max(1, min(n2, int(budget / 2 / per_col) // k, block_size or n2))
+
+
+def _vp_costs(
+    plan: _Plan, n: int, n2: int, sym: bool, budget: float = math.inf, block_size: int | None = None
+) -> tuple[float, float]:
     """``(matmul FLOPs, seconds)`` of the ``"vp"`` route: ``n2·k`` columns (also with
-    ``trace_outputs``), each a vjp (≈ 2 forwards) and a jvp (≈ 3) over all ``N`` samples."""
+    ``trace_outputs``), each a vjp and a jvp (≈ 2 forwards each) over all ``N`` samples."""
     mach = _machine(plan)
     N = n if sym else n + n2
     cols = n2 * plan.k
-    flops = N * plan.F + cols * N * 5.0 * plan.F
+    # per column: a vjp (weight and input gradients, 2F - F1) and a jvp's tangents (2F - F1);
+    # the primal forward once for the recorded vjp, and once per jvp (per chunk under vmap)
+    per_col = 4.0 * plan.F - 2.0 * plan.f_first
+    if plan.batched:  # vmap over chunks of columns
+        chunks = math.ceil(n2 / _vp_chunk(plan, N, n2, budget, block_size))
+        flops = N * plan.F * (1 + chunks) + cols * N * per_col
+        per_chunk = mach.pass_call + 4 * plan.n_ops * mach.op_call
+        return flops, flops * mach.vpb_flop + cols * mach.vpb_col + chunks * per_chunk
+    flops = N * plan.F + cols * N * (per_col + plan.F)
     seconds = (
         flops * mach.vp_flop
         + cols * N * plan.act * mach.vp_act
@@ -756,8 +797,11 @@ def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work)
     kk = 1 if trace else plan.k * plan.k
     width = r.jac_width()
     if approach == "fb":
+        # autograd forms the same per-sample weight gradients as the rule's "jac" route (for a
+        # normalisation layer: elementwise work the FLOP count does not see), then writes them
         wg = sum(plan.param_flops.get(n, 0.0) for n in r.params.values())
-        per = plan.k * (wg * mach.cap_flop + width * mach.jac_elem)
+        form = max(plan.k * wg, r.form_flops())
+        per = form * mach.cap_flop + plan.k * width * mach.jac_elem
         return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per
     passes = work.passes if plan.batched else work.captured
     hooks = passes * 2 * mach.module_call  # its probe and hook in every capture pass
@@ -791,6 +835,18 @@ def _build_plan(
     plan.n_modules = max(1, sum(r["calls"] for r in info.values()))
     if checked is not None:
         plan.flops, plan.n_ops = checked.flops, checked.ops
+    # the first layer, if it reads the input itself, needs no input gradient (nor a tangent)
+    x1 = (1, *x.shape[1:])
+    mods = dict(model.named_modules())
+    for name, rec in info.items():  # in the order the modules finished: leaves first
+        if rec.get("leaf") and plan.flops.get(name, 0.0) > 0:
+            m = mods.get(name)
+            affine = isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or (
+                m is not None and declared_rule(m) is not None
+            )
+            if affine and rec["in"] == x1 and rec["calls"] == 1:
+                plan.f_first = plan.flops[name]
+            break
     _own_flops(plan, model)
     if method in ("vp",):
         return plan
@@ -1204,25 +1260,48 @@ class _Job:
                 yield i0, i1, j0, j1, _contract(plan, fI, fJ, trace, lay.ws)
 
     def _vp_blocks(self) -> Iterator[Block]:
-        from gdscope.kernels.operator import ntk_operator
-
-        x, n, n2, k, trace = self.x, self.n, self.n2, self.k, self.trace
+        """NTK-vector products ``J Jᵀ e`` on the identity columns ``e`` of output ``b`` of
+        sample ``j`` (``n2·k`` of them, also for the trace kernel, which sums the diagonal
+        blocks): one vjp of all samples recorded once, then per column a vjp and a jvp, by
+        ``vmap`` over a chunk of columns (the tutorial's batched NTK-vector products), or one
+        column at a time where ``vmap`` cannot batch the model."""
+        x, n, n2, k, trace, fn = self.x, self.n, self.n2, self.k, self.trace, self.fn
         xc = x if self.x2 is None else torch.cat([x, self.x2])
         N = xc.shape[0]
-        op = ntk_operator(self.fn, xc, trace_outputs=trace)
-        rows = N if trace else N * k
-        per_col = 3 * rows * self.plan.esize
-        cols = max(1, int(self.budget / 2 / per_col))
-        width = 1 if trace else k
-        bc = max(1, min(n2, cols // width, self.block_size or n2))
+        params = {name: p.detach() for name, p in fn.params.items()}
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return fn(p, xc)  # (N, k)
+
+        _, pull = vjp(f, params)
+
+        def column(cot: Tensor) -> Tensor:
+            (tangent,) = pull(cot)
+            return jvp(f, (params,), (tangent,))[1]
+
+        bj = _vp_chunk(self.plan, N, n2, self.budget, self.block_size)
         off = 0 if self.x2 is None else n
-        for j0 in range(0, n2, bc):
-            j1 = min(j0 + bc, n2)
-            E = torch.zeros(rows, (j1 - j0) * width, dtype=self.fn.dtype, device=self.fn.device)
-            idx = torch.arange((j1 - j0) * width, device=E.device)
-            E[(off + j0) * width + idx, idx] = 1.0
-            R = op.matmat(E)[: n * width]
-            yield 0, n, j0, j1, (R if trace else R.view(n, k, j1 - j0, k))
+        batched = self.plan.batched
+        for j0 in range(0, n2, bj):
+            j1 = min(j0 + bj, n2)
+            c = (j1 - j0) * k
+            E = torch.zeros(c, N, k, dtype=fn.dtype, device=fn.device)
+            idx = torch.arange(c, device=E.device)
+            E[idx, off + j0 + idx // k, idx % k] = 1.0
+            R = None
+            if batched:
+                try:
+                    R = vmap(column)(E)
+                except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                    batched = False
+                    log.info("ntk vp: vmap over columns failed (%s); one column at a time", e)
+            if R is None:
+                R = torch.stack([column(E[i]) for i in range(c)])
+            R = R[:, :n].reshape(j1 - j0, k, n, k)  # [j, b, i, a]
+            if trace:
+                yield 0, n, j0, j1, torch.einsum("jaia->ij", R)
+            else:
+                yield 0, n, j0, j1, R.permute(2, 3, 0, 1)
 
 
 def _prepare(
@@ -1351,7 +1430,7 @@ def _pick_route(job: _Job, compare: bool) -> None:
     plan, n, n2, sym, trace = job.plan, job.n, job.n2, job.sym, job.trace
     name = "vp" if job.method == "vp" else ("jacobian" if not plan.rules else "structured")
     if job.method == "vp":
-        job.costs = {"vp": _vp_costs(plan, n, n2, sym)}
+        job.costs = {"vp": _vp_costs(plan, n, n2, sym, job.budget, job.block_size)}
     else:
         job.costs = {name: _plan_costs(plan, _work(plan, job.layout, n, n2, sym), trace)}
     job.route = name
@@ -1372,7 +1451,7 @@ def _pick_route(job: _Job, compare: bool) -> None:
         else:
             alt["jacobian"] = (jplan, jlay)
             job.costs["jacobian"] = _plan_costs(jplan, _work(jplan, jlay, n, n2, sym), trace)
-    job.costs["vp"] = _vp_costs(plan, n, n2, sym)
+    job.costs["vp"] = _vp_costs(plan, n, n2, sym, job.budget, job.block_size)
     best = min(job.costs, key=lambda r: job.costs[r][1])
     if not _clearly_cheaper(job.costs[best][1], job.costs[name][1]):
         best = name  # within the model's accuracy: keep the plan (stable routes near ties)
