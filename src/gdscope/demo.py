@@ -18,7 +18,12 @@ Three parts, on ``samples`` digits (MSE on one-hot labels, PyTorch's ``mse_loss`
    two larger ones the sharpness rises to ``2/η`` and hovers there (Cohen et al., §3, §5); at the
    control (the smallest) ``2/η`` is far above the sharpness and it stays below. None of the runs
    ends at a minimum (their gradient is far from the round-off floor), so statements about
-   minima are reported as outside their assumptions with the measured gradient, not run.
+   minima are reported as outside their assumptions with the measured gradient, not run. Beside
+   the two edge-of-stability runs the page draws the central flow (:func:`gdscope.central_flow`,
+   recorded on each run with ``Tracker.record_prediction``): its sharpness and time-averaged
+   loss, integrated before training from the same initialization up to ``flow_edge_steps``
+   steps past its onset with the cheap settings of :data:`FLOW_SETTINGS` (about 5 s CPU per
+   run), and how close GD came by the ``edge`` experiment's rules (measured, not judged).
 
 Everything is stored in ``out/runs.db`` as one experiment named ``demo`` (its verdicts, figures
 and runs) and written to ``out/report.html`` (:func:`gdscope.report.write_experiment_report`).
