@@ -22,7 +22,8 @@ rotates from round to round, each time as a fresh run of ``steps`` steps (model,
 tracker and store new). A configuration's ratio is the median over rounds of its time over
 the plain loop's time in the same round; the load average is recorded with each round.
 
-    PYTHONPATH=src python bench/bench_tracker.py [--quick] [--threads 1] [--cockpit-path DIR]
+    PYTHONPATH=src python bench/bench_tracker.py [--quick] [--only demo|big] [--threads 1]
+        [--cockpit-path DIR]
 
 ``--cockpit-path``: a folder holding ``cockpit-for-pytorch`` and ``backpack-for-pytorch``
 installed with ``pip install --no-deps --target DIR`` (they require torchvision, which gdscope's
@@ -268,6 +269,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--cockpit-path", default=None)
     ap.add_argument("--tag", default="", help="appended to the result file's name")
+    ap.add_argument(
+        "--only", choices=["demo", "big"], default=None, help="run one of the two models only"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cockpit, cockpit_note = _cockpit_available(args.cockpit_path)
@@ -276,6 +280,8 @@ def main() -> None:
         ("demo MLP 64-128-128-10 tanh, full batch n=256", 128, 256, 1000, 5, 20),
         ("MLP 64-512-512-10 tanh, full batch n=1797", 512, 1797, 300, 3, 0),
     ]
+    if args.only:
+        configs = [configs[0 if args.only == "demo" else 1]]
     if args.quick:
         configs = [(c[0], c[1], c[2], c[3] // 5, 2, min(c[5], 5)) for c in configs]
     results = []
