@@ -40,14 +40,18 @@ onset and has no such transient. With windows of two periods the worst is 13.1%,
 flow's work: 36.8 HVPs and 12.1 third-derivative products per predicted GD step (28–36 s CPU
 per step size against 3–4.5 s for the tracked GD run).
 
-**MNIST-1D** (``data.name=mnist1d``, 40-16-16-10, ``lrs=[2.6, 2.8, 3.0]``, 300 steps; 108 s; judged
-under the earlier rule, 20-step consecutive windows, median): the loss rows held (median window
-error 1.2–1.6%, largest 3.9–6.2%), but the sharpness rows fail:
-GD's post-onset median is 1.106–1.110 × 2/η while the flow holds 2/η, with 5–6 eigenvalues at
-the edge (the flow's ``max_edge = 6`` saturates: the largest of several oscillating eigenvalues
-sits above their common level — a hypothesis, not measured); and the linearized rows fail too:
-the edge is reached late (steps 82–111), and by step 300 the linearized loss is only 1.26×
-GD's.
+**MNIST-1D** (``data.name=mnist1d``, 40-16-16-10, ``lrs=[2.6, 2.8, 3.0]``, 300 steps, one
+thread, rerun 2026-12-03 under the whole-run rule): η = 2.6 **fails** the loss row: its
+oscillation after the onset (step 36) is irregular, no cycle clears the noise band
+(autocorrelation peak 0.14 against 0.25), so the windows are three period-2 flips (6 steps) and
+the catapult's window (steps 81–86) is 75% off (median 5.9%); η = 2.8 holds (cycle 39 steps,
+worst 117-step window 5.2%); η = 3.0 is outside (all 6 tracked eigenvalues at the edge for 77
+steps). The sharpness rows fail at 2.6 and 2.8: GD's post-onset median 1.147 and 1.180 × 2/η
+against the flow's 2/η, with 5 eigenvalues at the edge (that the largest of several oscillating
+eigenvalues sits above their common level is a hypothesis, not measured). The linearized rows
+hold (3.5–3.9× off in the last window). An earlier run (two threads, 2026-12-03) recorded the
+onset at steps 82–111, the sharpness 1.106 × 2/η at η = 2.6 and the linearized loss only 1.26×
+off; the difference is not explained here.
 """
 
 from __future__ import annotations
