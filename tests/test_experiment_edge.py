@@ -178,6 +178,8 @@ def test_config_is_checked() -> None:
         resolve("edge", ["steps=10", "loss_window=20"])
     with pytest.raises(ConfigError, match="loss_periods"):
         resolve("edge", ["loss_periods=0"])
+    with pytest.raises(ConfigError, match="curvature_every"):
+        resolve("edge", ["curvature_every=0"])
 
 
 def test_edge_is_a_builtin() -> None:
@@ -190,7 +192,15 @@ def test_smoke_end_to_end() -> None:
     """A tiny real run (seconds): the flow, the linearized model and the tracked GD run."""
     exp, cfg = resolve(
         "edge",
-        ["data.n=32", "hidden=[8]", "lrs=[1.25]", "steps=30", "loss_window=10", "ss_every=10"],
+        [
+            "data.n=32",
+            "hidden=[8]",
+            "lrs=[1.25]",
+            "steps=30",
+            "loss_window=10",
+            "ss_every=10",
+            "curvature_every=3",
+        ],
     )
     assert "edge" in experiment_names()
     outs = run_tasks(exp, cfg)
@@ -200,6 +210,9 @@ def test_smoke_end_to_end() -> None:
     assert r["cf_loss"][0] == pytest.approx(r["gd_loss"][0], rel=1e-9)
     assert r["lin_loss"][0] == pytest.approx(r["gd_loss"][0], rel=1e-9)
     assert r["sharp_steps"][0] == 0 and len(r["ss_alpha"]) == 3
+    # the lagged flow: a curvature refresh every 3 substeps, a gradient alone in between
+    assert r["cf_derivative_passes"] + r["cf_gradient_passes"] == 30 * 2 + 1
+    assert r["cf_derivative_passes"] <= (30 * 2 + 1) // 3 + 2
     assert r["catapult_lambda0"] > 0
     assert len(outs[0].runs) == 1
     j = exp.judge(cfg, [r])

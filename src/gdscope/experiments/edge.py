@@ -98,6 +98,9 @@ class EdgeConfig(ExperimentConfig):
         lrs: GD step sizes (one task each), past the progressive-sharpening point.
         steps: GD steps per run (and steps of the flow).
         substeps: the flow's Euler substeps per step.
+        curvature_every: substeps between the flow's curvature refreshes (1: every substep;
+            ``k > 1``: the lagged, cheaper flow of :func:`gdscope.central_flow`, e.g. 10 is 6×
+            less CPU here with the same verdicts, docs/performance.md).
         max_edge: most eigenvalues the flow tracks at the edge.
         sharpness_every, sharpness_tol: GD's sharpness by Lanczos every so many steps, to this
             relative residual.
@@ -119,6 +122,7 @@ class EdgeConfig(ExperimentConfig):
     lrs: tuple[float, ...] = (3.4, 3.55, 3.7)
     steps: int = 300
     substeps: int = 2
+    curvature_every: int = 1
     max_edge: int = 6
     sharpness_every: int = 5
     sharpness_tol: float = 1e-6
@@ -137,6 +141,7 @@ class EdgeConfig(ExperimentConfig):
             ("lrs", len(self.lrs) >= 1 and all(0 < v < math.inf for v in self.lrs), "step sizes"),
             ("steps", self.steps >= 1, "an integer >= 1"),
             ("substeps", self.substeps >= 1, "an integer >= 1"),
+            ("curvature_every", self.curvature_every >= 1, "an integer >= 1"),
             ("max_edge", self.max_edge >= 1, "an integer >= 1"),
             ("sharpness_every", self.sharpness_every >= 1, "an integer >= 1"),
             ("sharpness_tol", 0 < self.sharpness_tol < 1, "a relative tolerance in (0, 1)"),
@@ -251,7 +256,14 @@ def run_edge(cfg: EdgeConfig, lr: float, ctx: TaskContext) -> dict[str, Any]:
     t1 = time.perf_counter()
     flow, cf_error = None, None
     try:
-        flow = central_flow(prob, opt_spec, cfg.steps, substeps=cfg.substeps, max_edge=cfg.max_edge)
+        flow = central_flow(
+            prob,
+            opt_spec,
+            cfg.steps,
+            substeps=cfg.substeps,
+            max_edge=cfg.max_edge,
+            curvature_every=cfg.curvature_every,
+        )
     except GdscopeError as e:  # non-finite flow: the claim cannot be tested at this lr
         cf_error = str(e)
     t2 = time.perf_counter()
