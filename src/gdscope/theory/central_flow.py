@@ -60,7 +60,7 @@ linearization the SDCP already makes), and a negative part of ``2I − ηM`` fou
 (an overshoot) is pulled back over ``k`` substeps instead of one. Below the edge the
 refresh computes ``G`` once an eigenvalue could reach the edge fraction before the next one (from
 ``λ_1``'s rate), and the recorded eigenvalues between refreshes are interpolated. Measured on the
-``edge`` experiment (``k = 10``, 2 substeps): 6× less CPU, ``L̄`` within 0.6–1.6% of the fresh
+``edge`` experiment (``k = 10``, 2 substeps): 6× less CPU, ``L̄`` within 0.6–1.8% of the fresh
 flow (docs/performance.md).
 Layer norms are evaluated as PyTorch operations (built-in kernel: wrong third derivatives,
 :mod:`gdscope.curvature.third`).
