@@ -37,7 +37,7 @@ then catapults (GD's loss peaks at 3.5, 2.8, 2.2 × the flow's); the flow holds 
 onset and has no such transient. With windows of two periods the worst is 13.1%, 10.9%, 8.1%
 (two would fail), with one 19.2%, 14.7%, 9.9% (not judged). GD's post-onset median sharpness
 1.025, 1.018, 1.023 × the flow's ``2/η``; the linearized loss 11× GD's in the last window. The
-flow's work: 36.8 HVPs and 12.1 third-derivative products per predicted GD step (28–36 s CPU
+flow's work: 36.8 HVPs and 12.1 third-derivative products per predicted GD step (28–36 s wall
 per step size against 3–4.5 s for the tracked GD run).
 
 **MNIST-1D** (``data.name=mnist1d``, 40-16-16-10, ``lrs=[2.6, 2.8, 3.0]``, 300 steps, one
