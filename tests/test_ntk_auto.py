@@ -316,3 +316,29 @@ def test_rule_check_is_cached_per_structure(monkeypatch):
     assert_close(K, oracle_ntk(other, x))
     gs.ntk(net(5, 0), x)
     assert calls == {"capture": 5, "batching": 2}  # another structure: checked again
+
+
+class BatchCoupled(nn.Module):
+    """Centres its hidden layer over the batch: the per-sample function (a batch of one, as
+    ``vmap`` sees it) differs from the batched one, so the one-pass capture must not be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h - 0.5 * h.mean(0, keepdim=True))
+
+
+def test_one_pass_capture_and_its_guard():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=F64)
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    assert _explain(mlp, x)["capture"] == "one batched pass"
+    assert_close(gs.ntk(mlp, x), oracle_ntk(mlp, x))
+    coupled = BatchCoupled().to(F64)
+    info = _explain(coupled, x)
+    assert info["capture"] != "one batched pass", info
+    assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
+    assert _explain(_recurrent(nn.GRU)[0], _recurrent(nn.GRU)[1])["capture"] == "loop over samples"

@@ -122,6 +122,8 @@ Block = tuple[int, int, int, int, Tensor]
 # tiles for the symmetric case (upper triangle only).
 _TILE_ROWS = 1280
 _TILE_TRACE = 1024
+_SYM_SPLIT = 8
+_SYM_MIN_ROWS = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,10 +261,24 @@ class _Plan:
     conv_params: set[str] = field(default_factory=set)
     n_modules: int = 1  # modules called per forward (Python overhead per pass)
     n_ops: int = 1  # ATen operators one forward dispatches
+    #: modules that see the samples along dim 0 (from the structure check)
+    batch_first: frozenset[str] = frozenset()
     f_first: float = 0.0  # matmul FLOPs of a first layer that reads the input x directly
     n_other: int = 1  # samples on the other side of the kernel (amortises per-sample work)
     n: int = 1  # samples on this side
     sym: bool = True  # x2 is None
+
+    @property
+    def one_pass(self) -> bool:
+        """The captures can come from one batched forward (and ``k`` batched backward passes)
+        instead of ``vmap`` over samples: every parameter has a rule of a module that sees the
+        samples along dim 0 (no fallback parameters, no composite rules)."""
+        return (
+            self.batched
+            and not self.fb
+            and bool(self.rules)
+            and all(r.part is None and r.name in self.batch_first for r in self.rules)
+        )
 
     @property
     def F(self) -> float:
@@ -518,6 +534,9 @@ class _Checked:
     ops: int  # ATen operators of that forward
     failed: frozenset[str] | None = None  # None: rules not checked yet
     said: bool = False  # the batching fallback was logged at INFO once
+    #: modules whose batched call puts the samples along dim 0 of input and output (their
+    #: captures can come from one batched pass instead of vmap over samples)
+    batch_first: frozenset[str] = frozenset()
     pinned: tuple = ()  # objects whose ids are in the key (kept alive)
 
     def level(self) -> int:
@@ -578,6 +597,8 @@ def _checked(
     if not batching:
         return _Checked(_Batching(), *_count(model, fn, x1))
     hit = _Checked(_batching(model, fn, x1), *_count(model, fn, x1))
+    if hit.batching.vmap:
+        hit.batch_first = _batch_first(model, fn, x1)
     # hold the classes (and replaced forwards) whose ids are in the key, so that no other class
     # can reuse an id while the entry lives
     hit.pinned = tuple(type(m) for m in model.modules()) + tuple(
@@ -587,6 +608,30 @@ def _checked(
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return hit
+
+
+def _batch_first(model: nn.Module, fn: ModelFunction, x1: Tensor) -> frozenset[str]:
+    """Modules called once whose input and output carry the samples along dim 0: the shapes
+    a forward of two samples records are those of one sample with dim 0 doubled."""
+    try:
+        one, _ = _record(model, fn, x1)
+        two, _ = _record(model, fn, x1.expand(2, *x1.shape[1:]))
+    except (InvalidArgumentError, ShapeMismatchError, StatefulModuleError):
+        return frozenset()
+
+    def doubled(a: tuple | None, b: tuple | None) -> bool:
+        if a is None or b is None or not a or a[0] != 1:
+            return False
+        return b == (2, *a[1:])
+
+    return frozenset(
+        name
+        for name, rec in one.items()
+        if rec["calls"] == 1
+        and name in two
+        and doubled(rec["in"], two[name]["in"])
+        and doubled(rec["out"], two[name]["out"])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,7 +649,9 @@ class _Machine:
     time), and a 1024² ``torch.mm`` (82 GFLOP/s float32, 29 float64). What they say:
 
     - ``gemm``: the contraction GEMMs (and the structured rules' Gram products).
-    - ``cap_flop``: matmul FLOPs inside a ``vmap(jacrev)`` capture (about 25 GFLOP/s).
+    - ``cap_flop``: matmul FLOPs inside a ``vmap(jacrev)`` capture (about 25 GFLOP/s);
+      ``one_pass_flop`` in the one-pass capture of fully structured plans (batched forward
+      and backward, the rules' batched per-sample Jacobians: about 35 GFLOP/s).
     - ``jac_elem``: **each per-sample Jacobian element autograd forms** in the Jacobian route
       (about 8 ns in float32: a weight gradient per sample and output is an outer product
       written to memory, then copied into the GEMM's operand). This term, not the GEMM, makes
@@ -628,6 +675,7 @@ class _Machine:
 
     gemm: float = 1 / 80e9
     cap_flop: float = 1 / 25e9
+    one_pass_flop: float = 1 / 35e9
     jac_elem: float = 8e-9
     rule_elem: float = 1e-9
     feat_elem: float = 1e-9
@@ -658,6 +706,7 @@ def _clearly_cheaper(new: float, old: float) -> bool:
 _FLOAT_TERMS = (
     "gemm",
     "cap_flop",
+    "one_pass_flop",
     "jac_elem",
     "rule_elem",
     "feat_elem",
@@ -730,7 +779,7 @@ def _capture_seconds(plan: _Plan, work: _Work, mach: _Machine) -> float:
     k = plan.k
     feat = sum(r.feature_bytes(r.approach, 1) for r in plan.feat_rules)
     per_sample = (
-        _capture_flops(plan) * mach.cap_flop
+        _capture_flops(plan) * (mach.one_pass_flop if plan.one_pass else mach.cap_flop)
         + k * plan.p_fb * mach.jac_elem
         + k * sum(r.jac_width() for r in plan.jac_rules) * mach.rule_elem
         + feat * mach.feat_elem
@@ -834,7 +883,7 @@ def _build_plan(
     plan.n_other, plan.n, plan.sym = n_other, x.shape[0], sym
     plan.n_modules = max(1, sum(r["calls"] for r in info.values()))
     if checked is not None:
-        plan.flops, plan.n_ops = checked.flops, checked.ops
+        plan.flops, plan.n_ops, plan.batch_first = checked.flops, checked.ops, checked.batch_first
     # the first layer, if it reads the input itself, needs no input gradient (nor a tangent)
     x1 = (1, *x.shape[1:])
     mods = dict(model.named_modules())
@@ -1062,10 +1111,42 @@ def _capture(
             hooks.active = False
         return out.reshape(-1), hooks.aux
 
+    if not fb and plan.one_pass and all(r.part is None for r in rules):
+        return _capture_one_pass(plan, xs, rules, hooks)
     with hooks:
         per = jacrev(f, argnums=(0, 1), has_aux=True)
         (G, J), aux = _over_samples(per, plan.batched, (probes, fbp), (xs,))
     return G, J, aux
+
+
+def _capture_one_pass(
+    plan: _Plan, xs: Tensor, rules: list[Rule], hooks: _Hooks
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """The same captures from one forward of all ``c`` samples and ``k`` backward passes
+    (``vmap`` over the cotangents ``e_a``): a zero probe of batched shape ``(c, ...)`` on each
+    module's output; since sample ``i``'s outputs depend only on its own probe row (the
+    planner's rule check compares with per-sample autograd), ``∂(Σ_i f_a(x_i))/∂probe[i]`` is
+    sample ``i``'s cotangent ``G_i[a]``. Inputs and cotangents come out as ``(c, ...)`` and
+    ``(c, k, ...)``, which the rules read like the per-sample layout."""
+    fn, model, k, c = plan.fn, plan.model, plan.k, xs.shape[0]
+    probes = {
+        r.name: torch.zeros((c, *r.out_shape[1:]), dtype=fn.dtype, device=fn.device) for r in rules
+    }
+
+    def f(pr: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        hooks.probes, hooks.aux, hooks.active = pr, {}, True
+        try:
+            out = functional_call(model, (fn.params, fn.buffers), (xs,))
+        finally:
+            hooks.active = False
+        return out.reshape(c, k), hooks.aux
+
+    with hooks:
+        _, pull, aux = vjp(f, probes, has_aux=True)
+        cot = torch.eye(k, dtype=fn.dtype, device=fn.device)[:, None, :].expand(k, c, k)
+        (G,) = vmap(pull)(cot)  # name -> (k, c, ...)
+    G = {name: g.transpose(0, 1) for name, g in G.items()}
+    return G, {}, aux
 
 
 def _over_samples(f: Callable, batched: bool, const: tuple, per: tuple[Tensor, ...]) -> Any:
@@ -1079,36 +1160,66 @@ def _over_samples(f: Callable, batched: bool, const: tuple, per: tuple[Tensor, .
 
 
 class _Feats:
-    """Per-sample features of a set of samples: the jac group and the gram/pair rules' inputs."""
+    """Per-sample features of a set of samples: the jac group as column blocks ``(N, k, w)``
+    (contracted block by block, so that large per-sample Jacobians are never copied into one
+    matrix) and the gram/pair rules' inputs."""
 
-    def __init__(self, jac: Tensor | None, rules: dict[str, tuple[Tensor, ...]]) -> None:
+    def __init__(self, jac: list[Tensor], rules: dict[str, tuple[Tensor, ...]]) -> None:
         self.jac = jac
         self.rules = rules
 
     def slice(self, a: int, b: int) -> _Feats:
-        jac = None if self.jac is None else self.jac[a:b]
-        return _Feats(jac, {n: tuple(t[a:b] for t in ts) for n, ts in self.rules.items()})
+        return _Feats(
+            [t[a:b] for t in self.jac],
+            {n: tuple(t[a:b] for t in ts) for n, ts in self.rules.items()},
+        )
+
+    def __len__(self) -> int:
+        if self.jac:
+            return self.jac[0].shape[0]
+        return next(iter(self.rules.values()))[0].shape[0]
+
+
+#: a jac-group part at least this wide (columns per output) is its own GEMM block; narrower
+#: parts (biases, small layers) are concatenated into one block
+_BLOCK_MIN = 2048
 
 
 def _features(plan: _Plan, xs: Tensor, trace: bool, chunk: int) -> _Feats:
-    N, k, W = xs.shape[0], plan.k, plan.width
-    fn = plan.fn
-    jac = torch.empty(N, k, W, dtype=fn.dtype, device=fn.device) if W else None
+    N, k = xs.shape[0], plan.k
     store: dict[str, tuple[Tensor, ...]] = {}
     jr, fr = plan.jac_rules, plan.feat_rules
+    blocks: list[Tensor] = []
+    spec: list[list[int]] | None = None
     for s0 in range(0, N, chunk):
         s1 = min(s0 + chunk, N)
         G, Jfb, aux = _capture(plan, xs[s0:s1], plan.rules, plan.fb)
         c = s1 - s0
-        off = 0
+        parts: list[Tensor] = []
         for r in jr:
-            w = r.jac_width()
-            r.jac_into(aux[r.name], G[r.name], jac[s0:s1, :, off : off + w])
-            off += w
-        for n in plan.fb:
-            Jn = Jfb[n].reshape(c, k, -1)
-            jac[s0:s1, :, off : off + Jn.shape[2]] = Jn
-            off += Jn.shape[2]
+            parts += r._jac_parts(aux[r.name], G[r.name])
+        parts += [Jfb[n].reshape(c, k, -1) for n in plan.fb]
+        if spec is None:
+            big = [i for i, t in enumerate(parts) if t.shape[2] >= _BLOCK_MIN]
+            small = [i for i, t in enumerate(parts) if t.shape[2] < _BLOCK_MIN]
+            spec = [[i] for i in big] + ([small] if small else [])
+        if c == N:  # one chunk: the parts themselves (no copy for the large ones)
+            blocks = [
+                parts[g[0]].contiguous() if len(g) == 1 else torch.cat([parts[i] for i in g], 2)
+                for g in spec
+            ]
+        else:
+            if not blocks:
+                blocks = [
+                    parts[g[0]].new_empty((N, k, sum(parts[i].shape[2] for i in g))) for g in spec
+                ]
+            for blk, g in zip(blocks, spec, strict=True):
+                off = 0
+                for i in g:
+                    w = parts[i].shape[2]
+                    blk[s0:s1, :, off : off + w] = parts[i]
+                    off += w
+        del parts
         for r in fr:
             ts = r.features(aux[r.name], G[r.name], trace)
             if r.key not in store:
@@ -1116,24 +1227,31 @@ def _features(plan: _Plan, xs: Tensor, trace: bool, chunk: int) -> _Feats:
             for dst, t in zip(store[r.key], ts, strict=True):
                 dst[s0:s1] = t
         del G, Jfb, aux
-    return _Feats(jac, store)
+    return _Feats(blocks, store)
 
 
 def _contract(plan: _Plan, fI: _Feats, fJ: _Feats, trace: bool, ws: int) -> Tensor:
     """One tile: ``(bI, k, bJ, k)`` (sample-major ``J_I J_Jᵀ``), or ``(bI, bJ)`` with trace."""
     k = plan.k
-    bI = fI.jac.shape[0] if fI.jac is not None else next(iter(fI.rules.values()))[0].shape[0]
-    bJ = fJ.jac.shape[0] if fJ.jac is not None else next(iter(fJ.rules.values()))[0].shape[0]
+    bI, bJ = len(fI), len(fJ)
     fn = plan.fn
     shape = (bI, bJ) if trace else (bI, k, bJ, k)
-    if fI.jac is not None:
-        W = fI.jac.shape[2]
-        if trace:
-            acc = fI.jac.reshape(bI, k * W) @ fJ.jac.reshape(bJ, k * W).T
+    acc = None
+    for a, b in zip(fI.jac, fJ.jac, strict=True):
+        w = a.shape[2]
+        A, B = (
+            (a.reshape(bI, k * w), b.reshape(bJ, k * w))
+            if trace
+            else (
+                a.reshape(bI * k, w),
+                b.reshape(bJ * k, w),
+            )
+        )
+        if acc is None:
+            acc = A @ B.T
         else:
-            acc = (fI.jac.reshape(bI * k, W) @ fJ.jac.reshape(bJ * k, W).T).view(shape)
-    else:
-        acc = torch.zeros(shape, dtype=fn.dtype, device=fn.device)
+            acc.addmm_(A, B.T)
+    acc = torch.zeros(shape, dtype=fn.dtype, device=fn.device) if acc is None else acc.view(shape)
     for r in plan.feat_rules:
         r.contract(fI.rules[r.key], fJ.rules[r.key], acc, trace, ws)
     return acc
@@ -1172,6 +1290,12 @@ def _layout(
         target *= 2
     b_acc = math.isqrt(max(int(B / 4 / (3 * kk * es)), 1))
     cached = (n + (0 if sym else n2)) * f <= B / 2
+    if sym and cached and block_size is None:
+        # BLAS has no symmetric rank-k product: split the kernel into at least _SYM_SPLIT
+        # tile rows so that the upper triangle (computed) is ~(s+1)/(2s) of the square,
+        # keeping at least _SYM_MIN_ROWS GEMM rows per tile for BLAS efficiency
+        rows = 1 if trace else k
+        target = min(target, max(math.ceil(_SYM_MIN_ROWS / rows), math.ceil(n / _SYM_SPLIT)))
     b = min(target, b_acc, n) if block_size is None else min(target, n)
     if not cached:
         b = min(b, max(1, int(B / 4 / f)))
@@ -1621,6 +1745,15 @@ def _explain(
         "modules": plan.describe(),
         "batching": job.batching.describe(),
         "route": job.route,
+        "capture": (
+            "none (vp)"
+            if job.method == "vp"
+            else "one batched pass"
+            if plan.one_pass
+            else "vmap over samples"
+            if plan.batched
+            else "loop over samples"
+        ),
         "predicted": {r: {"flops": c[0], "seconds": c[1]} for r, c in job.costs.items()},
     }
     if lay is not None:
