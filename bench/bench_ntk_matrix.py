@@ -45,10 +45,10 @@ count time the process waited for a core). Peak RSS (``ru_maxrss``) is the runni
 process, so a cell's value includes the earlier (smaller) cells. Load average at the start of every
 cell. A cell whose predicted time (CPU seconds of the previous ``n`` of the same series, times
 ``(n'/n)²``; for ``tf-jac`` and ``tf-vp`` also a FLOP or byte count, :func:`_est_seconds`)
-exceeds ``--max-seconds`` (default 15), or whose estimated memory exceeds ``--max-gb``, is
-skipped with the estimate. Checksums (sum, Frobenius norm, first and last entries, float64) are
-compared with ``tf-jac`` of the same cell (or the first method that ran): ``rel_diff`` = max
-absolute checksum difference / the reference's norm.
+exceeds ``--max-seconds`` (default 12; a call is stopped at twice that, wall), or whose
+estimated memory exceeds ``--max-gb``, is skipped with the estimate. Checksums (sum, Frobenius
+norm, first and last entries, float64) are compared with ``tf-jac`` of the same cell (or the
+first method that ran): ``rel_diff`` = max absolute checksum difference / the reference's norm.
 
 Per cell: ``speedup`` = best peer's time / gdscope's (CPU seconds), and gdscope's achieved FLOP/s:
 the plan's GEMM FLOPs per second and the "Jacobian-contraction equivalent" ``2 n² k² P`` (trace:
@@ -90,9 +90,9 @@ FULL_CELLS: dict[str, list[tuple[int, bool, tuple[int, ...]]]] = {
     "mlp64-std": [(10, False, (64, 512)), (1, False, (512, 4096)), (10, True, (512, 4096))],
     "mlp64-ntk": [(10, False, (64, 512)), (1, False, (512, 4096)), (10, True, (512, 4096))],
     "cnn-tiny": [(10, False, (64, 512)), (1, False, (512, 4096)), (10, True, (512, 4096))],
-    "cnn-mid": [(10, False, (64, 256)), (1, False, (256, 1024)), (10, True, (256,))],
+    "cnn-mid": [(10, False, (64,)), (1, False, (256, 1024)), (10, True, (256,))],
     "cnn-r18w": [(10, False, (64,)), (1, False, (64, 256)), (10, True, (64,))],
-    "preact": [(10, False, (64, 256)), (1, False, (256, 1024)), (10, True, (256,))],
+    "preact": [(10, False, (64,)), (1, False, (256, 1024)), (10, True, (256,))],
     "preact18": [(1, False, (64,))],
     "gpt": [(10, False, (64, 256)), (1, False, (256, 1024)), (10, True, (256,))],
 }
@@ -487,7 +487,7 @@ def _run_series(series, make_fn, spec, emit) -> None:
     err = None
     method = spec["method"]
     for c in series:
-        row = dict(c, loadavg=os.getloadavg())
+        row = dict(c, loadavg=os.getloadavg(), started=dt.datetime.now().isoformat("T", "seconds"))
         P = spec["P"][str(c["k"])]
         mem = _est_bytes(method, c["n"], c["k"], P, c["trace"])
         est = _est_seconds(method, c["n"], c["k"], P, c["trace"], spec["gemm"])
@@ -508,7 +508,7 @@ def _run_series(series, make_fn, spec, emit) -> None:
             continue
         try:
             fn, extra = make_fn(c)
-            row.update(_time_calls(fn, 3 * spec["max_s"]))
+            row.update(_time_calls(fn, 2 * spec["max_s"]))
             row.update(extra() if callable(extra) else extra)
             prev = (c["n"], row["cpu_s"])
         except CallTimeout as e:  # too slow here; a larger n would be slower still
@@ -682,13 +682,15 @@ def jax_worker(spec: dict) -> None:
 # Parent side
 
 
-def run_group(spec: dict, timeout: float, python: str) -> tuple[list[dict], str | None]:
+def run_group(
+    spec: dict, timeout: float, python: str, src: Path = ROOT / "src"
+) -> tuple[list[dict], str | None]:
     env = dict(os.environ)
     t = str(spec["threads"])
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = t
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=" + t
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     flag = "--jax-worker" if spec["method"] == "nt" else "--worker"
     cmd = [python, str(Path(__file__).resolve()), flag, json.dumps(spec)]
     err = None
@@ -750,6 +752,14 @@ def environment(args) -> dict:
         "git_head": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
+        "src": str(args.src),
+        "src_uncommitted_changes": subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+        if Path(args.src).resolve() == (ROOT / "src").resolve()
+        else "a snapshot: see --src",
     }
     try:
         from importlib.metadata import version
@@ -842,6 +852,12 @@ def summarize(rows: list[dict], gemm: float) -> list[dict]:
                 s["best_peer"] = best
                 s["speedup"] = peers[best] / g["cpu_s"]
                 s["speedup_wall"] = ok[best]["median_s"] / g["median_s"]
+            else:  # no peer ran: the fastest predicted one (memory-skipped peers have none)
+                pred = {m: r["predicted_s"] for m, r in by.items() if r.get("predicted_s")}
+                if pred:
+                    best = min(pred, key=pred.get)
+                    s["predicted_best_peer"] = best
+                    s["predicted_speedup"] = pred[best] / g["cpu_s"]
             if ref is not None:
                 scale = max(abs(ref["check"][1]), 1e-300)
                 s["rel_diff"] = (
@@ -882,6 +898,9 @@ def table(summary: list[dict], gemm: float) -> str:
         best = s.get("best_peer")
         bp = f"{s['peer_cpu_s'][best]:.3g} ({best})" if best else "none ran"
         sp = f"{s['speedup']:.2f}×" if best else "–"
+        if not best and "predicted_speedup" in s:
+            bp = f"none ran (predicted: {s['predicted_best_peer']})"
+            sp = f"≈{s['predicted_speedup']:.0f}× (predicted)"
         fl = (
             f"{s['plan_gflops_per_s']:.1f} ({100 * s['plan_fraction_of_gemm']:.0f}%)"
             if "plan_gflops_per_s" in s
@@ -913,7 +932,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few small cells (~2 min)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-seconds", type=float, default=15.0, help="skip a call predicted longer")
+    ap.add_argument("--max-seconds", type=float, default=12.0, help="skip a call predicted longer")
     ap.add_argument("--max-gb", type=float, default=6.0, help="skip a call estimated larger")
     ap.add_argument("--group-timeout", type=float, default=600.0)
     ap.add_argument("--models", default=None, help="comma-separated subset of the models")
@@ -921,6 +940,12 @@ def main() -> None:
     ap.add_argument("--jax-python", default=None, help="interpreter with jax + neural-tangents")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--src",
+        default=str(ROOT / "src"),
+        help="the gdscope source the workers import (e.g. a `git archive HEAD src` snapshot, "
+        "so that edits in the working tree during the run do not mix in)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -995,7 +1020,7 @@ def main() -> None:
                         continue
                     python = args.jax_python
                 t0 = time.perf_counter()
-                got, err = run_group(spec, args.group_timeout, python)
+                got, err = run_group(spec, args.group_timeout, python, Path(args.src))
                 seen = {_key(r) for r in got}
                 for c in cells:
                     if _key(c) not in seen:
@@ -1013,6 +1038,15 @@ def main() -> None:
     save()
     print()
     print(table(result["summary"], gemm))
+    below = [x for x in result["summary"] if x.get("speedup") is not None and x["speedup"] < 1.5]
+    print(f"\n{len(below)} cells below 1.5x the best peer:")
+    for x in below:
+        kind = "trace" if x["trace"] else "full"
+        print(
+            f"  {x['model']} k={x['k']} {kind} n={x['n']}: {x['speedup']:.2f}x vs "
+            f"{x['best_peer']} ({x['peer_cpu_s'][x['best_peer']]:.3g} s vs "
+            f"{x['gdscope_cpu_s']:.3g} s); route {_route(x)}"
+        )
     print(f"\nGEMM at the end {gemm_end:.1f} GFLOP/s; total {env['total_s']:.0f} s; wrote {out}")
 
 
