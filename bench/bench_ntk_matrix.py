@@ -941,6 +941,12 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None)
     ap.add_argument(
+        "--reuse-peers",
+        default=None,
+        help="a previous result file: take the peers' rows from it (they do not depend on "
+        "gdscope's code) and run only gdscope",
+    )
+    ap.add_argument(
         "--src",
         default=str(ROOT / "src"),
         help="the gdscope source the workers import (e.g. a `git archive HEAD src` snapshot, "
@@ -983,6 +989,21 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     result: dict[str, Any] = {"environment": env, "rows": rows, "group_errors": []}
+    if args.reuse_peers:
+        old = json.loads(Path(args.reuse_peers).read_text())
+        wanted = {
+            (name, k, tr, n) for name in models for k, tr, ns in cells_by_model[name] for n in ns
+        }
+        reused = [r for r in old["rows"] if r["method"] != "gdscope" and _key(r) in wanted]
+        for r in reused:
+            r["reused_from"] = str(args.reuse_peers)
+        rows.extend(reused)
+        methods = [m for m in methods if m == "gdscope"]
+        env["peers_reused_from"] = {
+            "file": str(args.reuse_peers),
+            "environment": old["environment"],
+            "rows": len(reused),
+        }
 
     def save() -> None:
         result["summary"] = summarize(rows, gemm)
