@@ -1143,6 +1143,9 @@ def _capture_one_pass(
 
     with hooks:
         _, pull, aux = vjp(f, probes, has_aux=True)
+        if k == 1:  # one cotangent: a plain backward pass
+            (G,) = pull(torch.ones(c, 1, dtype=fn.dtype, device=fn.device))
+            return {name: g.unsqueeze(1) for name, g in G.items()}, {}, aux
         cot = torch.eye(k, dtype=fn.dtype, device=fn.device)[:, None, :].expand(k, c, k)
         (G,) = vmap(pull)(cot)  # name -> (k, c, ...)
     G = {name: g.transpose(0, 1) for name, g in G.items()}
@@ -1291,11 +1294,22 @@ def _layout(
     b_acc = math.isqrt(max(int(B / 4 / (3 * kk * es)), 1))
     cached = (n + (0 if sym else n2)) * f <= B / 2
     if sym and cached and block_size is None:
-        # BLAS has no symmetric rank-k product: split the kernel into at least _SYM_SPLIT
-        # tile rows so that the upper triangle (computed) is ~(s+1)/(2s) of the square,
-        # keeping at least _SYM_MIN_ROWS GEMM rows per tile for BLAS efficiency
+        # BLAS has no symmetric rank-k product: split the kernel into s tile rows so that the
+        # upper triangle (computed) is ~(s+1)/(2s) of the square, keeping at least
+        # _SYM_MIN_ROWS GEMM rows per tile; s by the cost model (pairs saved against the
+        # per-tile overhead of each rule's contraction call)
         rows = 1 if trace else k
-        target = min(target, max(math.ceil(_SYM_MIN_ROWS / rows), math.ceil(n / _SYM_SPLIT)))
+        mach = _machine(plan)
+        per_pair = plan.gemm_flops(trace) * mach.gemm
+        per_tile = (1 + len(plan.feat_rules)) * mach.tile_call
+
+        def split_cost(split: int) -> float:
+            b = min(target, max(math.ceil(_SYM_MIN_ROWS / rows), math.ceil(n / split)))
+            t = math.ceil(n / b)
+            return n * (n + b) / 2 * per_pair + t * (t + 1) / 2 * per_tile
+
+        best = min((1, 2, 4, _SYM_SPLIT), key=split_cost)
+        target = min(target, max(math.ceil(_SYM_MIN_ROWS / rows), math.ceil(n / best)))
     b = min(target, b_acc, n) if block_size is None else min(target, n)
     if not cached:
         b = min(b, max(1, int(B / 4 / f)))
