@@ -342,3 +342,29 @@ def test_one_pass_capture_and_its_guard():
     assert info["capture"] != "one batched pass", info
     assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
     assert _explain(_recurrent(nn.GRU)[0], _recurrent(nn.GRU)[1])["capture"] == "loop over samples"
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_symmetric_split_and_block_contraction(trace):
+    """A symmetric kernel split into several tile rows (only the upper triangle computed, the
+    rest mirrored), the jac group in column blocks (a conv layer wide enough for its own block
+    plus the concatenated small ones): exact against the oracle in float64."""
+    from gdscope.kernels.ntk import _BLOCK_MIN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(16, 16, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
+    ).to(F64)  # conv2: 2304 weights per output, its own block
+    x = torch.randn(40, 1, 6, 6, dtype=F64)
+    info = _explain(model, x, trace_outputs=trace)
+    assert info["capture"] == "one batched pass", info
+    assert trace or info["tile"] < 40, info  # the trace's GEMM rows are samples: one tile
+    assert model[2].weight.numel() >= _BLOCK_MIN
+    ref = oracle_ntk(model, x)
+    K = gs.ntk(model, x, trace_outputs=trace)
+    assert_close(K, torch.diagonal(ref, dim1=2, dim2=3).sum(-1) if trace else ref)
