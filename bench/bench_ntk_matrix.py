@@ -21,9 +21,11 @@ Methods:
 - ``gdscope``: ``gs.ntk(model, x, method="auto", trace_outputs=...)``; the route ``auto`` took (per
   module) from ``gdscope.kernels.ntk._explain`` is stored with the plan's GEMM FLOP count;
 - ``tf-jac``: the torch.func NTK tutorial's ``empirical_ntk_jacobian_contraction`` (``vmap(jacrev)``
-  Jacobians, one einsum per parameter tensor, ``"Naf,Maf->NM"`` for the trace) with two edits a user
-  would make: the Jacobian of ``x`` is computed once (the tutorial computes it for ``x1`` and
-  ``x2``) and the per-parameter products are summed as they come (not stacked);
+  Jacobians, one einsum per parameter tensor, ``"Naf,Maf->NM"`` for the trace) with three edits a
+  user would make: the Jacobian of ``x`` is computed once (the tutorial computes it for ``x1`` and
+  ``x2``), the per-parameter products are summed as they come (not stacked), and attention runs on
+  SDPA's math backend (vmap has no batching rule for the fused CPU kernel and warns that it loops
+  over samples: 10–25% slower on the GPT);
 - ``tf-vp``: the tutorial's ``empirical_ntk_ntk_vps`` (``vmap`` over sample pairs of a ``vjp`` and a
   ``jvp`` per output), its outer ``vmap`` given a ``chunk_size`` so it fits in memory;
 - ``nngeometry``: ``GramMatrix(model, loader, representation=FMatDense)`` (optional:
@@ -202,7 +204,10 @@ def tf_jac(net, x, trace: bool):
     def fnet_single(params, x):
         return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
 
-    jac = vmap(jacrev(fnet_single), (None, 0))(params, x)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # (edit 3) vmap has no batching rule for fused CPU SDPA
+        jac = vmap(jacrev(fnet_single), (None, 0))(params, x)
     jac = [j.flatten(2) for j in jac.values()]  # x1 is x2: one Jacobian (edit 1)
     expr = "Naf,Maf->NM" if trace else "Naf,Mbf->NMab"
     out = None
