@@ -13,10 +13,16 @@ reshaping ``out.permute(0, 2, 1, 3).reshape(n·k, n2·k)`` gives the sample-majo
 Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` parameters:
 
 ``"structured"``
-    Per-layer contractions that never form the Jacobian (:mod:`gdscope.kernels.rules`). One
-    ``vmap(jacrev)`` pass with respect to zero "probes" added to each covered module's output
-    yields every module's input ``A`` and output cotangents ``G`` (``k`` backward passes per
-    sample, about ``2k`` forward costs). Each module then adds its share by the cheapest exact
+    Per-layer contractions that never form the Jacobian (:mod:`gdscope.kernels.rules`). Zero
+    "probes" added to each covered module's output yield every module's input ``A`` and output
+    cotangents ``G`` (``k`` backward passes, about ``2k`` forward costs per sample): in one
+    batched forward and ``k`` batched backward passes when every parameter has a rule of a
+    module that sees the samples along dim 0 (``∂(Σ_i f_a(x_i))/∂probe_i`` is sample ``i``'s
+    cotangent, as sample ``i`` touches only its own probe row; the rule check against
+    per-sample autograd catches a model that couples samples), else by ``vmap(jacrev)`` over
+    samples. Symmetric kernels are split into tile rows so that only the upper triangle is
+    contracted (BLAS has no symmetric rank-k product). Each module then adds its share by the
+    cheapest exact
     route: for ``Linear``, ``(A A'ᵀ + 1) ⊙ (G G'ᵀ)``, ``n n2 (d_in + k² d_out)`` multiply-adds;
     for convolutions and other weight-shared layers at ``T`` positions, the per-sample weight
     Jacobian ``Σ_t G_t ⊗ A_t`` and one GEMM (``n n2 k² P_l``) or the position-pair route
