@@ -724,9 +724,14 @@ _FLOAT_TERMS = (
 
 
 def _machine(plan: _Plan) -> _Machine:
+    return _machine_for(plan.fn.dtype == torch.float64, plan.fn.device.type != "cpu")
+
+
+@functools.cache
+def _machine_for(double: bool, accelerator: bool) -> _Machine:
     m = _Machine()
-    scale = 2.0 if plan.fn.dtype == torch.float64 else 1.0
-    if plan.fn.device.type != "cpu":
+    scale = 2.0 if double else 1.0
+    if accelerator:
         scale /= 50.0  # an accelerator: FLOPs and bytes are cheap, per-call overhead is not
     return dataclasses.replace(m, **{t: getattr(m, t) * scale for t in _FLOAT_TERMS})
 
