@@ -60,7 +60,10 @@ measured at the start and at the end).
     PYTHONPATH=src .venv/bin/python bench/bench_ntk_matrix.py [--quick] [--threads 1]
         [--jax-python /tmp/ntvenv/bin/python] [--models a,b] [--methods a,b] [--tag TAG]
 
-Writes ``bench/results/ntk_matrix_<date>[_<tag>].json``; prints a Markdown table.
+Writes ``bench/results/ntk_matrix_<date>[_<tag>].json``; prints a Markdown table. ``--limits
+model:k:n:full|trace,...`` instead times the two parts of the Jacobian-contraction recipe apart
+(:func:`limits_worker`: the bound a Jacobian-based route has against ``tf-jac``) into
+``ntk_matrix_<date>_limits[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -683,6 +686,54 @@ def jax_worker(spec: dict) -> None:
         _run_series(series, make_fn, spec, _emit)
 
 
+def limits_worker(spec: dict) -> None:
+    """The two parts of the Jacobian-contraction recipe of one cell, timed apart (CPU seconds).
+
+    ``jac_s``: forming the per-sample Jacobian as ``tf-jac`` does (``vmap(jacrev)``, math SDPA);
+    ``gemm_s``: one ``torch.mm(J, J.T)`` of the flattened ``(n k, P)`` Jacobian (trace:
+    ``(n, k P)``). Any method that forms this Jacobian (or an equally costly per-sample weight
+    Jacobian) and contracts it with the symmetric half of that GEMM costs at least
+    ``jac_s + gemm_s / 2``: the bound on its speed-up over ``tf-jac`` is
+    ``(jac_s + gemm_s) / (jac_s + gemm_s / 2)``.
+    """
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.set_num_threads(spec["threads"])
+    for c in spec["cells"]:
+        net, x, k, n = build(c["model"], c["k"]), inputs(c["model"], c["n"]), c["k"], c["n"]
+        params = {kk: v.detach() for kk, v in net.named_parameters()}
+
+        def f1(p, xx, net=net):
+            return functional_call(net, p, (xx.unsqueeze(0),)).squeeze(0)
+
+        def jac(params=params, f1=f1, x=x):
+            with sdpa_kernel(SDPBackend.MATH):
+                return [j.flatten(2) for j in vmap(jacrev(f1), (None, 0))(params, x).values()]
+
+        J = torch.cat(jac(), dim=2)
+        J = J.reshape(n, -1) if c["trace"] else J.reshape(n * k, -1)
+
+        def best(fn) -> float:
+            fn()
+            ts = []
+            for _ in range(2):
+                c0 = time.process_time()
+                fn()
+                ts.append(time.process_time() - c0)
+            return min(ts)
+
+        tj = best(jac)
+        tg = best(lambda J=J: J @ J.T)
+        row = dict(
+            c, jac_s=tj, gemm_s=tg, gemm_gflops=2.0 * J.shape[0] ** 2 * J.shape[1] / tg / 1e9
+        )
+        row["bound_half_gemm"] = (tj + tg) / (tj + tg / 2)
+        row["bound_free_gemm"] = (tj + tg) / tj
+        _emit(row)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parent side
 
@@ -933,6 +984,34 @@ def _route(s: dict) -> str:
     return f"{s.get('route')} [{inner}]" if inner else str(s.get("route"))
 
 
+def run_limits(args) -> None:
+    """``--limits``: J formation and GEMM timed apart, per cell, in one subprocess."""
+    cells = []
+    for item in args.limits.split(","):
+        name, k, n, kind = item.split(":")
+        cells.append({"model": name, "k": int(k), "n": int(n), "trace": kind == "trace"})
+    spec = {"method": "limits", "threads": args.threads, "cells": cells}
+    env = environment(args)
+    env["gemm_gflops_start"] = gemm_rate(args.threads)
+    rows, err = run_group(spec, args.group_timeout, sys.executable, Path(args.src))
+    day = dt.date.today().isoformat()
+    suffix = f"_{args.tag}" if args.tag else ""
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / f"ntk_matrix_{day}_limits{suffix}.json"
+    )
+    out.write_text(json.dumps({"environment": env, "rows": rows, "error": err}, indent=1))
+    for r in rows:
+        kind = "trace" if r["trace"] else "full"
+        print(
+            f"{r['model']} k={r['k']} {kind} n={r['n']}: J formation {r['jac_s']:.3f} s, "
+            f"J Jᵀ {r['gemm_s']:.3f} s ({r['gemm_gflops']:.0f} GFLOP/s); bound with a half GEMM "
+            f"{r['bound_half_gemm']:.2f}×, with a free GEMM {r['bound_free_gemm']:.2f}×"
+        )
+    print(f"wrote {out}" + (f" ({err})" if err else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few small cells (~2 min)")
@@ -957,11 +1036,18 @@ def main() -> None:
         help="the gdscope source the workers import (e.g. a `git archive HEAD src` snapshot, "
         "so that edits in the working tree during the run do not mix in)",
     )
+    ap.add_argument(
+        "--limits",
+        default=None,
+        help="instead of the matrix: time J formation and the J Jᵀ GEMM apart for cells "
+        "model:k:n:full|trace,... (limits_worker)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        torch_worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        (limits_worker if spec["method"] == "limits" else torch_worker)(spec)
         return
     if args.jax_worker:
         jax_worker(json.loads(args.jax_worker))
@@ -969,6 +1055,9 @@ def main() -> None:
 
     import tempfile
 
+    if args.limits:
+        run_limits(args)
+        return
     cells_by_model = QUICK_CELLS if args.quick else FULL_CELLS
     models = args.models.split(",") if args.models else list(cells_by_model)
     methods = [m for m in args.methods.split(",") if m]
