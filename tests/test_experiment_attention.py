@@ -228,7 +228,7 @@ def test_eos_rule_holds_and_fails():
 
 def test_eos_rule_outside_and_undetermined():
     never = ap.eos_verdict(_run(np.linspace(0.01, 0.5, 60)), **RULE)
-    assert never.status == "outside" and "reaches the threshold" in never.assumption
+    assert never.status == "outside" and "reach the threshold" in never.assumption
     above = ap.eos_verdict(_run([50.0, 50.0, 2.0, *[1.0] * 20]), **RULE)
     assert above.status == "outside" and "starts above" in above.assumption
     short = ap.eos_verdict(_run([0.1, 0.1, 0.2, 0.5, 0.99, 1.0]), **RULE)

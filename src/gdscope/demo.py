@@ -66,7 +66,7 @@ from gdscope.theory import CentralFlowPrediction, Prediction, central_flow, fit_
 from gdscope.threads import ThreadChoice, apply_threads, choose_threads, reset_threads
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit
-from gdscope.verdict import Verdict
+from gdscope.verdict import Verdict, hover, hover_rule
 from gdscope.zoo import digits, mlp
 
 __all__ = [
@@ -932,7 +932,8 @@ def _series_ratio(sharp: tuple[np.ndarray, np.ndarray], lr: float) -> tuple[np.n
 def _eos_verdict(
     cfg: DemoConfig, lr: float, sharp: tuple[np.ndarray, np.ndarray], sharp0: float
 ) -> Verdict:
-    """Edge of stability at ``lr`` (the rule of ``gdscope run stability``)."""
+    """Edge of stability at ``lr`` (:func:`gdscope.verdict.hover_rule`, as ``gdscope run
+    stability``)."""
     thr = 2.0 / lr
     x, ratio = _series_ratio(sharp, lr)
     lo, hi = cfg.eos_band
@@ -943,32 +944,21 @@ def _eos_verdict(
     if not ratio.size:
         why = "no finite sharpness measurement"
         return Verdict(claim, predicted, why, None, details, reason=why, **common)
-    init = f"starts at {ratio[0]:.2f}·2/η"
-    hits = np.flatnonzero(ratio >= cfg.onset_fraction)
-    if ratio[0] >= 1:
-        why = f"the run starts above 2/η ({init}): a catapult, not progressive sharpening"
-        return Verdict(claim, predicted, init, None, details, reason=why, assumption=why, **common)
-    if not hits.size:
-        why = (
-            f"the claim is made for runs whose sharpness reaches 2/η: max "
-            f"{ratio.max():.3f}·2/η < {cfg.onset_fraction:g}·2/η in the steps run"
+    h = hover(x, ratio, cfg.onset_fraction)
+    holds, why, assumption = hover_rule(h, cfg.eos_band, cfg.min_post_onset)
+    details["initial_ratio"] = h.start
+    init = f"starts at {h.start:.2f}·2/η"
+    if h.onset_step is None or h.median is None:
+        measured = f"threshold not reached: max sharpness {h.max:.3f}·2/η ({init})"
+    else:
+        details |= {"onset_step": h.onset_step, "post_onset_median": h.median, "count": h.count}
+        measured = (
+            f"{init}; onset at step {h.onset_step}; median {h.median:.3f}·2/η after it (IQR "
+            f"{h.q25:.2f}–{h.q75:.2f}, {h.count} values)"
         )
-        measured = f"threshold not reached: max sharpness {ratio.max():.3f}·2/η ({init})"
-        return Verdict(
-            claim, predicted, measured, None, details, reason=why, assumption=why, **common
-        )
-    onset = int(hits[0])
-    after = ratio[onset:]
-    median = float(np.median(after))
-    details |= {"onset_step": int(x[onset]), "post_onset_median": median, "count": after.size}
-    measured = f"onset at step {x[onset]}; median {median:.3f}·2/η after it ({after.size} values)"
-    details["initial_ratio"] = float(ratio[0])
-    if after.size < cfg.min_post_onset:
-        why = f"only {after.size} measurements after the onset: more steps would decide"
-        return Verdict(claim, predicted, measured, None, details, reason=why, **common)
-    holds = bool(lo <= median <= hi)
-    why = f"post-onset median {median:.3f}·2/η {'inside' if holds else 'outside'} [{lo:g}, {hi:g}]"
-    return Verdict(claim, predicted, measured, holds, details, reason=why, **common)
+    return Verdict(
+        claim, predicted, measured, holds, details, reason=why, assumption=assumption, **common
+    )
 
 
 def _control_verdict(lr: float, sharp: tuple[np.ndarray, np.ndarray], sharp0: float) -> Verdict:

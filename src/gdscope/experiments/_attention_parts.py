@@ -34,7 +34,7 @@ from gdscope.curvature import dense_hessian
 from gdscope.curvature.gd_map import gd_map
 from gdscope.experiments.base import Figure
 from gdscope.problem import Params, Problem
-from gdscope.verdict import Verdict
+from gdscope.verdict import Verdict, hover, hover_rule
 
 __all__ = [
     "GDMAP_SECTION",
@@ -539,42 +539,27 @@ def eos_verdict(
     if not ratio.size:
         why = f"no finite preconditioned sharpness after the burn-in ({burn_in} steps)"
         return Verdict(claim, predicted, why, None, details, reason=why, **common)
-    details["initial_ratio"] = float(ratio[0])
-    init = f"starts at {ratio[0]:.3g}× the threshold (step {x[0]})"
-    if ratio[0] >= 1:
-        why = f"the run starts above the threshold after the burn-in ({init}): not a rise to it"
-        return Verdict(claim, predicted, init, None, details, reason=why, assumption=why, **common)
-    hits = np.flatnonzero(ratio >= onset_fraction)
-    if not hits.size:
-        why = (
-            f"the claim is made for runs whose preconditioned sharpness reaches the threshold: max "
-            f"{ratio.max():.3f}× < {onset_fraction:g}× in the steps run"
+    h = hover(x, ratio, onset_fraction)
+    holds, why, assumption = hover_rule(h, band, min_post_onset, "×")
+    details["initial_ratio"] = h.start
+    init = f"starts at {h.start:.3g}× the threshold (step {x[0]})"
+    if h.onset_step is None or h.median is None:
+        measured = f"threshold not reached: max {h.max:.3f}× the threshold ({init})"
+    else:
+        details |= {
+            "onset_step": h.onset_step,
+            "post_onset_median": h.median,
+            "post_onset_iqr": [h.q25, h.q75],
+            "count": h.count,
+            "max_ratio": h.max,
+        }
+        measured = (
+            f"{init}; onset at step {h.onset_step}; median {h.median:.3f}× the threshold after "
+            f"it (IQR {h.q25:.2f}–{h.q75:.2f}, {h.count} values)"
         )
-        measured = f"threshold not reached: max {ratio.max():.3f}× the threshold ({init})"
-        return Verdict(
-            claim, predicted, measured, None, details, reason=why, assumption=why, **common
-        )
-    onset = int(hits[0])
-    after = ratio[onset:]
-    median = float(np.median(after))
-    q1, q3 = (float(v) for v in np.percentile(after, [25, 75]))
-    details |= {
-        "onset_step": int(x[onset]),
-        "post_onset_median": median,
-        "post_onset_iqr": [q1, q3],
-        "count": int(after.size),
-        "max_ratio": float(after.max()),
-    }
-    measured = (
-        f"{init}; onset at step {x[onset]}; median {median:.3f}× the threshold after it "
-        f"(IQR {q1:.2f}–{q3:.2f}, {after.size} values)"
+    return Verdict(
+        claim, predicted, measured, holds, details, reason=why, assumption=assumption, **common
     )
-    if after.size < min_post_onset:
-        why = f"only {after.size} measurements after the onset: more steps would decide"
-        return Verdict(claim, predicted, measured, None, details, reason=why, **common)
-    holds = bool(lo <= median <= hi)
-    why = f"post-onset median {median:.3f}× {'inside' if holds else 'outside'} [{lo:g}, {hi:g}]"
-    return Verdict(claim, predicted, measured, holds, details, reason=why, **common)
 
 
 def control_verdict(run: dict[str, Any], *, burn_in: int, eos_lrs: list[float]) -> Verdict:

@@ -52,7 +52,7 @@ from gdscope.problem import Problem
 from gdscope.theory import detect_orbit, orbit_from_store, singular_step_sizes, stability
 from gdscope.tracker import Tracker
 from gdscope.train import GD, fit, stability_threshold
-from gdscope.verdict import Verdict
+from gdscope.verdict import Hover, Verdict, hover, hover_rule
 from gdscope.zoo import mlp
 
 __all__ = ["StabilityConfig", "StabilityExperiment"]
@@ -352,20 +352,16 @@ def _checkpoints(cfg: StabilityConfig) -> list[int]:
 
 
 def _eos(xs: list[int], ss: list[float], thr: float, cfg: StabilityConfig) -> dict[str, Any]:
-    """Onset (first sharpness ≥ onset_fraction·thr) and post-onset median / thr."""
-    s = np.asarray(ss, dtype=np.float64)
-    hit = np.nonzero(s >= cfg.onset_fraction * thr)[0]
-    out: dict[str, Any] = {"max_ratio": float(s.max() / thr)}
-    if hit.size == 0:
-        return {**out, "onset": None, "post_onset_ratio": None, "post_onset_count": 0}
-    post = s[hit[0] :] / thr
+    """Onset (first sharpness ≥ onset_fraction·thr) and post-onset median / thr
+    (:func:`gdscope.verdict.hover`)."""
+    h = hover(xs, np.asarray(ss, dtype=np.float64) / thr, cfg.onset_fraction)
     return {
-        **out,
-        "onset": int(xs[hit[0]]),
-        "post_onset_ratio": float(np.median(post)),
-        "post_onset_q25": float(np.quantile(post, 0.25)),
-        "post_onset_q75": float(np.quantile(post, 0.75)),
-        "post_onset_count": int(post.size),
+        "max_ratio": h.max,
+        "onset": h.onset_step,
+        "post_onset_ratio": h.median,
+        "post_onset_q25": h.q25,
+        "post_onset_q75": h.q75,
+        "post_onset_count": h.count,
     }
 
 
@@ -866,42 +862,31 @@ class StabilityExperiment(Experiment):
                 assumption = f"the run starts above the threshold ({init}) and does not train"
             else:
                 holds, reason = False, "a run that started below 2/η did not train"
-        elif r["onset"] is None:
-            measured = (
-                f"threshold not reached in {r['steps']} steps: max sharpness "
-                f"{r['max_ratio']:.3f}·2/η ({init})"
-            )
-            assumption = (
-                f"the claim is made for runs whose sharpness reaches 2/η: max sharpness "
-                f"{r['max_ratio']:.3f}·2/η < {cfg.onset_fraction:g}·2/η in {r['steps']} steps"
-            )
-        elif r["sharpness_init"] >= thr:
-            measured = (
-                f"onset at step {r['onset']}; median {r['post_onset_ratio']:.3f}·2/η, but it "
-                f"started above the threshold ({init})"
-            )
-            assumption = (
-                f"the run starts above 2/η ({init}): a catapult, not progressive sharpening"
-            )
-        elif r["post_onset_count"] < cfg.min_post_onset:
-            measured = (
-                f"onset at step {r['onset']}, only {r['post_onset_count']} measurements after it "
-                f"(need {cfg.min_post_onset}): median {r['post_onset_ratio']:.3f}·2/η"
-            )
-            reason = "too few measurements after the onset: more steps would decide"
         else:
-            ratio = r["post_onset_ratio"]
-            measured = (
-                f"onset at step {r['onset']}; median {ratio:.3f}·2/η (IQR "
-                f"{r['post_onset_q25']:.3f}–{r['post_onset_q75']:.3f}) over "
-                f"{r['post_onset_count']} measurements"
-            )
-            holds = lo <= ratio <= hi
-            reason = (
-                f"post-onset median {ratio:.3f}·2/η "
-                + ("inside" if holds else "outside")
-                + f" [{lo:g}, {hi:g}]"
-            )
+            h = Hover(init_ratio, r["max_ratio"], cfg.onset_fraction)
+            if r["onset"] is not None:
+                h = Hover(
+                    init_ratio,
+                    r["max_ratio"],
+                    cfg.onset_fraction,
+                    r["onset"],
+                    r["post_onset_ratio"],
+                    r["post_onset_q25"],
+                    r["post_onset_q75"],
+                    r["post_onset_count"],
+                )
+            holds, reason, assumption = hover_rule(h, cfg.eos_band, cfg.min_post_onset)
+            if r["onset"] is None:
+                measured = (
+                    f"threshold not reached in {r['steps']} steps: max sharpness "
+                    f"{r['max_ratio']:.3f}·2/η ({init})"
+                )
+            else:
+                measured = (
+                    f"onset at step {r['onset']}; median {r['post_onset_ratio']:.3f}·2/η (IQR "
+                    f"{r['post_onset_q25']:.3f}–{r['post_onset_q75']:.3f}) over "
+                    f"{r['post_onset_count']} measurements ({init})"
+                )
         return Verdict(
             f"Edge of stability at η = {lr:g}: GD sharpness rises to 2/η = {thr:.3g} and hovers",
             predicted,
