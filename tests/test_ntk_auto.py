@@ -368,3 +368,16 @@ def test_symmetric_split_and_block_contraction(trace):
     ref = oracle_ntk(model, x)
     K = gs.ntk(model, x, trace_outputs=trace)
     assert_close(K, torch.diagonal(ref, dim1=2, dim2=3).sum(-1) if trace else ref)
+
+
+def test_one_pass_needs_a_two_sample_check(monkeypatch):
+    """A first call on one sample cannot see batch coupling: the structure never uses the
+    one-pass capture then, and a later call on many samples stays exact."""
+    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    torch.manual_seed(0)
+    coupled = BatchCoupled().to(F64)
+    x = torch.randn(6, 3, dtype=F64)
+    gs.ntk(coupled, x[:1])
+    assert _explain(coupled, x)["capture"] == "vmap over samples"
+    assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))

@@ -269,6 +269,8 @@ class _Plan:
     n_ops: int = 1  # ATen operators one forward dispatches
     #: modules that see the samples along dim 0 (from the structure check)
     batch_first: frozenset[str] = frozenset()
+    #: the rule check ran through the one-pass capture on two samples and passed
+    one_pass_ok: bool = False
     f_first: float = 0.0  # matmul FLOPs of a first layer that reads the input x directly
     n_other: int = 1  # samples on the other side of the kernel (amortises per-sample work)
     n: int = 1  # samples on this side
@@ -281,6 +283,7 @@ class _Plan:
         samples along dim 0 (no fallback parameters, no composite rules)."""
         return (
             self.batched
+            and self.one_pass_ok
             and not self.fb
             and bool(self.rules)
             and all(r.part is None and r.name in self.batch_first for r in self.rules)
@@ -540,6 +543,8 @@ class _Checked:
     ops: int  # ATen operators of that forward
     failed: frozenset[str] | None = None  # None: rules not checked yet
     said: bool = False  # the batching fallback was logged at INFO once
+    #: the one-pass capture passed the rule check on two samples (so samples do not couple)
+    one_pass_ok: bool = False
     #: modules whose batched call puts the samples along dim 0 of input and output (their
     #: captures can come from one batched pass instead of vmap over samples)
     batch_first: frozenset[str] = frozenset()
@@ -895,6 +900,7 @@ def _build_plan(
     plan.n_modules = max(1, sum(r["calls"] for r in info.values()))
     if checked is not None:
         plan.flops, plan.n_ops, plan.batch_first = checked.flops, checked.ops, checked.batch_first
+        plan.one_pass_ok = checked.one_pass_ok
     # the first layer, if it reads the input itself, needs no input gradient (nor a tangent)
     x1 = (1, *x.shape[1:])
     mods = dict(model.named_modules())
@@ -1041,6 +1047,9 @@ def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> N
     if checked is not None and checked.failed is not None:
         _demote_failed(plan, checked.failed)
         return
+    # with two samples, check through the one-pass capture where it applies: a model that
+    # couples the samples of a batch then fails here and never uses it
+    plan.one_pass_ok = xs.shape[0] >= 2
     G, _, aux = _capture(plan, xs, plan.rules, [])
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(xs.shape[0], plan.k, generator=gen, dtype=torch.float64)
@@ -1078,8 +1087,10 @@ def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> N
         err2[o] = err2.get(o, 0.0) + float((g - t).norm()) ** 2
         scale2[o] = scale2.get(o, 0.0) + max(float(t.norm()), float(g.norm())) ** 2
     bad = {o for o in err2 if err2[o] > tol**2 * scale2[o] and err2[o] > 0}
+    plan.one_pass_ok = plan.one_pass_ok and not bad
     if checked is not None:
         checked.failed = frozenset(bad)
+        checked.one_pass_ok = plan.one_pass_ok
     _demote_failed(plan, bad)
     for name in bad:
         log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
