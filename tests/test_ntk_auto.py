@@ -381,3 +381,17 @@ def test_one_pass_needs_a_two_sample_check(monkeypatch):
     gs.ntk(coupled, x[:1])
     assert _explain(coupled, x)["capture"] == "vmap over samples"
     assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
+
+
+def test_rule_check_uses_two_distinct_samples(monkeypatch):
+    """Repeated leading samples do not hide batch coupling from the rule check."""
+    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    torch.manual_seed(0)
+    coupled = BatchCoupled().to(F64)
+    x = torch.randn(6, 3, dtype=F64)
+    x[1] = x[0]
+    assert torch.equal(ntk_mod._two_distinct(x), x[[0, 2]])
+    assert torch.equal(ntk_mod._two_distinct(x[:2]), x[:1])
+    assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
+    assert _explain(coupled, x)["capture"] == "vmap over samples"

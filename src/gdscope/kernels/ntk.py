@@ -969,7 +969,7 @@ def _build_plan(
             plan.rules.extend(rule if isinstance(rule, list) else [rule])
             claimed.update(sub.values())
     if plan.rules:
-        _verify_rules(plan, x[: min(2, x.shape[0])], checked)
+        _verify_rules(plan, _two_distinct(x), checked)
     if method == "structured" and plan.fb:
         raise InvalidArgumentError(
             "method='structured' cannot cover these modules: "
@@ -1038,6 +1038,15 @@ def _choose(
         plan.fallback_why[r.name or type(plan.model).__name__] = (
             "the Jacobian route is cheaper here (cost model)"
         )
+
+
+def _two_distinct(x: Tensor) -> Tensor:
+    """The first sample and the first one that differs from it (or just the first): the rule
+    check needs two different samples to see a model that couples the samples of a batch."""
+    if x.shape[0] < 2:
+        return x[:1]
+    differ = (x[1:] != x[:1]).reshape(x.shape[0] - 1, -1).any(1).nonzero()
+    return x[:1] if differ.numel() == 0 else x[[0, int(differ[0]) + 1]]
 
 
 def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> None:
