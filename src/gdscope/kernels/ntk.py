@@ -1784,7 +1784,12 @@ def _explain(
     memory: float | None = None,
     force: str | dict[str, str] | None = None,
 ) -> dict:
-    """What :func:`ntk` would do (per-module routes, tiles) and its GEMM FLOP count."""
+    """What :func:`ntk` would do, without doing it: ``method`` (after ``auto``'s choice),
+    ``route`` (``"structured"`` for rules, mixed or not; ``"jacobian"``; ``"vp"``),
+    ``predicted`` (each route considered: matmul ``flops`` and ``seconds`` by the cost model),
+    ``modules`` (each module's route, and why a module takes the Jacobian), ``batching`` and
+    ``capture`` (one batched pass, ``vmap`` over samples, or a loop), the tiles and the GEMM
+    FLOP count of the contraction."""
     with math_attention():
         job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
     plan, lay = job.plan, job.layout
