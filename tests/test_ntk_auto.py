@@ -239,8 +239,11 @@ def test_auto_agrees_with_every_route(name):
             assert_close(_run(job, out), ref)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_predicted_flops_order_matches_flop_counter(name):
+@pytest.mark.parametrize(
+    ("name", "trace"),
+    [(c, False) for c in CASES] + [(c, True) for c in ("mlp", "convnet", "preact_resnet")],
+)
+def test_predicted_flops_order_matches_flop_counter(name, trace):
     """For each route, the cost model's predicted matmul FLOPs against FlopCounterMode around
     the route itself (structure cache warm, as in every call after the first): the predicted
     order of the routes is the measured order, and each prediction is within 20%."""
@@ -250,14 +253,14 @@ def test_predicted_flops_order_matches_flop_counter(name):
     pred, meas = {}, {}
     for method in ("auto", "structured", "jacobian", "vp"):
         try:
-            info = _explain(model, x, method=method)
+            info = _explain(model, x, method=method, trace_outputs=trace)
         except InvalidArgumentError:
             continue
         route = info["route"]
-        gs.ntk(model, x, method=method)
+        gs.ntk(model, x, method=method, trace_outputs=trace)
         counter = FlopCounterMode(display=False)
         with counter:
-            gs.ntk(model, x, method=method)
+            gs.ntk(model, x, method=method, trace_outputs=trace)
         pred[method] = info["predicted"][route]["flops"]
         meas[method] = counter.get_total_flops()
     for m in pred:

@@ -328,7 +328,8 @@ class _Plan:
     def gemm_flops(self, trace: bool) -> float:
         """Multiply-add FLOPs (×2) per sample pair of the contraction (GEMMs only)."""
         k = 1 if trace else self.k * self.k
-        total = 2.0 * k * self.width
+        # the jac group: a dot product over k·W (trace) or k² of length W (full) per pair
+        total = 2.0 * (self.k if trace else k) * self.width
         for r in self.feat_rules:
             T, d, o = r.T, r.d, r.o
             m = 2.0 * T * T * d if r.has_w and not hasattr(r, "V") else 0.0
@@ -814,7 +815,7 @@ def _capture_seconds(plan: _Plan, work: _Work, mach: _Machine) -> float:
 def _plan_costs(plan: _Plan, work: _Work, trace: bool) -> tuple[float, float]:
     """``(matmul FLOPs, predicted seconds)`` of a structured/mixed/Jacobian plan."""
     mach = _machine(plan)
-    kk = 1 if trace else plan.k * plan.k
+    kk = plan.k if trace else plan.k * plan.k  # jac-group GEMM FLOPs per pair and column: 2·kk
     cap = work.captured * _capture_flops(plan, work.chunk)
     gemm = work.pairs * 2.0 * kk * plan.width
     rules = work.pairs * sum(r.flops(r.approach, trace) for r in plan.feat_rules)
@@ -863,7 +864,7 @@ def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work)
     """Predicted seconds of one rule's share by ``approach`` (or ``"fb"``: its parameters by
     the Jacobian route, weight gradients formed by autograd inside the capture)."""
     mach = _machine(plan)
-    kk = 1 if trace else plan.k * plan.k
+    kk = plan.k if trace else plan.k * plan.k  # jac-group GEMM FLOPs per pair and column: 2·kk
     width = r.jac_width()
     if approach == "fb":
         # autograd forms the same per-sample weight gradients as the rule's "jac" route (for a

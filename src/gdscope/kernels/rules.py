@@ -166,7 +166,7 @@ class Rule:
         """Matmul FLOPs per sample pair of :meth:`contract` for ``approach`` (what
         ``torch.utils.flop_counter`` counts: GEMMs, not elementwise passes); for ``"jac"``
         this rule's columns in the jac-group GEMM."""
-        return 2.0 * (1 if trace else self.k * self.k) * self.jac_width()
+        return 2.0 * (self.k if trace else self.k * self.k) * self.jac_width()
 
     def feature_bytes(self, approach: str, esize: int) -> int:
         """Bytes stored per sample for ``approach`` (0 for ``jac``: it lives in the jac group)."""
