@@ -611,7 +611,7 @@ def lanczos_tridiag(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor,
         w = op.matvec(Q[j])
         alpha = torch.dot(Q[j], w)
         alphas.append(alpha)
-        Qm = torch.stack(Q, dim=1)
+        Qm = torch.stack(Q).T  # (P, j) as a view of rows: see CallableOperator._apply
         for _ in range(2):
             w = w - Qm @ (Qm.T @ w)
         beta = torch.linalg.vector_norm(w)
