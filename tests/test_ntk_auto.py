@@ -343,6 +343,8 @@ def test_one_pass_capture_and_its_guard():
     coupled = BatchCoupled().to(F64)
     info = _explain(coupled, x)
     assert info["capture"] != "one batched pass", info
+    # the coupling costs the one-pass capture, not the rules: both layers keep theirs
+    assert not any("jacobian" in m for m in info["modules"]), info["modules"]
     assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
     assert _explain(_recurrent(nn.GRU)[0], _recurrent(nn.GRU)[1])["capture"] == "loop over samples"
 

@@ -1056,14 +1056,34 @@ def _two_distinct(x: Tensor) -> Tensor:
 
 def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> None:
     """Compare every rule's gradient with autograd on a few samples; demote failures. The
-    outcome is cached per model structure (``checked``): a second call pays nothing."""
-    fn, model = plan.fn, plan.model
+    outcome is cached per model structure (``checked``): a second call pays nothing.
+
+    With two samples the check first runs through the one-pass capture where it applies. A
+    model that couples the samples of a batch (``x - x.mean(0)``) fails there; the check is then
+    repeated with the capture per sample, so that such a model loses the one-pass capture, not
+    its rules."""
     if checked is not None and checked.failed is not None:
         _demote_failed(plan, checked.failed)
         return
-    # with two samples, check through the one-pass capture where it applies: a model that
-    # couples the samples of a batch then fails here and never uses it
     plan.one_pass_ok = xs.shape[0] >= 2
+    bad = _rule_errors(plan, xs)
+    if bad and plan.one_pass:  # the batched pass was used: is it the rules or the coupling?
+        plan.one_pass_ok = False
+        bad = _rule_errors(plan, xs)
+        log.info("ntk: the samples of a batch couple in this model; captured per sample")
+    plan.one_pass_ok = plan.one_pass_ok and not bad
+    if checked is not None:
+        checked.failed = frozenset(bad)
+        checked.one_pass_ok = plan.one_pass_ok
+    _demote_failed(plan, bad)
+    for name in bad:
+        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
+
+
+def _rule_errors(plan: _Plan, xs: Tensor) -> set[str]:
+    """The rules whose gradient (through :func:`_capture` as the plan stands) differs from
+    autograd's per sample on ``xs``, each module compared at the scale of its whole gradient."""
+    fn, model = plan.fn, plan.model
     G, _, aux = _capture(plan, xs, plan.rules, [])
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(xs.shape[0], plan.k, generator=gen, dtype=torch.float64)
@@ -1100,14 +1120,7 @@ def _verify_rules(plan: _Plan, xs: Tensor, checked: _Checked | None = None) -> N
         t, o = true[n], owner[n]
         err2[o] = err2.get(o, 0.0) + float((g - t).norm()) ** 2
         scale2[o] = scale2.get(o, 0.0) + max(float(t.norm()), float(g.norm())) ** 2
-    bad = {o for o in err2 if err2[o] > tol**2 * scale2[o] and err2[o] > 0}
-    plan.one_pass_ok = plan.one_pass_ok and not bad
-    if checked is not None:
-        checked.failed = frozenset(bad)
-        checked.one_pass_ok = plan.one_pass_ok
-    _demote_failed(plan, bad)
-    for name in bad:
-        log.info("ntk: %s failed the structured-rule gradient check; using its Jacobian", name)
+    return {o for o in err2 if err2[o] > tol**2 * scale2[o] and err2[o] > 0}
 
 
 def _demote_failed(plan: _Plan, bad: frozenset[str] | set[str]) -> None:
