@@ -274,7 +274,7 @@ def test_predicted_flops_order_matches_flop_counter(name, trace):
 
 def test_auto_takes_the_cheapest_predicted_route():
     """``auto`` keeps the structured plan unless another route is predicted clearly faster."""
-    from gdscope.kernels.ntk import _MARGIN, _MIN_SAVING
+    from gdscope.kernels._ntk_cost import _MARGIN, _MIN_SAVING
 
     for name, (model, x) in _cases().items():
         info = _explain(model, x)
