@@ -8,7 +8,6 @@ Oracle: per-sample, per-output ``torch.autograd.grad`` of a float64 model, ``J J
 from __future__ import annotations
 
 import ast
-import math
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 import gdscope as gs
 from gdscope.kernels.ntk import _explain, _prepare, _run
 from test_ntk_auto import assert_close, oracle_ntk
+from test_ntk_spectrum_agreement import SoftmaxAttention
 
 F32, F64 = torch.float32, torch.float64
 
@@ -28,25 +28,8 @@ F32, F64 = torch.float32, torch.float64
 # The rule check compares a module's gradient at the scale of the whole module
 
 
-class SoftmaxAttention(nn.Module):
-    """One head with separate ``nn.Linear`` projections (all with bias), mean-pooled readout.
-
-    Softmax is invariant to adding a constant along each query's row, so the key projection's
-    bias has exactly zero gradient: the rule's and autograd's values for it are both round-off.
-    """
-
-    def __init__(self, d: int = 3, h: int = 4, k: int = 2) -> None:
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(d, h)
-        self.out = nn.Linear(h, k)
-        self.h = h
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.h), dim=-1)
-        return self.out((a @ v).mean(1))
-
-
+# SoftmaxAttention: softmax is invariant to adding a constant along each query's row, so the key
+# projection's bias has exactly zero gradient: the rule's and autograd's values are round-off.
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_zero_gradient_bias_keeps_its_rule(dtype):
     """Before: ``k`` was demoted ("parameters also used outside its forward") in both dtypes."""
