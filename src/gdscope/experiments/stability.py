@@ -863,18 +863,18 @@ class StabilityExperiment(Experiment):
             else:
                 holds, reason = False, "a run that started below 2/η did not train"
         else:
-            h = Hover(init_ratio, r["max_ratio"], cfg.onset_fraction)
-            if r["onset"] is not None:
-                h = Hover(
-                    init_ratio,
-                    r["max_ratio"],
-                    cfg.onset_fraction,
-                    r["onset"],
-                    r["post_onset_ratio"],
-                    r["post_onset_q25"],
-                    r["post_onset_q75"],
-                    r["post_onset_count"],
-                )
+            post = (
+                {}
+                if r["onset"] is None
+                else {
+                    "onset_step": r["onset"],
+                    "median": r["post_onset_ratio"],
+                    "q25": r["post_onset_q25"],
+                    "q75": r["post_onset_q75"],
+                    "count": r["post_onset_count"],
+                }
+            )
+            h = Hover(init_ratio, r["max_ratio"], cfg.onset_fraction, **post)
             holds, reason, assumption = hover_rule(h, cfg.eos_band, cfg.min_post_onset)
             if r["onset"] is None:
                 measured = (
