@@ -369,10 +369,20 @@ def test_symmetric_split_and_block_contraction(trace):
     info = _explain(model, x, trace_outputs=trace)
     assert info["capture"] == "one batched pass", info
     assert trace or info["tile"] < 40, info  # the trace's GEMM rows are samples: one tile
+    assert trace or info["rows"], info  # each tile row's upper part is one contraction
     assert model[2].weight.numel() >= _BLOCK_MIN
     ref = oracle_ntk(model, x)
+    if trace:
+        ref = torch.diagonal(ref, dim1=2, dim2=3).sum(-1)
     K = gs.ntk(model, x, trace_outputs=trace)
-    assert_close(K, torch.diagonal(ref, dim1=2, dim2=3).sum(-1) if trace else ref)
+    assert_close(K, ref)
+    # the same tile rows streamed: every tile once, lower ones mirrored, each the kernel's slice
+    seen = torch.zeros(40, 40, dtype=torch.int64)
+    for i0, i1, j0, j1, blk in gs.ntk_blocks(model, x, trace_outputs=trace, block_size=7):
+        assert blk.is_contiguous()
+        assert_close(blk, ref[i0:i1, j0:j1])
+        seen[i0:i1, j0:j1] += 1
+    assert bool((seen == 1).all())
 
 
 def test_one_pass_needs_a_two_sample_check(monkeypatch):

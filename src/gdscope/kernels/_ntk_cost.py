@@ -149,6 +149,8 @@ def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work
             tiles += 1
             if not lay.cached and not (sym and j0 == i0):
                 cap += bj
+    if lay.rows:  # one contraction call per tile row
+        tiles = math.ceil(n / lay.tile)
     chunk = min(lay.chunk, n) if plan.batched else 1
     return _Work(pairs, cap, max(1, math.ceil(cap / max(lay.chunk, 1))), tiles, chunk)
 

@@ -1092,6 +1092,9 @@ class _Layout:
     cached: bool
     chunk: int
     ws: int
+    #: symmetric and cached: each tile row's upper part ``[i0:i1, i0:n]`` is one contraction
+    #: (one GEMM per jac block instead of one per tile: fewer, larger calls), cut into tiles
+    rows: bool = False
 
 
 def _layout(
@@ -1142,6 +1145,7 @@ def _layout(
         b2 = min(b2, max(1, int(B / 4 / f)))
     chunk = max(1, min(int(B / 4 / cap), n if cached else b))
     ws = max(int(B / 4 / es), 1)
+    rows = sym and cached and b2 == b and b < n and 3 * b * n * kk * es <= B / 4
     for r in plan.feat_rules:
         if r.pair_workspace(r.approach, trace) > ws:
             raise InvalidArgumentError(
@@ -1149,7 +1153,7 @@ def _layout(
                 f"({_gb(r.pair_workspace(r.approach, trace) * es * 4)} per sample pair). "
                 "Raise memory=."
             )
-    return _Layout(b, b2, cached, chunk, ws)
+    return _Layout(b, b2, cached, chunk, ws, rows)
 
 
 @dataclass
@@ -1208,6 +1212,13 @@ class _Job:
         for i0 in range(0, n, lay.tile):
             i1 = min(i0 + lay.tile, n)
             fI = FX.slice(i0, i1) if lay.cached else _features(plan, x[i0:i1], trace, lay.chunk)
+            if lay.rows:  # the tile row's upper part in one contraction, yielded tile by tile
+                acc = _contract(plan, fI, FX.slice(i0, n), trace, lay.ws)
+                for j0 in range(i0, n, lay.tile2):
+                    j1 = min(j0 + lay.tile2, n)
+                    blk = acc[:, j0 - i0 : j1 - i0] if trace else acc[:, :, j0 - i0 : j1 - i0]
+                    yield i0, i1, j0, j1, blk
+                continue
             for j0 in range(i0 if self.sym else 0, n2, lay.tile2):
                 j1 = min(j0 + lay.tile2, n2)
                 if lay.cached:
@@ -1508,10 +1519,11 @@ def ntk_blocks(
     """Stream the NTK as tiles ``(i0, i1, j0, j1, block)`` covering the whole kernel once.
 
     ``block`` is ``ntk(model, x, x2)[i0:i1, j0:j1]`` (``(i1-i0, j1-j0, k, k)``, or ``(.., ..)``
-    with ``trace_outputs``), in the model's dtype and device; only one tile (plus the per-sample
-    features of the current tiles) is held at a time, so a kernel far larger than memory can be
-    written to disk or reduced on the fly. With ``x2=None`` each lower tile is the transpose of
-    an upper one, computed once and yielded twice. ``block_size`` fixes the tile edge in
+    with ``trace_outputs``), in the model's dtype and device; only one tile, or one row of
+    tiles where it fits in ``memory`` (plus the per-sample features), is held at a time, so a
+    kernel far larger than memory can be written to disk or reduced on the fly. With
+    ``x2=None`` each lower tile is the transpose of an upper one, computed once and yielded
+    twice. ``block_size`` fixes the tile edge in
     samples (default: chosen for GEMM efficiency under ``memory``). Arguments are checked when
     this is called, before the first tile. Same arguments as :func:`ntk` otherwise.
 
@@ -1549,7 +1561,7 @@ def ntk_blocks(
     def gen() -> Iterator[Block]:
         for i0, i1, j0, j1, acc in tiles():
             if trace_outputs:
-                yield i0, i1, j0, j1, acc
+                yield i0, i1, j0, j1, acc.contiguous()
                 if job.sym and job.method != "vp" and j0 != i0:
                     yield j0, j1, i0, i1, acc.T.contiguous()
             else:
@@ -1574,8 +1586,8 @@ def _explain(
     ``route`` (``"structured"`` for rules, mixed or not; ``"jacobian"``; ``"vp"``),
     ``predicted`` (each route considered: matmul ``flops`` and ``seconds`` by the cost model),
     ``modules`` (each module's route, and why a module takes the Jacobian), ``batching`` and
-    ``capture`` (one batched pass, ``vmap`` over samples, or a loop), the tiles and the GEMM
-    FLOP count of the contraction."""
+    ``capture`` (one batched pass, ``vmap`` over samples, or a loop), the tiles (``rows``: one
+    contraction per tile row) and the GEMM FLOP count of the contraction."""
     with math_attention():
         job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
     plan, lay = job.plan, job.layout
@@ -1607,6 +1619,7 @@ def _explain(
             tile2=lay.tile2,
             cached=lay.cached,
             chunk=lay.chunk,
+            rows=lay.rows,
             pairs=pairs,
             gemm_flops=pairs * plan.gemm_flops(trace_outputs),
         )
