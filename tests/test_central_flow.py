@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 from gdscope.errors import InvalidArgumentError
 from gdscope.problem import Problem
+from gdscope.store import Store
 from gdscope.theory.central_flow import CentralFlowPrediction, central_flow, solve_sdcp
 from gdscope.theory.dynamics import Prediction
 
@@ -283,6 +285,16 @@ def test_tracker_accepts_the_prediction(tmp_path) -> None:  # type: ignore[no-un
     pred = central_flow(prob, {"class": "GD", "lr": 0.05}, 3)
     tracker = Tracker(prob, probes=[], store=tmp_path / "runs.db")
     tracker.record_prediction(pred, label="central flow")  # kept until the run's first step
+    tracker.step(0, loss=float(pred.loss[0]))
+    tracker.close()
+    store = Store(tmp_path / "runs.db")
+    record = json.loads(store.artifact(tracker.run_id, "prediction"))
+    assert record["label"] == "central flow" and record["kind"] == "central flow"
+    assert record["steps"][0] == 0 and record["loss"][0] == pytest.approx(float(pred.loss[0]))
+    assert record["threshold"] == pytest.approx(pred.threshold)
+    s = record["steps"][-1]
+    assert record["sharpness"][-1] == pytest.approx(float(pred.sharpness[s]))
+    assert len(record["oscillation"]) == len(record["steps"])
 
 
 def test_start_above_the_edge_and_saturated_tracking_are_noted() -> None:
