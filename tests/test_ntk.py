@@ -151,6 +151,22 @@ class ResBlock(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class ImagesConv(nn.Module):
+    """A sample is a pair of images: both go through the same convolutions (the rule sees
+    ``B = 2`` images per sample), then one readout of both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+        self.c2 = nn.Conv2d(3, 2, 2, stride=2, dilation=1)
+        self.head = nn.Linear(2 * 2 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.c2(torch.tanh(self.c1(x.reshape(n * 2, 2, 5, 5))))
+        return self.head(torch.tanh(h).reshape(n, -1))
+
+
 def _randomise_bn(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(3)
     for m in model.modules():
@@ -206,6 +222,9 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
             nn.Linear(8, 3),
         )
         shape = (3, 8)
+    elif name == "conv_images":  # each sample is 2 images (B = 2 per call); circular padding
+        m = ImagesConv()
+        shape = (2, 2, 5, 5)
     elif name == "embedding":
         m = EmbModel()
         x = torch.randint(0, 11, (5, 4))
@@ -265,6 +284,7 @@ COVERED = [
     "cnn_pool_stride",
     "cnn_exotic",
     "conv1d",
+    "conv_images",
     "embedding",
     "layernorm",
     "groupnorm",
@@ -308,7 +328,16 @@ def test_cross_kernel_and_trace(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["mlp_tanh_bias", "cnn_pool_stride", "cnn_exotic", "conv1d", "embedding", "layernorm"]
+    "name",
+    [
+        "mlp_tanh_bias",
+        "cnn_pool_stride",
+        "cnn_exotic",
+        "conv1d",
+        "conv_images",
+        "embedding",
+        "layernorm",
+    ],
 )
 @pytest.mark.parametrize("route", ["gram", "pair", "jac"])
 def test_every_route_of_the_affine_rules(name, route):

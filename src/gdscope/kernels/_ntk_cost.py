@@ -162,12 +162,13 @@ def _capture_flops(plan: _Plan, chunk: int = 1) -> float:
 
     ``chunk``: samples per ``vmap`` call. PyTorch's batching rule for a convolution's weight
     gradient runs one grouped convolution over the whole chunk, which the FLOP counter counts
-    ``chunk`` times (the measured time grows far less: the time model passes 1)."""
+    ``chunk`` times (the measured time grows far less: the time model passes 1); so does a
+    conv rule's ``jac`` route (:attr:`Rule.grouped_jac`)."""
     F, k = plan.F, plan.k
     wgrad = sum(
         plan.param_flops.get(n, 0.0) * (chunk if n in plan.conv_params else 1) for n in plan.fb
     )
-    form = sum(r.form_flops() for r in plan.jac_rules)
+    form = sum(r.form_flops() * (chunk if r.grouped_jac else 1) for r in plan.jac_rules)
     return F + k * (F - plan.f_first + wgrad) + form
 
 

@@ -162,6 +162,10 @@ class Rule:
         """Matmul FLOPs per sample to form the ``jac`` route's per-sample Jacobian."""
         return 0.0
 
+    #: the ``jac`` route's Jacobians come from one grouped convolution over a chunk of samples
+    #: (``torch.utils.flop_counter`` counts it once per group: ``chunk`` times its FLOPs)
+    grouped_jac: bool = False
+
     def flops(self, approach: str, trace: bool) -> float:
         """Matmul FLOPs per sample pair of :meth:`contract` for ``approach`` (what
         ``torch.utils.flop_counter`` counts: GEMMs, not elementwise passes); for ``"jac"``
@@ -422,6 +426,11 @@ class NTKLinearRule(LinearRule):
         self.b_scale = math.sqrt(m.bias_var)
 
 
+#: a convolution's per-sample weight Jacobians by one grouped convolution while
+#: ``in_channels · out_channels`` is at most this (:meth:`ConvRule._jac_parts`)
+_GROUPED_MAX = 512
+
+
 class ConvRule(_AffineRule):
     """``nn.Conv1d``/``nn.Conv2d``: unfolded patches at the output positions share the kernel."""
 
@@ -461,6 +470,50 @@ class ConvRule(_AffineRule):
             ks, dil, st = m.kernel_size, m.dilation, m.stride
         U = F.unfold(x, ks, dilation=dil, padding=tuple(unfold_pad), stride=st)  # (c·B, d, L)
         return U.view(c, self.B, self.d, self.L).permute(0, 1, 3, 2).reshape(c, self.T, self.d)
+
+    @property
+    def grouped_jac(self) -> bool:
+        """Whether :meth:`_jac_parts` forms the weight Jacobians by one grouped convolution."""
+        return self.groups == 1 and self.has_w and self.C * self.o <= _GROUPED_MAX
+
+    def _jac_parts(self, inp: Tensor, G: Tensor) -> list[Tensor]:
+        """Per-sample weight Jacobians as the weight gradient of one grouped convolution: the
+        ``c`` samples side by side as ``c`` groups (input channels ``c·C``, output channels
+        ``c·k·o``, the ``B`` images per sample as its batch), so ``J_w[i, a] =
+        Σ_positions G_i[a] ⊗ patches_i`` without the unfolded patches in memory. Measured
+        (one CPU thread, 256 samples, 8-16² images): 1.4-8x faster than im2col plus a batched
+        matmul while ``C·o <= _GROUPED_MAX``, up to 2.5x slower above it (there: im2col)."""
+        if not self.grouped_jac:
+            return super()._jac_parts(inp, G)
+        m, c, k, o, B, C = self.module, inp.shape[0], self.k, self.o, self.B, self.C
+        x = inp.reshape(c, B, C, *self.sp).transpose(0, 1).reshape(B, c * C, *self.sp)
+        pad = list(m._reversed_padding_repeated_twice)  # (left, right) per dim, last dim first
+        padding = [0] * self.nd
+        if m.padding_mode == "zeros" and all(pad[2 * i] == pad[2 * i + 1] for i in range(self.nd)):
+            padding = pad[::2][::-1]
+        elif any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        g = G.reshape(c, k, B, o, *self.osp).permute(2, 0, 1, 3, *range(4, 4 + self.nd))
+        g = g.reshape(B, c * k * o, *self.osp)
+        w = x.new_empty((1,)).expand(c * k * o, C, *m.kernel_size)  # its shape only
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            w,
+            None,
+            list(m.stride),
+            padding,
+            list(m.dilation),
+            False,
+            [0] * self.nd,
+            c,
+            [False, True, False],
+        )
+        parts = [gw.reshape(c, k, o * self.d)]
+        if self.has_b:
+            parts.append(self._Gc(G).sum(-1) * self.b_scale)
+        return parts
 
     def _Gc(self, G: Tensor) -> Tensor:
         c = G.shape[0]
