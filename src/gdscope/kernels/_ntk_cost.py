@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _TILE_ROWS = 1280
 _TILE_TRACE = 1024
 _SYM_SPLIT = 8
-_SYM_MIN_ROWS = 128
+_SYM_MIN_ROWS = 64  # measured: 64-row tiles 3-4% faster than 128 at n = 256 (k = 1), 32 slower
 
 
 @dataclass(frozen=True)
