@@ -483,7 +483,7 @@ def _record(model: nn.Module, fn: ModelFunction, x1: Tensor) -> tuple[dict, int]
     snapshot = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         with _Hooks(model, "record") as hooks, torch.no_grad():
-            out = functional_call(model, (fn.params, fn.buffers), (x1,))
+            out = model(x1)  # fn.params are the model's own (detached): no functional_call
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not x1.is_floating_point() and ("dtype" in msg.lower() or "type" in msg.lower()):
@@ -745,7 +745,9 @@ def _build_plan(
         else:
             plan.rules.extend(rule if isinstance(rule, list) else [rule])
             claimed.update(sub.values())
-    if plan.rules:
+    if plan.rules and checked is not None and checked.failed is not None:
+        _demote_failed(plan, checked.failed)  # checked before: no samples to pick
+    elif plan.rules:
         _verify_rules(plan, _two_distinct(x), checked)
     if method == "structured" and plan.fb:
         raise InvalidArgumentError(
