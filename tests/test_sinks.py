@@ -3,6 +3,7 @@ event reader), MLflow runs (a local file store), callables; replay of a stored r
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -192,7 +193,7 @@ def test_core_import_needs_no_integration_library():
 
 # ---------------------------------------------------------------------- the callbacks' session
 def _session(tmp_path, sinks, probes=None):
-    from gdscope.integrations._common import TrackingSession
+    from gdscope.integrations._common import TrackingSession, preserved
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1))
@@ -200,8 +201,14 @@ def _session(tmp_path, sinks, probes=None):
     model.eval()
     prob = gs.Problem(model, "mse", (X, Y))
     model.train()
-    tracker = gs.Tracker(prob, probes or [LossProbe()], store=tmp_path / "s.db", run_name="s")
-    return TrackingSession(tracker, sinks, model), model
+    tracker = gs.Tracker(
+        prob,
+        probes or [LossProbe()],
+        store=tmp_path / "s.db",
+        run_name="s",
+        guard=functools.partial(preserved, model),
+    )
+    return TrackingSession(tracker, sinks), model
 
 
 def test_session_drops_a_failing_sink_and_keeps_tracking(tmp_path):

@@ -414,3 +414,67 @@ def test_bad_metric_fails_at_its_own_step_not_in_a_batch(tmp_path):
         gs.Tracker(_batch_problem(), store=tmp_path / "e.db", commit_seconds=-1)
     with pytest.raises(InvalidArgumentError, match="commit_steps"):
         gs.Tracker(_batch_problem(), store=tmp_path / "e.db", commit_steps=0)
+
+
+# ---------------------------------------------------------------------- the guard
+class _Guard:
+    """A guard factory that records each entry and exit (and whether an error left it)."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():  # type: ignore[no-untyped-def]
+            self.events.append("enter")
+            try:
+                yield
+            except BaseException:
+                self.events.append("error")
+                raise
+            self.events.append("exit")
+
+        return cm()
+
+
+def test_guard_is_entered_only_for_probes_that_evaluate():
+    prob, X, Y = _problem()
+    opt = GD(prob.model.parameters(), lr=0.3)
+    guard = _Guard()
+    seen: list[int] = []
+
+    class Evaluating(Probe):  # default: may run the model or draw random numbers
+        name = "evaluating"
+
+        def compute(self, state):  # type: ignore[no-untyped-def]
+            seen.append(len(guard.events))  # the guard is entered when this runs
+            return {"evaluating": 1.0}
+
+    cheap = [LossProbe(), AccuracyProbe(), GradNormProbe(), DistanceProbe(), ThresholdProbe()]
+    tracker = gs.Tracker(prob, [*cheap, Evaluating(gs.probes.At([2, 4]))], guard=guard)
+    _loop(prob, X, Y, opt, tracker, 3)  # loss, outputs and gradients passed: nothing evaluates
+    assert guard.events == ["enter", "exit"] and seen == [1]  # only at step 2, once
+    # without the step's loss, outputs and gradients the cheap probes evaluate the model
+    opt.zero_grad(set_to_none=True)
+    tracker.step(3, opt)
+    assert guard.events == ["enter", "exit"] * 2
+    tracker.step(4, opt)  # entered once for the whole step, not once per probe
+    assert guard.events == ["enter", "exit"] * 3 and seen == [1, 5]
+
+
+def test_guard_is_left_when_a_probe_fails():
+    prob, _, _ = _problem()
+    guard = _Guard()
+
+    class Failing(Probe):
+        name = "failing"
+
+        def compute(self, state):  # type: ignore[no-untyped-def]
+            raise RuntimeError("probe broke")
+
+    tracker = gs.Tracker(prob, [Failing()], guard=guard)
+    with pytest.raises(RuntimeError, match="probe broke"):
+        tracker.step(0)
+    assert guard.events == ["enter", "error"]

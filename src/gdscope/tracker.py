@@ -55,13 +55,15 @@ tr:``) closes the run on exit: ``"completed"``, ``"diverged"`` (a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from os import PathLike
 from typing import Any
 
@@ -103,6 +105,12 @@ class Tracker:
             batches so that the batch in flight and the one buffered together stay within the
             bound above; ``False`` (default): written in the loop. ``commit_seconds=0`` always
             writes in the loop.
+        guard: a context-manager factory entered once in a step, before the first probe that
+            may run the model or draw random numbers (:meth:`Probe.evaluates
+            <gdscope.probes.Probe.evaluates>`), and left after the step's last probe; steps
+            whose probes only read the step's values, the optimizer and the parameters skip
+            it. The trainer callbacks pass one that saves and restores the RNG states and
+            train/eval flags (``gdscope.integrations``).
     """
 
     def __init__(
@@ -117,7 +125,14 @@ class Tracker:
         commit_seconds: float = 0.5,
         commit_steps: int = 100,
         background: bool = False,
+        guard: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
+        if guard is not None and not callable(guard):
+            raise InvalidArgumentError(
+                f"guard={_short(guard)} ({type(guard).__name__}) must be None or a callable "
+                "returning a context manager, e.g. guard=lambda: torch.no_grad()."
+            )
+        self.guard = guard
         if (
             isinstance(commit_seconds, bool)
             or not isinstance(commit_seconds, (int, float, np.integer, np.floating))
@@ -399,25 +414,30 @@ class Tracker:
                 outputs=outputs.detach() if outputs is not None else None,
                 targets=targets,
             )
-            for probe in due:
-                t0 = time.perf_counter()
-                try:
-                    out = probe.compute(state)
-                except NonFiniteError as e:
-                    self._commit(step, keys, _floats(raw))
-                    self.flush()  # the diverged step is stored before the error leaves
-                    raise NonFiniteError(f"step {step}, probe {probe.name!r}: {e}") from e
-                except BaseException:
-                    self.flush()  # the steps before this one reach the store
-                    raise
-                spent = time.perf_counter() - t0
-                it = probe.measures(state)
-                name = probe.name
-                for k, v in out.items():
-                    keys.append((k, name, it))
-                    raw.append(v)
-                keys.append((self._time_key(name), name, it))
-                raw.append(spent)
+            with contextlib.ExitStack() as guarded:
+                guard = self.guard  # entered at the first probe that evaluates, once a step
+                for probe in due:
+                    t0 = time.perf_counter()
+                    try:
+                        if guard is not None and probe.evaluates(state):
+                            guarded.enter_context(guard())
+                            guard = None
+                        out = probe.compute(state)
+                    except NonFiniteError as e:
+                        self._commit(step, keys, _floats(raw))
+                        self.flush()  # the diverged step is stored before the error leaves
+                        raise NonFiniteError(f"step {step}, probe {probe.name!r}: {e}") from e
+                    except BaseException:
+                        self.flush()  # the steps before this one reach the store
+                        raise
+                    spent = time.perf_counter() - t0
+                    it = probe.measures(state)
+                    name = probe.name
+                    for k, v in out.items():
+                        keys.append((k, name, it))
+                        raw.append(v)
+                    keys.append((self._time_key(name), name, it))
+                    raw.append(spent)
         floats = _floats(raw)
         values = dict(zip([k[0] for k in keys], floats, strict=True))
         self._commit(step, keys, floats)

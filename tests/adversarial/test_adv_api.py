@@ -266,6 +266,8 @@ def test_schedules_refuse_bad_arguments(make, name):
         ({"background": "yes"}, "background"),
         ({"background": 1}, "background"),
         ({"background": None}, "background"),
+        ({"guard": 5}, "guard"),
+        ({"guard": "preserved"}, "guard"),
     ],
 )
 def test_tracker_refuses_bad_arguments(kwargs, name):

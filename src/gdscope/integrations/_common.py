@@ -2,7 +2,10 @@
 that leaves the training run exactly as it would have been without it.
 
 Leaving training unchanged (bit-identical weights with and without a callback) rests on four
-things, all done by :func:`preserved` around every probe call and by :func:`eval_batches`:
+things, done by :func:`preserved` (the tracker's ``guard``) around every probe call that may run
+the model or draw random numbers (:meth:`Probe.evaluates <gdscope.probes.Probe.evaluates>`; the
+cheap probes that read the step's loss and gradients, the parameters and the optimizer skip its
+≈ 0.2 ms) and by :func:`eval_batches`:
 
 * the RNG states (torch CPU, every initialised CUDA device, Python ``random``, NumPy) are saved
   before and restored after, so dropout masks, data shuffling and augmentation draw the same
@@ -352,18 +355,16 @@ class CallbackSettings:
 class TrackingSession:
     """A :class:`~gdscope.Tracker` and its sinks, run from a trainer's hook.
 
-    ``step`` runs the tracker under :func:`preserved`, then mirrors the values it returned to
-    each sink (opened at the first step, with the stored run's name). With ``on_error="warn"``
-    a failing probe or a diverged loss ends tracking (the run is stored as failed or diverged,
-    with a warning) while training goes on; a failing sink is dropped with a warning.
+    ``step`` runs the tracker (whose ``guard`` is :func:`preserved`), then mirrors the values it
+    returned to each sink (opened at the first step, with the stored run's name). With
+    ``on_error="warn"`` a failing probe or a diverged loss ends tracking (the run is stored as
+    failed or diverged, with a warning) while training goes on; a failing sink is dropped with a
+    warning.
     """
 
-    def __init__(
-        self, tracker: Tracker, sinks: Sequence[Sink], model: nn.Module, on_error: str = "warn"
-    ) -> None:
+    def __init__(self, tracker: Tracker, sinks: Sequence[Sink], on_error: str = "warn") -> None:
         self.tracker = tracker
         self.sinks = list(sinks)
-        self.model = model
         self.on_error = check_on_error(on_error)
         self.closed = False
         self._opened = False
@@ -411,8 +412,7 @@ class TrackingSession:
         if self.closed:
             return None
         try:
-            with preserved(self.model):
-                values = self.tracker.step(step, optimizer, loss=loss)
+            values = self.tracker.step(step, optimizer, loss=loss)
         except NonFiniteError as e:
             self._mirror(step, self._values_of(step))
             self._fail("diverged", e)

@@ -35,6 +35,7 @@ training raised stays ``running`` in the store (shown as incomplete) until the c
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -221,13 +222,14 @@ class GdscopeCallback(CallbackSettings, TrainerCallback):
                 store=self.store,
                 run_name=self.run_name,
                 config=self._config(args, model, prob, optimizer, shift),
+                guard=functools.partial(preserved, model),
             )
         sinks = list(self.sinks)
         self._log = None
         if self.log_to_trainer:
             self._log = _TrainerLog()
             sinks.append(self._log)
-        self.session = TrackingSession(tracker, sinks, model, self.on_error)
+        self.session = TrackingSession(tracker, sinks, self.on_error)
 
     def _config(
         self, args: TrainingArguments, model: nn.Module, prob: Problem, optimizer: Any, shift: bool

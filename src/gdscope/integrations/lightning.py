@@ -29,6 +29,7 @@ float32 copies under ``16-true``/``bf16-true``), which the stored config says
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -217,11 +218,12 @@ class GdscopeCallback(CallbackSettings, pl.Callback):
                 store=self.store,
                 run_name=self.run_name,
                 config=self._config(trainer, net, prob),
+                guard=functools.partial(preserved, net),
             )
         sinks = list(self.sinks)
         if self.log_to_trainer:
             sinks += [CallableSink(lg.log_metrics) for lg in trainer.loggers]
-        self.session = TrackingSession(tracker, sinks, net, self.on_error)
+        self.session = TrackingSession(tracker, sinks, self.on_error)
         self._last_global = trainer.global_step
 
     def _config(self, trainer: pl.Trainer, net: nn.Module, prob: Problem) -> dict[str, Any]:

@@ -164,6 +164,15 @@ class Probe(ABC):
         """The iterate this call measures (probes that reuse the step's data may fall back)."""
         return self.iterate
 
+    def evaluates(self, state: ProbeState) -> bool:
+        """Whether this call may run the model or draw random numbers (default ``True``).
+
+        A probe that only reads the step's loss, outputs and gradients, the optimizer and the
+        parameters returns ``False``: a tracker's ``guard`` (the trainer callbacks': RNG states
+        and train/eval flags saved and restored, autocast off) is then not entered for it.
+        """
+        return True
+
     @abstractmethod
     def compute(self, state: ProbeState) -> Mapping[str, float | Tensor]:
         """Named values at ``state.step``: floats or one-element tensors (read as floats)."""

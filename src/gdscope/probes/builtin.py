@@ -49,6 +49,9 @@ class LossProbe(Probe):
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if state.loss is not None else "after"
 
+    def evaluates(self, state: ProbeState) -> bool:
+        return state.loss is None
+
     def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
         if state.loss is not None:
             return {"loss": state.loss}  # a scalar tensor: the tracker reads it without a sync
@@ -95,6 +98,9 @@ class AccuracyProbe(Probe):
 
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if state.outputs is not None and state.targets is not None else "after"
+
+    def evaluates(self, state: ProbeState) -> bool:
+        return state.outputs is None or state.targets is None
 
     def _labels(self, outs: Tensor, ys: Tensor) -> Tensor | None:
         last = self._last
@@ -144,6 +150,9 @@ class GradNormProbe(Probe):
 
     def measures(self, state: ProbeState) -> Iterate:
         return "before" if self._grads(state) is not None else "after"
+
+    def evaluates(self, state: ProbeState) -> bool:
+        return self._grads(state) is None
 
     def compute(self, state: ProbeState) -> dict[str, float | Tensor]:
         grads = self._grads(state)
@@ -208,6 +217,9 @@ class DistanceProbe(Probe):
         self._params = LiveParams()
         self._init: _DistInit | None = None
         self._direct: tuple[list[Tensor] | None, bool] = (None, False)
+
+    def evaluates(self, state: ProbeState) -> bool:
+        return False  # reads the parameters only
 
     def _setup(self, state: ProbeState) -> _DistInit:
         """θ₀ (float64, flat and per parameter), a float64 buffer for θ − θ₀ with views shaped
@@ -316,6 +328,9 @@ class ThresholdProbe(Probe):
     def __init__(self, schedule: Schedule | int | None = None) -> None:
         super().__init__(schedule)
         self._last: tuple[Any, dict[str, float]] | None = None
+
+    def evaluates(self, state: ProbeState) -> bool:
+        return False  # reads the optimizer's settings (and, for Adagrad, its state) only
 
     def compute(self, state: ProbeState) -> dict[str, float]:
         opt = state.optimizer
