@@ -5,7 +5,9 @@ steps), the inputs it ``needs`` and the iterate it measures: ``"before"`` the st
 update (``θ_t``: it reuses the loss or outputs of the step) or ``"after"`` it (``θ_{t+1}``: it
 evaluates the parameters the model now holds). ``compute(state)`` returns named values: floats,
 or scalar tensors, which the tracker reads in one batch after all of a step's probes ran (on an
-accelerator: one host sync per step instead of one per value).
+accelerator: one host sync per step instead of one per value). ``evaluates(state)`` says whether
+a call may run the model or draw random numbers (default yes); the trainer callbacks guard only
+such calls (RNG states and train/eval flags saved and restored).
 """
 
 from __future__ import annotations
