@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -145,13 +146,13 @@ def test_gru_disparity_ntk_eigs_fallback_matches_dense_oracle():
 def test_no_per_sample_jacobians_auto_takes_vp_and_the_others_refuse(monkeypatch):
     """Where even ``jacrev`` of one sample fails, ``auto`` takes ``vp``; ``jacobian`` and
     ``structured`` refuse naming the module and the fix (simulated: no such module is known)."""
-    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+    ntk_mod = importlib.import_module("gdscope.kernels._ntk_plan")  # checks and cache
 
     def broken(model, fn, x1):
         return ntk_mod._Batching(vmap=False, jac=False, module="rnn", why="no batching rule")
 
     monkeypatch.setattr(ntk_mod, "_batching", broken)
-    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    monkeypatch.setattr(ntk_mod, "_CACHE", OrderedDict())
     model, x = _recurrent(nn.GRU)
     assert _explain(model, x)["method"] == "vp"
     assert_close(gs.ntk(model, x), oracle_ntk(model, x))
@@ -289,9 +290,9 @@ def test_auto_takes_the_cheapest_predicted_route():
 def test_rule_check_is_cached_per_structure(monkeypatch):
     """The batching check, FLOP count and rule check run once per model structure: a second
     model of the same structure (other weights) pays none of them; another shape does."""
-    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
+    ntk_mod = importlib.import_module("gdscope.kernels._ntk_plan")  # checks and cache
 
-    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    monkeypatch.setattr(ntk_mod, "_CACHE", OrderedDict())
     calls = {"capture": 0, "batching": 0}
     capture, batching = ntk_mod._capture, ntk_mod._batching
 
@@ -303,7 +304,9 @@ def test_rule_check_is_cached_per_structure(monkeypatch):
         calls["batching"] += 1
         return batching(*a, **kw)
 
-    monkeypatch.setattr(ntk_mod, "_capture", spy_capture)
+    monkeypatch.setattr(ntk_mod, "_capture", spy_capture)  # the rule check's
+    cap_mod = importlib.import_module("gdscope.kernels._ntk_capture")
+    monkeypatch.setattr(cap_mod, "_capture", spy_capture)  # the kernel's features
     monkeypatch.setattr(ntk_mod, "_batching", spy_batching)
 
     def net(width: int, seed: int) -> nn.Module:
@@ -388,8 +391,8 @@ def test_symmetric_split_and_block_contraction(trace):
 def test_one_pass_needs_a_two_sample_check(monkeypatch):
     """A first call on one sample cannot see batch coupling: the structure never uses the
     one-pass capture then, and a later call on many samples stays exact."""
-    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
-    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    ntk_mod = importlib.import_module("gdscope.kernels._ntk_plan")  # checks and cache
+    monkeypatch.setattr(ntk_mod, "_CACHE", OrderedDict())
     torch.manual_seed(0)
     coupled = BatchCoupled().to(F64)
     x = torch.randn(6, 3, dtype=F64)
@@ -400,8 +403,8 @@ def test_one_pass_needs_a_two_sample_check(monkeypatch):
 
 def test_rule_check_uses_two_distinct_samples(monkeypatch):
     """Repeated leading samples do not hide batch coupling from the rule check."""
-    ntk_mod = importlib.import_module("gdscope.kernels.ntk")
-    monkeypatch.setattr(ntk_mod, "_CACHE", ntk_mod.OrderedDict())
+    ntk_mod = importlib.import_module("gdscope.kernels._ntk_plan")  # checks and cache
+    monkeypatch.setattr(ntk_mod, "_CACHE", OrderedDict())
     torch.manual_seed(0)
     coupled = BatchCoupled().to(F64)
     x = torch.randn(6, 3, dtype=F64)

@@ -17,7 +17,8 @@ import torch
 from gdscope.kernels.rules import Rule
 
 if TYPE_CHECKING:
-    from gdscope.kernels.ntk import _Layout, _Plan
+    from gdscope.kernels._ntk_job import _Layout
+    from gdscope.kernels._ntk_plan import _Plan
 
 # Tile targets: rows of the (b·k × b2·k) GEMMs that keep BLAS efficient while leaving several
 # tiles for the symmetric case (upper triangle only).
