@@ -496,7 +496,10 @@ class ConvRule(_AffineRule):
             x = F.pad(x, pad, mode=mode)
         g = G.reshape(c, k, B, o, *self.osp).permute(2, 0, 1, 3, *range(4, 4 + self.nd))
         g = g.reshape(B, c * k * o, *self.osp)
-        w = x.new_empty((1,)).expand(c * k * o, C, *m.kernel_size)  # its shape only
+        shape = (c * k * o, C, *m.kernel_size)  # the weight's: only its shape is used
+        # a stride-0 placeholder on the CPU (measured); elsewhere an untouched allocation, in
+        # case a backend inspects the weight's layout (not run on a GPU in this revision)
+        w = x.new_empty((1,)).expand(shape) if x.device.type == "cpu" else x.new_empty(shape)
         _, gw, _ = torch.ops.aten.convolution_backward(
             g,
             x,
