@@ -207,9 +207,9 @@ def ntk_blocks(
     tiles where it fits in ``memory`` (plus the per-sample features), is held at a time, so a
     kernel far larger than memory can be written to disk or reduced on the fly. With
     ``x2=None`` each lower tile is the transpose of an upper one, computed once and yielded
-    twice. ``block_size`` fixes the tile edge in
-    samples (default: chosen for GEMM efficiency under ``memory``). Arguments are checked when
-    this is called, before the first tile. Same arguments as :func:`ntk` otherwise.
+    twice. ``block_size`` fixes the tile edge in samples (default: chosen for GEMM efficiency
+    under ``memory``). Arguments are checked when this is called, before the first tile. Same
+    arguments as :func:`ntk` otherwise.
 
     >>> import torch
     >>> lin = torch.nn.Linear(3, 2).double()
