@@ -100,21 +100,20 @@ class Loop:
             d = torch._foreach_norm(torch._foreach_sub(self.params, self.theta0))
         return torch.stack(d).tolist()
 
-    def dist_numpy32(self) -> list[float]:
+    def _dist_numpy(self, theta0: list[np.ndarray], bufs: list[np.ndarray]) -> list[float]:
+        """``θ − θ₀`` into ``bufs`` (their dtype), then ``√(r·r)`` by ``np.dot`` per parameter."""
         out = []
-        for a, a0, b in zip(self.np_params, self.np_theta0, self.buf32, strict=True):
+        for a, a0, b in zip(self.np_params, theta0, bufs, strict=True):
             np.subtract(a, a0, out=b)
             r = b.ravel()
             out.append(math.sqrt(float(np.dot(r, r))))
         return out
 
+    def dist_numpy32(self) -> list[float]:
+        return self._dist_numpy(self.np_theta0, self.buf32)
+
     def dist_numpy64(self) -> list[float]:
-        out = []
-        for a, a0, b in zip(self.np_params, self.np_theta0_64, self.buf64, strict=True):
-            np.subtract(a, a0, out=b)
-            r = b.ravel()
-            out.append(math.sqrt(float(np.dot(r, r))))
-        return out
+        return self._dist_numpy(self.np_theta0_64, self.buf64)
 
     def acc_torch(self) -> float:
         return int(torch.count_nonzero(self.out.detach().argmax(1) == LABELS)) / len(LABELS)
