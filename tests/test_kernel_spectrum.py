@@ -158,6 +158,22 @@ def test_unconverged_lanczos_flags_bounds(oracle):
     assert res.condition_number <= float(ref[-1] / ref[0])
     text = repr(res)
     assert "upper bound" in text and "lower bound" in text and "not converged" in text
+    # the stated bound on K's λ_min is the Ritz value plus the resolution, never below 0
+    bound = max(res.lambda_min + res.lambda_min_error, 0.0)
+    assert f"λ_min ≤ {bound:.6g}" in text and f"Ritz value {res.lambda_min:.6g}" in text
+    assert bound >= float(ref[0])
+
+
+def test_unconverged_bound_at_round_off_is_not_negative():
+    """A Ritz value below 0 (round-off in a singular float32 kernel) is not shown as the bound:
+    K's λ_min is in [0, θ + δ]."""
+    from dataclasses import replace
+
+    model = make_mlp()
+    X = regression_data(n=12)[0]
+    res = ntk_eigs(model, X, which="both", dense_limit=0, max_matvecs=4)
+    odd = replace(res, lambda_min=-1.4e-7, lambda_min_error=3e-6)
+    assert "λ_min ≤ 2.86e-06" in repr(odd) and "Ritz value -1.4e-07" in repr(odd)
 
 
 def test_ggn_nonzero_spectrum_is_q_times_ntk_spectrum(oracle):

@@ -227,9 +227,12 @@ class NTKEigResult:
                     f"λ_min = 0 (singular: {self.note or f'λ_min ≤ τ_λ = {self.rank_tol:.2e}'})"
                 )
             elif self.lambda_min_is_upper_bound:
+                # the Ritz value θ bounds λ_min of the computed K above; K's own λ_min is in
+                # [0, θ + δ] (θ alone can be below 0 at round-off)
                 parts.append(
-                    f"λ_min ≤ {self.lambda_min:.6g} (upper bound: Lanczos not converged, "
-                    f"residual {self.lambda_min_residual:.2e})"
+                    f"λ_min ≤ {max(self.lambda_min + err, 0.0):.6g} (upper bound: Lanczos not "
+                    f"converged; Ritz value {self.lambda_min:.6g}, residual "
+                    f"{self.lambda_min_residual:.2e})"
                 )
             elif self.singular is None:
                 parts.append(
