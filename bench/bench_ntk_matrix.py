@@ -82,6 +82,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_ntk import _cpu_name, gemm_rate  # the same GEMM-rate probe and CPU name
+
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_S = 3.0  # after a warm-up longer than this, one timed call
 REPEAT_BUDGET_S = 3.0  # repeats after the warm-up while they add up to less than this
@@ -764,32 +766,6 @@ def run_group(
     return rows, err
 
 
-def gemm_rate(threads: int) -> float:
-    code = f"""
-import torch, time, statistics, json
-torch.set_num_threads({threads})
-a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-ts = []
-for _ in range(5):
-    t = time.perf_counter(); torch.mm(a, b); ts.append(time.perf_counter() - t)
-print(json.dumps(2 * 4096**3 / statistics.median(ts[1:]) / 1e9))
-"""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def environment(args) -> dict:
     import numpy
     import torch
@@ -992,7 +968,7 @@ def run_limits(args) -> None:
         cells.append({"model": name, "k": int(k), "n": int(n), "trace": kind == "trace"})
     spec = {"method": "limits", "threads": args.threads, "cells": cells}
     env = environment(args)
-    env["gemm_gflops_start"] = gemm_rate(args.threads)
+    env["gemm_gflops_start"] = gemm_rate(args.threads, "cpu")
     rows, err = run_group(spec, args.group_timeout, sys.executable, Path(args.src))
     day = dt.date.today().isoformat()
     suffix = f"_{args.tag}" if args.tag else ""
@@ -1066,7 +1042,7 @@ def main() -> None:
         methods = [m for m in methods if m != "nngeometry"]
     if not (args.jax_python and env.get("jax")):
         methods = [m for m in methods if m != "nt"]
-    gemm = gemm_rate(args.threads)
+    gemm = gemm_rate(args.threads, "cpu")
     env["gemm_gflops_start"] = gemm
     print(
         f"# {env['cpu']} | torch {env['torch']} | {args.threads} thread(s) | fp32 GEMM "
@@ -1147,7 +1123,7 @@ def main() -> None:
                     print(_fmt(r), flush=True)
                 print(f"#   {name} {method}: {time.perf_counter() - t0:.0f} s", flush=True)
                 save()
-    env["gemm_gflops_end"] = gemm_end = gemm_rate(args.threads)
+    env["gemm_gflops_end"] = gemm_end = gemm_rate(args.threads, "cpu")
     env["loadavg_at_end"] = os.getloadavg()
     env["total_s"] = time.perf_counter() - t_all
     save()
