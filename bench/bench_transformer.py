@@ -433,6 +433,7 @@ def bench_routes(out: dict[str, Any], save: Callable[[], None]) -> None:
     import importlib
 
     N = importlib.import_module("gdscope.kernels.ntk")
+    capture = importlib.import_module("gdscope.kernels._ntk_capture")
     res = out.setdefault("routes", {})
     for model, variant, n, routes in (
         ("gpt", "untied", 32, ("pair", "jac")),  # gram at T = 16, k = 64: ~8x slower than jac
@@ -443,7 +444,7 @@ def bench_routes(out: dict[str, Any], save: Callable[[], None]) -> None:
         for route in routes:
             with math_attention():
                 job, _ = N._prepare(m, x, None, "auto", False, None, None, force=route)
-                feats = N._features(job.plan, x, False, job.layout.chunk)
+                feats = capture._features(job.plan, x, False, job.layout.chunk)
             k = job.plan.k
             for r in job.plan.rules:
                 if r.approach != route or r.part is not None or not hasattr(r, "T"):

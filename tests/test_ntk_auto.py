@@ -357,7 +357,7 @@ def test_symmetric_split_and_block_contraction(trace):
     """A symmetric kernel split into several tile rows (only the upper triangle computed, the
     rest mirrored), the jac group in column blocks (a conv layer wide enough for its own block
     plus the concatenated small ones): exact against the oracle in float64."""
-    from gdscope.kernels.ntk import _BLOCK_MIN
+    from gdscope.kernels._ntk_capture import _BLOCK_MIN
 
     torch.manual_seed(0)
     model = nn.Sequential(

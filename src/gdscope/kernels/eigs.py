@@ -55,13 +55,14 @@ import torch
 from torch import Tensor, nn
 
 from gdscope.errors import InvalidArgumentError
+from gdscope.kernels._ntk_plan import _check_model, _record
 from gdscope.kernels.functional import (
     ModelFunction,
     check_finite,
     check_finite_params,
     jacobian,
 )
-from gdscope.kernels.ntk import _check_model, _record, ntk
+from gdscope.kernels.ntk import ntk
 from gdscope.kernels.operator import _prepare_inputs, ntk_operator
 from gdscope.linalg.lanczos import WHICH, EigResult, lanczos
 

@@ -82,35 +82,16 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-# re-exported: the public names, and the private ones other modules and tests use
-from gdscope.kernels._ntk_capture import (
-    _BLOCK_MIN,  # noqa: F401 (re-export)
-    _capture,  # noqa: F401 (re-export)
-    _contract,  # noqa: F401 (re-export)
-    _features,  # noqa: F401 (re-export)
-)
+# default_memory is re-exported: the theory modules take the NTK's memory budget from here
 from gdscope.kernels._ntk_job import (
     Block,
-    _available_ram,  # noqa: F401 (re-export)
-    _gb,  # noqa: F401 (re-export)
     _Job,
-    _Layout,  # noqa: F401 (re-export)
-    _layout,  # noqa: F401 (re-export)
-    _pick_route,  # noqa: F401 (re-export)
     _prepare,
     default_memory,  # noqa: F401 (re-export)
 )
 from gdscope.kernels._ntk_plan import (
-    _CACHE,  # noqa: F401 (re-export)
     MethodName,
     NtkMethod,
-    _Batching,  # noqa: F401 (re-export)
-    _batching,  # noqa: F401 (re-export)
-    _check_model,  # noqa: F401 (re-export)
-    _Checked,  # noqa: F401 (re-export)
-    _Plan,  # noqa: F401 (re-export)
-    _record,  # noqa: F401 (re-export)
-    _two_distinct,  # noqa: F401 (re-export)
 )
 from gdscope.kernels.functional import ModelFunction
 from gdscope.problem import math_attention
