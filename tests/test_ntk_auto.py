@@ -6,6 +6,7 @@ of a float64 model (no ``torch.func``), stacked into ``J`` (``n × k × P``), th
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from collections import OrderedDict
@@ -244,12 +245,24 @@ def test_auto_agrees_with_every_route(name):
     ("name", "trace"),
     [(c, False) for c in CASES] + [(c, True) for c in ("mlp", "convnet", "preact_resnet")],
 )
-def test_predicted_flops_order_matches_flop_counter(name, trace):
+def test_predicted_flops_order_matches_flop_counter(name, trace, monkeypatch):
     """For each route, the cost model's predicted matmul FLOPs against FlopCounterMode around
     the route itself (structure cache warm, as in every call after the first): the predicted
-    order of the routes is the measured order, and each prediction is within 20%."""
+    order of the routes is the measured order, and each prediction is within 20%. BLAS
+    ``syrk`` (scipy, which the counter does not see) is counted from the shapes it is given:
+    ``m (m + 1) w`` FLOPs for an ``(m, w)`` block (the triangle's dot products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from gdscope.kernels._ntk_capture import _Triangle
+
+    syrk_flops = []
+    real = _Triangle.add
+
+    def counted(self, block):
+        syrk_flops.append(self.m * (self.m + 1) * (block.numel() // self.m))
+        return real(self, block)
+
+    monkeypatch.setattr(_Triangle, "add", counted)
     model, x = _cases()[name]
     pred, meas = {}, {}
     for method in ("auto", "structured", "jacobian", "vp"):
@@ -260,10 +273,11 @@ def test_predicted_flops_order_matches_flop_counter(name, trace):
         route = info["route"]
         gs.ntk(model, x, method=method, trace_outputs=trace)
         counter = FlopCounterMode(display=False)
+        syrk_flops.clear()
         with counter:
             gs.ntk(model, x, method=method, trace_outputs=trace)
         pred[method] = info["predicted"][route]["flops"]
-        meas[method] = counter.get_total_flops()
+        meas[method] = counter.get_total_flops() + sum(syrk_flops)
     for m in pred:
         assert abs(pred[m] / meas[m] - 1) < 0.2, (m, pred[m], meas[m])
     order_p = sorted(pred, key=pred.__getitem__)
@@ -352,12 +366,19 @@ def test_one_pass_capture_and_its_guard():
     assert _explain(_recurrent(nn.GRU)[0], _recurrent(nn.GRU)[1])["capture"] == "loop over samples"
 
 
+@pytest.mark.parametrize("syrk", [False, True])
 @pytest.mark.parametrize("trace", [False, True])
-def test_symmetric_split_and_block_contraction(trace):
-    """A symmetric kernel split into several tile rows (only the upper triangle computed, the
-    rest mirrored), the jac group in column blocks (a conv layer wide enough for its own block
-    plus the concatenated small ones): exact against the oracle in float64."""
+def test_symmetric_split_and_block_contraction(trace, syrk, monkeypatch):
+    """A symmetric kernel with only the upper triangle computed (the rest mirrored): split
+    into tile rows, or (``syrk``) the jac group's triangle by BLAS ``syrk`` cut into tiles with
+    the diagonal tiles made whole; the jac group in column blocks (a conv layer wide enough for
+    its own block plus the concatenated small ones), a gram rule added per tile: exact against
+    the oracle in float64."""
     from gdscope.kernels._ntk_capture import _BLOCK_MIN
+
+    if not syrk:
+        job_mod = importlib.import_module("gdscope.kernels._ntk_job")
+        monkeypatch.setattr(job_mod, "_syrk_ok", lambda dtype, device: False)
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -371,8 +392,11 @@ def test_symmetric_split_and_block_contraction(trace):
     x = torch.randn(40, 1, 6, 6, dtype=F64)
     info = _explain(model, x, trace_outputs=trace)
     assert info["capture"] == "one batched pass", info
-    assert trace or info["tile"] < 40, info  # the trace's GEMM rows are samples: one tile
-    assert trace or info["rows"], info  # each tile row's upper part is one contraction
+    assert info["syrk"] == syrk, info
+    if not syrk:
+        assert trace or info["tile"] < 40, info  # the trace's GEMM rows are samples: one tile
+        assert trace or info["rows"], info  # each tile row's upper part is one contraction
+    assert any("gram" in m for m in info["modules"]), info["modules"]
     assert model[2].weight.numel() >= _BLOCK_MIN
     ref = oracle_ntk(model, x)
     if trace:
@@ -413,3 +437,37 @@ def test_rule_check_uses_two_distinct_samples(monkeypatch):
     assert torch.equal(ntk_mod._two_distinct(x[:2]), x[:1])
     assert_close(gs.ntk(coupled, x), oracle_ntk(coupled, x))
     assert _explain(coupled, x)["capture"] == "vmap over samples"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("trace", [False, True])
+def test_syrk_triangle_streamed_and_chunked(trace, dtype):
+    """The jac group's ``J Jᵀ`` by BLAS ``syrk`` (upper triangle): rule columns added as they
+    are formed (one capture of all samples) and from chunked captures (``chunk < N``), with a
+    wide block, narrow ones concatenated and a parameter on the Jacobian route, against the
+    autograd oracle (float64: 1e-10; float32 ``ssyrk``: 1e-5)."""
+    from gdscope.kernels._ntk_capture import _sym_features
+    from gdscope.kernels._ntk_job import _prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(16, 16, 3),  # 2304 weights per output: its own block
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 3),
+    ).to(dtype)
+    x = torch.randn(9, 1, 6, 6, dtype=dtype)
+    force = {"0": "fb", "2": "jac", "5": "jac"}  # conv 0's parameters on the Jacobian route
+    job, _ = _prepare(model, x, None, "auto", trace, None, None, force=force)
+    assert job.plan.fb and job.plan.jac_rules and not job.plan.feat_rules, job.plan.describe()
+    ref = oracle_ntk(copy.deepcopy(model).to(F64), x.to(F64))
+    r = 1 if trace else 3
+    ref = torch.diagonal(ref, dim1=2, dim2=3).sum(-1) if trace else ref.permute(0, 2, 1, 3)
+    ref = ref.reshape(9 * r, 9 * r)
+    for chunk in (9, 4):
+        S, F = _sym_features(job.plan, x, trace, chunk)
+        assert S.shape == (9 * r, 9 * r) and not F.jac
+        upper = torch.triu(torch.ones_like(ref, dtype=torch.bool))
+        assert_close(S.to(F64)[upper], ref[upper], RTOL if dtype == F64 else 1e-5)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gdscope.kernels._ntk_capture import _syrk_ok
 from gdscope.kernels.rules import Rule
 
 if TYPE_CHECKING:
@@ -129,14 +130,26 @@ class _Work:
     passes: int  # capture calls (chunks, or samples in a loop when vmap cannot batch)
     tiles: int  # (i, j) tiles
     chunk: int = 1  # samples per capture call
+    jac_pairs: float | None = None  # pairs of the jac group's GEMM, if not ``pairs`` (syrk)
+
+    @property
+    def gemm_pairs(self) -> float:
+        return self.pairs if self.jac_pairs is None else self.jac_pairs
 
 
-def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work:
+def _work(
+    plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool, trace: bool = False
+) -> _Work:
+    # syrk: the (n·r)² triangle, diagonal included, in sample pairs (r rows per sample)
+    r = 1 if trace else plan.k
+    tri = n * (n * r + 1) / (2 * r)
     if lay is None:  # before a layout exists: one tile row of a nominal size, features cached
         b = max(1, min(n, math.ceil(_TILE_ROWS / plan.k)))
         pairs = n * (n + b) / 2 if sym else float(n * n2)
         cap = float(n if sym else n + n2)
-        return _Work(pairs, cap, 1 if sym else 2, max(1, math.ceil(pairs / b / b)), n)
+        syrk = sym and _syrk_ok(plan.fn.dtype, plan.fn.device)
+        tiles = max(1, math.ceil(pairs / b / b))
+        return _Work(pairs, cap, 1 if sym else 2, tiles, n, tri if syrk else None)
     pairs = 0.0
     cap = 0.0 if not lay.cached else float(n if sym else n + n2)
     tiles = 0
@@ -153,7 +166,8 @@ def _work(plan: _Plan, lay: _Layout | None, n: int, n2: int, sym: bool) -> _Work
     if lay.rows:  # one contraction call per tile row
         tiles = math.ceil(n / lay.tile)
     chunk = min(lay.chunk, n) if plan.batched else 1
-    return _Work(pairs, cap, max(1, math.ceil(cap / max(lay.chunk, 1))), tiles, chunk)
+    passes = max(1, math.ceil(cap / max(lay.chunk, 1)))
+    return _Work(pairs, cap, passes, tiles, chunk, tri if lay.syrk else None)
 
 
 def _capture_flops(plan: _Plan, chunk: int = 1) -> float:
@@ -192,9 +206,8 @@ def _capture_seconds(plan: _Plan, work: _Work, mach: _Machine) -> float:
 def _plan_costs(plan: _Plan, work: _Work, trace: bool) -> tuple[float, float]:
     """``(matmul FLOPs, predicted seconds)`` of a structured/mixed/Jacobian plan."""
     mach = _machine(plan)
-    kk = plan.k if trace else plan.k * plan.k  # jac-group GEMM FLOPs per pair and column: 2·kk
     cap = work.captured * _capture_flops(plan, work.chunk)
-    gemm = work.pairs * 2.0 * kk * plan.width
+    gemm = work.gemm_pairs * plan.jac_gemm_flops(trace)
     rules = work.pairs * sum(r.flops(r.approach, trace) for r in plan.feat_rules)
     weighted = work.pairs * sum(r.cost(r.approach, trace, plan.n_other) for r in plan.feat_rules)
     seconds = (
@@ -249,12 +262,12 @@ def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work)
         wg = sum(plan.param_flops.get(n, 0.0) for n in r.params.values())
         form = max(plan.k * wg, r.form_flops())
         per = form * mach.cap_flop + plan.k * width * mach.jac_elem
-        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per
+        return work.gemm_pairs * 2.0 * kk * width * mach.gemm + work.captured * per
     passes = work.passes if plan.batched else work.captured
     hooks = passes * 2 * mach.module_call  # its probe and hook in every capture pass
     if approach == "jac":
         per = r.form_flops() * mach.cap_flop + plan.k * width * mach.rule_elem
-        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per + hooks
+        return work.gemm_pairs * 2.0 * kk * width * mach.gemm + work.captured * per + hooks
     contract = work.pairs * r.cost(approach, trace, plan.n_other) * mach.gemm
     feat = work.captured * r.feature_bytes(approach, 1) * mach.feat_elem
     return contract + feat + hooks + work.tiles * mach.tile_call

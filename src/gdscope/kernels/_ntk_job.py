@@ -19,7 +19,7 @@ from gdscope.errors import (
     InvalidArgumentError,
     ShapeMismatchError,
 )
-from gdscope.kernels._ntk_capture import _contract, _features
+from gdscope.kernels._ntk_capture import _contract, _features, _sym_features, _syrk_ok
 from gdscope.kernels._ntk_cost import (
     _SYM_MIN_ROWS,
     _SYM_SPLIT,
@@ -95,6 +95,9 @@ class _Layout:
     #: symmetric and cached: each tile row's upper part ``[i0:i1, i0:n]`` is one contraction
     #: (one GEMM per jac block instead of one per tile: fewer, larger calls), cut into tiles
     rows: bool = False
+    #: symmetric and cached, on the CPU: the jac group's upper triangle over all samples by one
+    #: BLAS ``syrk`` (:func:`_sym_jac`), cut into tiles to which the gram/pair rules add
+    syrk: bool = False
 
 
 def _layout(
@@ -117,14 +120,19 @@ def _layout(
         target *= 2
     b_acc = math.isqrt(max(int(B / 4 / (3 * kk * es)), 1))
     cached = (n + (0 if sym else n2)) * f <= B / 2
+    # syrk: half the jac group's GEMM FLOPs whatever the tiles (tile rows compute (s+1)/(2s) of
+    # the square); it holds the (n·k)² triangle, as large as the output, within the budget
+    syrk = sym and cached and plan.width > 0 and n * n * kk * es <= B / 4
+    syrk = syrk and _syrk_ok(plan.fn.dtype, plan.fn.device)
     if sym and cached and block_size is None:
-        # BLAS has no symmetric rank-k product: split the kernel into s tile rows so that the
-        # upper triangle (computed) is ~(s+1)/(2s) of the square, keeping at least
-        # _SYM_MIN_ROWS GEMM rows per tile; s by the cost model (pairs saved against the
-        # per-tile overhead of each rule's contraction call)
+        # only the upper triangle: split the kernel into s tile rows so that the part computed
+        # is ~(s+1)/(2s) of the square, keeping at least _SYM_MIN_ROWS GEMM rows per tile; s by
+        # the cost model (pairs saved against the per-tile overhead of each rule's contraction
+        # call; with syrk only the gram/pair rules' pairs count)
         rows = 1 if trace else k
         mach = _machine(plan)
-        per_pair = plan.gemm_flops(trace) * mach.gemm
+        per_pair = plan.gemm_flops(trace) - (plan.jac_gemm_flops(trace) if syrk else 0.0)
+        per_pair *= mach.gemm
         per_tile = (1 + len(plan.feat_rules)) * mach.tile_call
 
         def split_cost(split: int) -> float:
@@ -153,7 +161,7 @@ def _layout(
     # trace (gram rules a small share) 0.51 against 0.54 s, preact k=10 n=64 (1:1) 0.59/0.69 s
     jac_pair = 2.0 * (plan.k if trace else kk) * plan.width
     feat = sum(r.cost(r.approach, trace, plan.n_other) for r in plan.feat_rules)
-    rows = rows and jac_pair >= feat
+    rows = rows and jac_pair >= feat and not syrk
     for r in plan.feat_rules:
         if r.pair_workspace(r.approach, trace) > ws:
             raise InvalidArgumentError(
@@ -161,7 +169,7 @@ def _layout(
                 f"({_gb(r.pair_workspace(r.approach, trace) * es * 4)} per sample pair). "
                 "Raise memory=."
             )
-    return _Layout(b, b2, cached, chunk, ws, rows)
+    return _Layout(b, b2, cached, chunk, ws, rows, syrk)
 
 
 @dataclass
@@ -214,6 +222,9 @@ class _Job:
             lay.chunk,
             "; ".join(plan.describe()),
         )
+        if lay.syrk:
+            yield from self._syrk_blocks()
+            return
         if lay.cached:
             FX = _features(plan, x, trace, lay.chunk)
             FX2 = FX if self.sym else _features(plan, x2, trace, lay.chunk)
@@ -236,6 +247,25 @@ class _Job:
                 else:
                     fJ = _features(plan, x2[j0:j1], trace, lay.chunk)
                 yield i0, i1, j0, j1, _contract(plan, fI, fJ, trace, lay.ws)
+
+    def _syrk_blocks(self) -> Iterator[Block]:
+        """Upper tiles of a symmetric kernel: the jac group's part cut from its ``syrk``
+        triangle (a diagonal tile made whole), then each gram/pair rule's part."""
+        plan, lay, trace, n = self.plan, self.layout, self.trace, self.n
+        r = 1 if trace else plan.k
+        S, FX = _sym_features(plan, self.x, trace, lay.chunk)
+        for i0 in range(0, n, lay.tile):
+            i1 = min(i0 + lay.tile, n)
+            for j0 in range(i0, n, lay.tile):
+                j1 = min(j0 + lay.tile, n)
+                blk = S[i0 * r : i1 * r, j0 * r : j1 * r]
+                if j0 == i0:
+                    blk = blk.triu() + blk.triu(1).T
+                acc = blk if trace else blk.view(i1 - i0, r, j1 - j0, r)
+                fI, fJ = FX.slice(i0, i1), FX.slice(j0, j1)
+                for rule in plan.feat_rules:
+                    rule.contract(fI.rules[rule.key], fJ.rules[rule.key], acc, trace, lay.ws)
+                yield i0, i1, j0, j1, acc
 
     def _vp_blocks(self) -> Iterator[Block]:
         """NTK-vector products ``J Jᵀ e`` on the identity columns ``e`` of output ``b`` of
@@ -410,7 +440,7 @@ def _pick_route(job: _Job, compare: bool) -> None:
     if job.method == "vp":
         job.costs = {"vp": _vp_costs(plan, n, n2, sym, job.budget, job.block_size)}
     else:
-        job.costs = {name: _plan_costs(plan, _work(plan, job.layout, n, n2, sym), trace)}
+        job.costs = {name: _plan_costs(plan, _work(plan, job.layout, n, n2, sym, trace), trace)}
     job.route = name
     if not compare:
         return
@@ -428,7 +458,7 @@ def _pick_route(job: _Job, compare: bool) -> None:
             pass  # its per-sample Jacobians do not fit the budget
         else:
             alt["jacobian"] = (jplan, jlay)
-            job.costs["jacobian"] = _plan_costs(jplan, _work(jplan, jlay, n, n2, sym), trace)
+            job.costs["jacobian"] = _plan_costs(jplan, _work(jplan, jlay, n, n2, sym, trace), trace)
     job.costs["vp"] = _vp_costs(plan, n, n2, sym, job.budget, job.block_size)
     best = min(job.costs, key=lambda r: job.costs[r][1])
     if not _clearly_cheaper(job.costs[best][1], job.costs[name][1]):

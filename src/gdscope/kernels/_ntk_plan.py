@@ -118,11 +118,15 @@ class _Plan:
             self.feature_bytes()
         )
 
+    def jac_gemm_flops(self, trace: bool) -> float:
+        """The jac group's GEMM FLOPs per sample pair: a dot product over ``k·W`` (trace) or
+        ``k²`` of length ``W`` (full)."""
+        return 2.0 * (self.k if trace else self.k * self.k) * self.width
+
     def gemm_flops(self, trace: bool) -> float:
         """Multiply-add FLOPs (×2) per sample pair of the contraction (GEMMs only)."""
         k = 1 if trace else self.k * self.k
-        # the jac group: a dot product over k·W (trace) or k² of length W (full) per pair
-        total = 2.0 * (self.k if trace else k) * self.width
+        total = self.jac_gemm_flops(trace)
         for r in self.feat_rules:
             T, d, o = r.T, r.d, r.o
             m = 2.0 * T * T * d if r.has_w and not hasattr(r, "V") else 0.0
@@ -596,7 +600,7 @@ def _choose(
     """Each rule's route: the forced one, else the cheapest by :func:`_rule_seconds` among its
     approaches and (``allow_fb``, method ``"auto"``) the Jacobian of its parameters."""
     demote = []
-    work = _work(plan, None, plan.n, plan.n_other, plan.sym)
+    work = _work(plan, None, plan.n, plan.n_other, plan.sym, trace)
     for r in plan.rules:
         want = force.get(r.key, force.get(r.name)) if isinstance(force, dict) else force
         options = [a for a in r.approaches if not (trace and a == "pair")]

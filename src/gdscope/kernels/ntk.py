@@ -20,12 +20,13 @@ Methods (:class:`NtkMethod`), with ``n``, ``n2`` samples, ``k`` outputs, ``P`` p
     module that sees the samples along dim 0 (``∂(Σ_i f_a(x_i))/∂probe_i`` is sample ``i``'s
     cotangent, as sample ``i`` touches only its own probe row; the rule check against
     per-sample autograd catches a model that couples samples), else by ``vmap(jacrev)`` over
-    samples. Symmetric kernels are split into tile rows so that only the upper triangle is
-    contracted (BLAS has no symmetric rank-k product). Each module then adds its share by the
-    cheapest exact
-    route: for ``Linear``, ``(A A'ᵀ + 1) ⊙ (G G'ᵀ)``, ``n n2 (d_in + k² d_out)`` multiply-adds;
-    for convolutions and other weight-shared layers at ``T`` positions, the per-sample weight
-    Jacobian ``Σ_t G_t ⊗ A_t`` and one GEMM (``n n2 k² P_l``) or the position-pair route
+    samples. For a symmetric kernel only the upper triangle is contracted: on the CPU the
+    per-sample Jacobian columns (below) by one BLAS ``syrk`` over all samples where the
+    ``(n k)²`` triangle fits in ``memory``, else tile rows. Each module then adds its share by
+    the cheapest exact route: for ``Linear``, ``(A A'ᵀ + 1) ⊙ (G G'ᵀ)``,
+    ``n n2 (d_in + k² d_out)`` multiply-adds; for convolutions and other weight-shared layers
+    at ``T`` positions, the per-sample weight Jacobian ``Σ_t G_t ⊗ A_t`` and one GEMM
+    (``n n2 k² P_l``) or the position-pair route
     (``n n2 T (T d_in + k T d_out + k² d_out)``), whichever is cheaper; for normalisation
     layers, ``2C`` Jacobian columns; ``nn.MultiheadAttention`` as its four projections (query,
     key, value, out), each Linear-like at every position. Memory: ``A`` and ``G`` for a tile of
@@ -83,6 +84,7 @@ import torch
 from torch import Tensor, nn
 
 # default_memory is re-exported: the theory modules take the NTK's memory budget from here
+from gdscope.kernels._ntk_cost import _work
 from gdscope.kernels._ntk_job import (
     Block,
     _Job,
@@ -252,7 +254,8 @@ def _explain(
     ``predicted`` (each route considered: matmul ``flops`` and ``seconds`` by the cost model),
     ``modules`` (each module's route, and why a module takes the Jacobian), ``batching`` and
     ``capture`` (one batched pass, ``vmap`` over samples, or a loop), the tiles (``rows``: one
-    contraction per tile row) and the GEMM FLOP count of the contraction."""
+    contraction per tile row; ``syrk``: the jac group's triangle by one BLAS ``syrk``) and the
+    GEMM FLOP count of the contraction."""
     with math_attention():
         job, _ = _prepare(model, x, x2, method, trace_outputs, memory, None, force=force)
     plan, lay = job.plan, job.layout
@@ -274,18 +277,16 @@ def _explain(
         "predicted": {r: {"flops": c[0], "seconds": c[1]} for r, c in job.costs.items()},
     }
     if lay is not None:
-        pairs = 0
-        for i0 in range(0, job.n, lay.tile):
-            i1 = min(i0 + lay.tile, job.n)
-            for j0 in range(i0 if job.sym else 0, job.n2, lay.tile2):
-                pairs += (i1 - i0) * (min(j0 + lay.tile2, job.n2) - j0)
+        work = _work(plan, lay, job.n, job.n2, job.sym, trace_outputs)
+        jac = plan.jac_gemm_flops(trace_outputs)  # over the pairs, or the triangle by syrk
         info.update(
             tile=lay.tile,
             tile2=lay.tile2,
             cached=lay.cached,
             chunk=lay.chunk,
             rows=lay.rows,
-            pairs=pairs,
-            gemm_flops=pairs * plan.gemm_flops(trace_outputs),
+            syrk=lay.syrk,
+            pairs=int(work.pairs),
+            gemm_flops=work.pairs * (plan.gemm_flops(trace_outputs) - jac) + work.gemm_pairs * jac,
         )
     return info
