@@ -252,7 +252,12 @@ def _vp_costs(
 
 def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work) -> float:
     """Predicted seconds of one rule's share by ``approach`` (or ``"fb"``: its parameters by
-    the Jacobian route, weight gradients formed by autograd inside the capture)."""
+    the Jacobian route, weight gradients formed by autograd inside the capture).
+
+    A ``jac``/``fb`` share is priced at the tiles' pairs even where BLAS ``syrk`` computes only
+    the triangle: priced at the triangle, cnn-mid's last convolution (k = 10, n = 64) went from
+    the pair route to ``jac`` and the call from 0.40 to 0.85 s (a 189 MB Jacobian block, formed
+    in fresh memory, that the model does not price)."""
     mach = _machine(plan)
     kk = plan.k if trace else plan.k * plan.k  # jac-group GEMM FLOPs per pair and column: 2·kk
     width = r.jac_width()
@@ -262,12 +267,12 @@ def _rule_seconds(plan: _Plan, r: Rule, approach: str, trace: bool, work: _Work)
         wg = sum(plan.param_flops.get(n, 0.0) for n in r.params.values())
         form = max(plan.k * wg, r.form_flops())
         per = form * mach.cap_flop + plan.k * width * mach.jac_elem
-        return work.gemm_pairs * 2.0 * kk * width * mach.gemm + work.captured * per
+        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per
     passes = work.passes if plan.batched else work.captured
     hooks = passes * 2 * mach.module_call  # its probe and hook in every capture pass
     if approach == "jac":
         per = r.form_flops() * mach.cap_flop + plan.k * width * mach.rule_elem
-        return work.gemm_pairs * 2.0 * kk * width * mach.gemm + work.captured * per + hooks
+        return work.pairs * 2.0 * kk * width * mach.gemm + work.captured * per + hooks
     contract = work.pairs * r.cost(approach, trace, plan.n_other) * mach.gemm
     feat = work.captured * r.feature_bytes(approach, 1) * mach.feat_elem
     return contract + feat + hooks + work.tiles * mach.tile_call
